@@ -1,0 +1,195 @@
+"""Fused (residual add) + centering + RMSNorm, forward and backward, over the last dim of [N, D] rows.
+
+Forward, per row (all math in float32):
+
+    h      = x (+ r) (- c)                    the new residual stream, stored when r or c is given
+    rstd   = 1 / sqrt(mean(h**2) + eps)       one float32 per row, kept for the backward
+    y      = h * rstd * w
+
+Backward, with n = h * rstd, g = dy * w and an incoming gradient dh_out of the stored `h` (if it was used):
+
+    dh     = rstd * (g - n * mean(g * n)) + dh_out        = dx = dr;   dc = -dh
+    dw     = sum over rows of dy * n
+    dc_vec = -sum over rows of dh                          for a [D] centre vector
+
+The backward runs on a grid of a few programs per SM; each walks its own slab of rows and keeps float32
+partial sums of dw (and dc_vec) in registers, written once as a [programs, D] tile and summed by torch:
+the "small reduction" after the single pass. A row is held whole in registers, so D is limited by
+`fastcenter.ops.MAX_FUSED_NORM_DIM`; D need not be a power of two (lanes beyond D are masked).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X, R, C, W, Y, H, RSTD,
+    n_rows, n_cols, eps,
+    stride_x, stride_r, stride_c_row, stride_c_col, stride_y, stride_h,
+    HAS_RESIDUAL: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    STORE_HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]  # row offsets in int64: N * D may pass 2**31
+
+    h = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_CENTER:
+        c_ptrs = C + rows64 * stride_c_row + cols[None, :] * stride_c_col
+        h -= tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
+
+    rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)  # masked lanes hold 0 and add nothing
+    y = h * rstd[:, None]
+    if HAS_WEIGHT:
+        y *= tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+
+    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    if STORE_HIDDEN:
+        tl.store(H + rows64 * stride_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    DY, DH_OUT, H, W, RSTD, DX, DW_PARTIAL, DC_PARTIAL,
+    n_rows, n_cols, rows_per_program,
+    stride_dy, stride_dh_out, stride_h, stride_dx,
+    HAS_DH_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, CENTER_IS_VECTOR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < n_cols
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    dw_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dc_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    first_row = pid * rows_per_program
+    for offset in range(0, rows_per_program, BLOCK_M):
+        rows = first_row + offset + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+
+        h = tl.load(H + rows64 * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+        n = h * rstd
+        if HAS_WEIGHT:
+            g = dy * w
+        else:
+            g = dy
+        dh = (g - n * (tl.sum(g * n, axis=1) / n_cols)[:, None]) * rstd
+        if HAS_DH_OUT:
+            dh += tl.load(DH_OUT + rows64 * stride_dh_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows64 * stride_dx + cols[None, :], dh.to(DX.dtype.element_ty), mask=mask)
+
+        if HAS_WEIGHT:
+            dw_acc += tl.sum(dy * n, axis=0)
+        if CENTER_IS_VECTOR:
+            dc_acc -= tl.sum(dh, axis=0)
+
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
+    if CENTER_IS_VECTOR:
+        tl.store(DC_PARTIAL + pid * n_cols + cols, dc_acc, mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers: pick the block shapes, allocate outputs, launch.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_per_wave(device: torch.device) -> int:
+    """Enough programs to fill the GPU a few times over; a handful under the CPU interpreter."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _block_shape(n_cols: int, elements_per_program: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps): whole rows, BLOCK_M of them, about `elements_per_program` in a tile."""
+    block_d = triton.next_power_of_2(n_cols)
+    block_m = max(1, min(64, elements_per_program // block_d))
+    num_warps = max(1, min(16, block_m * block_d // 512))
+    return block_m, block_d, num_warps
+
+
+def norm_forward(x, weight, center, residual, eps: float):
+    """x, residual: [N, D] with unit column stride; center: [D] or [N, D] view (any strides).
+
+    Returns (normed [N, D], hidden [N, D] or empty when there is nothing to add or subtract, rstd [N] fp32).
+    """
+    n_rows, n_cols = x.shape
+    store_hidden = residual is not None or center is not None
+    normed = torch.empty_like(x)
+    hidden = torch.empty_like(x) if store_hidden else x.new_empty(0)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if center is None:
+        c_strides = (0, 0)
+    elif center.dim() == 1:
+        c_strides = (0, center.stride(0))
+    else:
+        c_strides = (center.stride(0), center.stride(1))
+    block_m, block_d, num_warps = _block_shape(n_cols, 4096)
+    _norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        x, residual, center, weight, normed, hidden, rstd,
+        n_rows, n_cols, eps,
+        x.stride(0), 0 if residual is None else residual.stride(0), *c_strides,
+        normed.stride(0), hidden.stride(0) if store_hidden else 0,
+        HAS_RESIDUAL=residual is not None, HAS_CENTER=center is not None, HAS_WEIGHT=weight is not None,
+        STORE_HIDDEN=store_hidden, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    return normed, hidden, rstd
+
+
+def _unit_col_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector: bool):
+    """Returns (grad of h [N, D] in h's dtype, grad of weight, float32 grad of a [D] centre).
+
+    An absent weight or centre gets an empty tensor (custom ops cannot return None).
+    """
+    n_rows, n_cols = hidden.shape
+    grad_normed = _unit_col_stride(grad_normed)
+    if grad_hidden is not None:
+        grad_hidden = _unit_col_stride(grad_hidden)
+    grad_h = torch.empty_like(hidden)
+
+    block_m, block_d, num_warps = _block_shape(n_cols, 2048)
+    n_tiles = triton.cdiv(n_rows, block_m)
+    n_programs = min(n_tiles, _programs_per_wave(hidden.device))
+    rows_per_program = triton.cdiv(n_tiles, n_programs) * block_m
+    n_programs = triton.cdiv(n_rows, rows_per_program)
+
+    def partial():
+        return torch.empty(n_programs, n_cols, dtype=torch.float32, device=hidden.device)
+
+    dw_partial = partial() if weight is not None else None
+    dc_partial = partial() if center_is_vector else None
+    _norm_bwd_kernel[(n_programs,)](
+        grad_normed, grad_hidden, hidden, weight, rstd, grad_h, dw_partial, dc_partial,
+        n_rows, n_cols, rows_per_program,
+        grad_normed.stride(0), 0 if grad_hidden is None else grad_hidden.stride(0), hidden.stride(0), grad_h.stride(0),
+        HAS_DH_OUT=grad_hidden is not None, HAS_WEIGHT=weight is not None, CENTER_IS_VECTOR=center_is_vector,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    empty = hidden.new_empty(0, dtype=torch.float32)
+    grad_weight = empty if weight is None else dw_partial.sum(0).to(weight.dtype)
+    grad_center = dc_partial.sum(0) if center_is_vector else empty
+    return grad_h, grad_weight, grad_center
