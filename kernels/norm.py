@@ -189,7 +189,6 @@ def norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vect
         HAS_DH_OUT=grad_hidden is not None, HAS_WEIGHT=weight is not None, CENTER_IS_VECTOR=center_is_vector,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
-    empty = hidden.new_empty(0, dtype=torch.float32)
-    grad_weight = empty if weight is None else dw_partial.sum(0).to(weight.dtype)
-    grad_center = dc_partial.sum(0) if center_is_vector else empty
+    grad_weight = hidden.new_empty(0) if weight is None else dw_partial.sum(0).to(weight.dtype)
+    grad_center = dc_partial.sum(0) if center_is_vector else hidden.new_empty(0, dtype=torch.float32)
     return grad_h, grad_weight, grad_center

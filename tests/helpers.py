@@ -18,5 +18,6 @@ def assert_close(actual, expected, dtype=None, scale: float = 1.0, msg: str = ""
     """
     tol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=tol["rtol"] * scale, atol=tol["atol"] * scale, msg=msg or None
+        actual.double(), expected.double(), rtol=tol["rtol"] * scale, atol=tol["atol"] * scale,
+        msg=lambda default: f"{msg}\n{default}" if msg else default,
     )
