@@ -294,7 +294,8 @@ def center_rms_norm(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# RoPE (kernels: fastcenter.kernels.rope). Until the kernels land, the reference runs.
+# RoPE (kernels: fastcenter.kernels.rope). One custom op rotates q and k together; its backward is the
+# same op rotating the output gradients by the negative angle (so it is differentiable again).
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -309,24 +310,298 @@ def rope_cache(seq_len: int, head_dim: int, base: float = 10000.0, device=None) 
     return reference.rope_cache(seq_len, head_dim, float(base), device)
 
 
+@torch.library.custom_op("fastcenter::rope_rotate", mutates_args=())
+def _rope_rotate(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
+) -> tuple[Tensor, Tensor]:
+    """q [B, T, Hq, Dh], k [B, T, Hk, Dh] (any strides) rotated by cos/sin [>= T, Dh/2], or by the negative
+    angle when `inverse`. Returns new contiguous tensors."""
+    from .kernels import rope as rope_kernels
+
+    return rope_kernels.rope_rotate(q, k, cos, sin, interleaved, inverse)
+
+
+@_rope_rotate.register_fake
+def _(q, k, cos, sin, interleaved, inverse):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _rope_setup_context(ctx, inputs, output):
+    _, _, cos, sin, interleaved, inverse = inputs
+    ctx.save_for_backward(cos, sin)  # the tables only: a rotation needs nothing of q and k to be undone
+    ctx.interleaved = interleaved
+    ctx.inverse = inverse
+
+
+def _rope_backward(ctx, grad_q_out, grad_k_out):
+    cos, sin = ctx.saved_tensors
+    grad_q, grad_k = _rope_rotate(grad_q_out, grad_k_out, cos, sin, ctx.interleaved, not ctx.inverse)
+    return grad_q, grad_k, None, None, None, None
+
+
+_rope_rotate.register_autograd(_rope_backward, setup_context=_rope_setup_context)
+
+
+def _check_rope_args(q, k, cos, sin, interleaved) -> None:
+    _check_float_tensor("q", q)
+    _check_float_tensor("k", k)
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, T, H, Dh], got {tuple(t.shape)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+    B, T, _, head_dim = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (B, T, head_dim):
+        raise ValueError(
+            f"k must match q in batch, sequence length and head dim (k: [B, T, Hk, Dh]); "
+            f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"the head dim (last dim of q and k) must be a positive even number, got {head_dim}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(table).__name__}")
+        if table.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32 (from rope_cache), got {table.dtype}")
+        if table.dim() != 2 or table.shape[0] < T or table.shape[1] != head_dim // 2:
+            raise ValueError(
+                f"{name} must have shape [T_cache >= {T}, {head_dim // 2}] (positions x head_dim / 2), "
+                f"got {tuple(table.shape)}"
+            )
+        # The tables are constants here: rope does not differentiate with respect to them, so refuse rather
+        # than silently give a learned table no gradient.
+        if table.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad, but rope gives no gradient to cos/sin: pass {name}.detach()")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    _check_same_device(q=q, k=k, cos=cos, sin=sin)
+
+
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> tuple[Tensor, Tensor]:
-    """Rotary embedding of q [B, T, Hq, Dh] and k [B, T, Hk, Dh] (strided views welcome) in one launch."""
-    return reference.rope(q, k, cos, sin, interleaved=interleaved)
+    """Rotary embedding of q [B, T, Hq, Dh] and k [B, T, Hk, Dh] in one launch. Returns (q_out, k_out).
+
+    q and k may be strided views (e.g. of a packed qkv projection) and need not have the same head count;
+    they are read in place and never modified. cos, sin: float32 [T_cache >= T, Dh/2] from `rope_cache`; the
+    first T rows are used (slice them, `cos[start:]`, to start at a later position). The default pairs
+    (i, i + Dh/2) (GPT-NeoX / Llama-HF); `interleaved=True` pairs (2i, 2i + 1) (GPT-J). Outputs are new
+    contiguous tensors in q's dtype. Gradients flow to q and k; cos and sin must not require grad.
+    """
+    _check_rope_args(q, k, cos, sin, interleaved)
+    if q.numel() == 0 or k.numel() == 0 or backend(q, k, cos, sin) == "reference":
+        return reference.rope(q, k, cos, sin, interleaved=interleaved)
+    return _rope_rotate(q, k, cos, sin, interleaved, False)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SwiGLU (kernels: fastcenter.kernels.swiglu). Until the kernels land, the reference runs.
+# SwiGLU (kernels: fastcenter.kernels.swiglu). The backward recomputes the sigmoid from the saved inputs;
+# for the packed [..., 2H] form its gradient is one [N, 2H] tensor written by the kernel.
 # ---------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastcenter::swiglu_fwd", mutates_args=())
+def _swiglu_fwd(gate: Tensor, up: Optional[Tensor]) -> Tensor:
+    """gate, up: [N, H] rows with unit column stride; with up None, gate is the packed [N, 2H]. Returns [N, H]."""
+    from .kernels import swiglu as swiglu_kernels
+
+    return swiglu_kernels.swiglu_forward(gate, up)
+
+
+@_swiglu_fwd.register_fake
+def _(gate, up):
+    width = gate.shape[1] if up is not None else gate.shape[1] // 2
+    return gate.new_empty(gate.shape[0], width)
+
+
+@torch.library.custom_op("fastcenter::swiglu_bwd", mutates_args=())
+def _swiglu_bwd(grad_out: Tensor, gate: Tensor, up: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(grad of gate, grad of up); for the packed form (grad of the [N, 2H] input, empty tensor)."""
+    from .kernels import swiglu as swiglu_kernels
+
+    return swiglu_kernels.swiglu_backward(grad_out, gate, up)
+
+
+@_swiglu_bwd.register_fake
+def _(grad_out, gate, up):
+    if up is None:
+        return gate.new_empty(gate.shape), gate.new_empty(0)
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _swiglu_setup_context(ctx, inputs, output):
+    gate, up = inputs
+    ctx.save_for_backward(gate, up)  # the inputs only: the backward recomputes the sigmoid
+
+
+def _swiglu_backward(ctx, grad_out):
+    gate, up = ctx.saved_tensors
+    grad_gate, grad_up = _swiglu_bwd(grad_out, gate, up)
+    return grad_gate, (None if up is None else grad_up)
+
+
+_swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
 
 
 def swiglu(gate: Tensor, up: Tensor | None = None) -> Tensor:
-    """silu(gate) * up; with up=None, `gate` is the packed [..., 2H] projection [gate | up]."""
-    return reference.swiglu(gate, up)
+    """silu(gate) * up; with up=None, `gate` is the packed [..., 2H] projection [gate | up].
+
+    Any leading shape; strided rows are read in place (a last dim with non-unit stride costs one copy).
+    gate and up must have the same shape and dtype. The output is [..., H] in that dtype.
+    """
+    _check_float_tensor("gate", gate)
+    if up is None:
+        if gate.shape[-1] % 2:
+            raise ValueError(
+                f"with up=None, gate must be the packed [..., 2H] tensor [gate | up] with an even last dim, "
+                f"got shape {tuple(gate.shape)}"
+            )
+        width = gate.shape[-1] // 2
+    else:
+        _check_float_tensor("up", up)
+        if up.shape != gate.shape:
+            raise ValueError(f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
+        if up.dtype != gate.dtype:
+            raise TypeError(f"up must have gate's dtype {gate.dtype}, got {up.dtype}")
+        _check_same_device(gate=gate, up=up)
+        width = gate.shape[-1]
+    if gate.numel() == 0 or backend(gate, up) == "reference":
+        return reference.swiglu(gate, up)
+    if up is None:
+        out = _swiglu_fwd(_rows(gate, 2 * width), None)
+    else:
+        out = _swiglu_fwd(_rows(gate, width), _rows(up, width))
+    return out.view(*gate.shape[:-1], width)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Cross-entropy (kernels: fastcenter.kernels.cross_entropy). Until the kernels land, the reference runs.
+# Cross-entropy (kernels: fastcenter.kernels.cross_entropy, where the design and its costs are written down):
+# softmax cross-entropy of given logits, and the chunked linear_cross_entropy whose [N, V] logits never exist.
 # ---------------------------------------------------------------------------------------------------------
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_cross_entropy_options(weight, reduction, ignore_index, label_smoothing, z_loss, softcap) -> None:
+    if weight is not None:
+        raise NotImplementedError(
+            "class weights (`weight`) are not supported by fastcenter's cross-entropy; pass weight=None"
+        )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not (_is_real(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not (_is_real(z_loss) and 0.0 <= z_loss < float("inf")):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    if softcap is not None and not (_is_real(softcap) and 0.0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+
+
+def _check_target(target, shape, what: str) -> None:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be an int64 tensor of class ids, got {target.dtype}")
+    if tuple(target.shape) != tuple(shape):
+        raise ValueError(f"target must have shape {tuple(shape)} ({what}), got {tuple(target.shape)}")
+
+
+def _check_target_values(target: Tensor, vocab: int, ignore_index: int) -> None:
+    """FASTCENTER_CHECKS=1 only: raise instead of returning NaN for an out-of-range class id (a host sync)."""
+    if not _checks_enabled():
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bool(bad.any()):
+        raise ValueError(
+            f"target holds class id {int(target[bad][0])}, outside [0, {vocab}) and not ignore_index={ignore_index}"
+        )
+
+
+def _options(reduction, ignore_index, label_smoothing, z_loss, softcap) -> dict:
+    return dict(
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+    )
+
+
+@torch.library.custom_op("fastcenter::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd(
+    logits: Tensor,
+    target: Tensor,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+) -> tuple[Tensor, Tensor]:
+    """logits [N, V] (unit column stride), target [N] int64. Returns (float32 loss, float32 lse [N]).
+
+    The forward only reads the logits (pass 1); the backward recomputes the gradient from them and lse.
+    """
+    from .kernels import cross_entropy as ce
+
+    return ce.cross_entropy_forward(
+        logits, target, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap,
+    )  # fmt: skip
+
+
+@_cross_entropy_fwd.register_fake
+def _(logits, target, reduction, ignore_index, label_smoothing, z_loss, softcap):
+    n_rows = logits.shape[0]
+    loss = logits.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty(n_rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastcenter::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd(
+    grad_loss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+) -> Tensor:
+    """Gradient w.r.t. the logits (a new [N, V] tensor in their dtype), grad_loss folded in."""
+    from .kernels import cross_entropy as ce
+
+    return ce.cross_entropy_backward(
+        grad_loss, logits, target, lse, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+    )  # fmt: skip
+
+
+@_cross_entropy_bwd.register_fake
+def _(grad_loss, logits, target, lse, reduction, ignore_index, label_smoothing, z_loss, softcap):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _cross_entropy_setup_context(ctx, inputs, output):
+    logits, target, reduction, ignore_index, label_smoothing, z_loss, softcap = inputs
+    ctx.save_for_backward(logits, target, output[1])
+    ctx.options = _options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+    ctx.set_materialize_grads(False)
+
+
+def _cross_entropy_backward(ctx, grad_loss, grad_lse):
+    if grad_loss is None:
+        return (None,) * 7
+    logits, target, lse = ctx.saved_tensors
+    grad_logits = _cross_entropy_bwd(grad_loss, logits, target, lse, **ctx.options)
+    return (grad_logits,) + (None,) * 6
+
+
+_cross_entropy_fwd.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup_context)
 
 
 def cross_entropy(
@@ -340,17 +615,160 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
 ) -> Tensor:
-    """Fused softmax cross-entropy of logits [N, V]; drop-in for `F.cross_entropy` (+ z_loss, softcap)."""
-    return reference.cross_entropy(
-        input,
-        target,
-        weight,
-        reduction=reduction,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-    )
+    """Fused softmax cross-entropy of logits [N, V]; drop-in for `F.cross_entropy` (+ z_loss, softcap).
+
+    The loss is float32 whatever the logits' dtype (as autocast computes F.cross_entropy); the gradient is
+    in the logits' dtype. Class weights raise NotImplementedError.
+    """
+    _check_float_tensor("input", input)
+    if input.dim() != 2 or input.shape[1] == 0:
+        raise ValueError(f"input must be 2-D logits [N, V] with V >= 1, got shape {tuple(input.shape)}")
+    _check_target(target, input.shape[:1], "one class id per row of input")
+    _check_cross_entropy_options(weight, reduction, ignore_index, label_smoothing, z_loss, softcap)
+    _check_same_device(input=input, target=target)
+    _check_target_values(target, input.shape[1], ignore_index)
+    options = _options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+    if input.shape[0] == 0 or backend(input) == "reference":
+        return reference.cross_entropy(input, target, weight, **options)
+    logits = input if input.stride(-1) == 1 else input.contiguous()
+    return _cross_entropy_fwd(logits, target.contiguous(), **options)[0]
+
+
+@torch.library.custom_op("fastcenter::linear_cross_entropy_fwd", mutates_args=())
+def _linear_cross_entropy_fwd(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    chunk_size: Optional[int],
+    need_grad_input: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """input [N, D] (unit column stride, the compute dtype), linear_weight [V, D] and linear_bias [V] in that
+    dtype or float32, target [N] int64.
+
+    Returns (float32 loss, float32 lse [N], grad_input, float32 grad_weight, float32 grad_bias): for "mean"
+    and "sum" the gradients asked for are finished here (for grad_output = 1); otherwise they are empty.
+    """
+    from .kernels import cross_entropy as ce
+
+    with torch.autocast(input.device.type, enabled=False):  # the op picks its GEMM dtypes itself
+        return ce.linear_cross_entropy_forward(
+            input, linear_weight, linear_bias, target, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
+            need_grad_input=need_grad_input, need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias,
+        )  # fmt: skip
+
+
+@_linear_cross_entropy_fwd.register_fake
+def _(input, linear_weight, linear_bias, target, reduction, ignore_index, label_smoothing, z_loss, softcap,
+      chunk_size, need_grad_input, need_grad_weight, need_grad_bias):  # fmt: skip
+    (n_rows, dim), vocab = input.shape, linear_weight.shape[0]
+    grads_now = reduction != "none"
+    float32 = dict(dtype=torch.float32)
+    loss = input.new_empty((n_rows,) if reduction == "none" else (), **float32)
+    lse = input.new_empty(n_rows, **float32)
+    grad_input = input.new_empty((n_rows, dim) if grads_now and need_grad_input else 0)
+    grad_weight = input.new_empty((vocab, dim) if grads_now and need_grad_weight else 0, **float32)
+    grad_bias = input.new_empty(vocab if grads_now and need_grad_bias else 0, **float32)
+    return loss, lse, grad_input, grad_weight, grad_bias
+
+
+@torch.library.custom_op("fastcenter::linear_cross_entropy_bwd", mutates_args=())
+def _linear_cross_entropy_bwd(
+    grad_loss: Tensor,
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    chunk_size: Optional[int],
+    need_grad_input: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for reduction="none" (grad_loss [N] per token): the logits are recomputed chunk by chunk.
+
+    Returns (grad_input, grad_weight, grad_bias) in the dtypes of input, linear_weight, linear_bias; empty
+    where not asked for.
+    """
+    from .kernels import cross_entropy as ce
+
+    with torch.autocast(input.device.type, enabled=False):
+        return ce.linear_cross_entropy_backward(
+            grad_loss, input, linear_weight, linear_bias, target, lse, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
+            need_grad_input=need_grad_input, need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias,
+        )  # fmt: skip
+
+
+@_linear_cross_entropy_bwd.register_fake
+def _(grad_loss, input, linear_weight, linear_bias, target, lse, ignore_index, label_smoothing, z_loss, softcap,
+      chunk_size, need_grad_input, need_grad_weight, need_grad_bias):  # fmt: skip
+    (n_rows, dim), vocab = input.shape, linear_weight.shape[0]
+    bias_dtype = torch.float32 if linear_bias is None else linear_bias.dtype
+    grad_input = input.new_empty((n_rows, dim) if need_grad_input else 0)
+    grad_weight = input.new_empty((vocab, dim) if need_grad_weight else 0, dtype=linear_weight.dtype)
+    grad_bias = input.new_empty(vocab if need_grad_bias else 0, dtype=bias_dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+def _linear_cross_entropy_setup_context(ctx, inputs, output):
+    (input, linear_weight, linear_bias, target, reduction, ignore_index, label_smoothing, z_loss, softcap,
+     chunk_size, need_grad_input, need_grad_weight, need_grad_bias) = inputs  # fmt: skip
+    _, lse, grad_input, grad_weight, grad_bias = output
+    ctx.reduction = reduction
+    ctx.needs = dict(need_grad_input=need_grad_input, need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias)
+    ctx.weight_dtype = linear_weight.dtype
+    ctx.bias_dtype = None if linear_bias is None else linear_bias.dtype
+    if reduction == "none":  # per-token grad_output: recompute in the backward from lse
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, lse)
+        ctx.options = dict(
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            chunk_size=chunk_size,
+        )  # fmt: skip
+    else:  # finished in the forward: the backward scales them by the scalar grad_output
+        ctx.save_for_backward(grad_input, grad_weight, grad_bias)
+    ctx.set_materialize_grads(False)
+
+
+def _linear_cross_entropy_backward(ctx, grad_loss, grad_lse, grad_grad_input, grad_grad_weight, grad_grad_bias):
+    no_grads = (None,) * 13
+    if grad_loss is None:
+        return no_grads
+    if ctx.reduction == "none":
+        input, linear_weight, linear_bias, target, lse = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = _linear_cross_entropy_bwd(
+            grad_loss, input, linear_weight, linear_bias, target, lse, **ctx.options, **ctx.needs
+        )
+    else:
+        grad_input, grad_weight, grad_bias = ctx.saved_tensors
+        # One rounding each: input-dtype x float32 0-dim stays in the input dtype; the float32 accumulators are
+        # scaled, then cast once to the parameters' dtypes.
+        grad_input = grad_input * grad_loss
+        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        if ctx.bias_dtype is not None:
+            grad_bias = (grad_bias * grad_loss).to(ctx.bias_dtype)
+    return (
+        grad_input if ctx.needs["need_grad_input"] else None,
+        grad_weight if ctx.needs["need_grad_weight"] else None,
+        grad_bias if ctx.needs["need_grad_bias"] else None,
+    ) + no_grads[3:]
+
+
+_linear_cross_entropy_fwd.register_autograd(
+    _linear_cross_entropy_backward, setup_context=_linear_cross_entropy_setup_context
+)
 
 
 def linear_cross_entropy(
@@ -367,17 +785,59 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) without the full [N, V] logits."""
-    return reference.linear_cross_entropy(
-        input,
-        linear_weight,
-        target,
-        linear_bias=linear_bias,
-        weight=weight,
-        reduction=reduction,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        chunk_size=chunk_size,
-    )
+    """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) without the full [N, V] logits.
+
+    input [N, D] or [B, T, D], target [N] or [B, T] (int64); "none" returns the loss in target's shape. At
+    most chunk_size x V logits exist at a time (default: about 128 MiB of them). The GEMMs run in input's
+    dtype -- under torch.autocast, in the autocast dtype, as F.linear would. linear_weight (and linear_bias)
+    may be float32 master weights with a bf16/fp16 input: they are cast once inside the op and their
+    gradients come back in float32 straight from the float32 accumulator. The loss is float32.
+    """
+    _check_float_tensor("input", input)
+    if input.dim() not in (2, 3):
+        raise ValueError(f"input must be [N, D] or [B, T, D], got shape {tuple(input.shape)}")
+    dim = input.shape[-1]
+    _check_float_tensor("linear_weight", linear_weight)
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != dim or linear_weight.shape[0] == 0:
+        raise ValueError(
+            f"linear_weight must have shape [V, {dim}] (V >= 1) to match input's last dim, "
+            f"got {tuple(linear_weight.shape)}"
+        )
+    vocab = linear_weight.shape[0]
+    if linear_bias is not None:
+        _check_float_tensor("linear_bias", linear_bias)
+        if tuple(linear_bias.shape) != (vocab,):
+            raise ValueError(f"linear_bias must have shape ({vocab},), got {tuple(linear_bias.shape)}")
+    _check_target(target, input.shape[:-1], "input's leading dims")
+    _check_cross_entropy_options(weight, reduction, ignore_index, label_smoothing, z_loss, softcap)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    _check_same_device(input=input, linear_weight=linear_weight, linear_bias=linear_bias, target=target)
+    _check_target_values(target, vocab, ignore_index)
+    options = _options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+    if input.numel() == 0 or backend(input, linear_weight, linear_bias) == "reference":
+        return reference.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight, chunk_size=chunk_size, **options
+        )
+
+    if torch.is_autocast_enabled(input.device.type):  # behave like F.linear: GEMMs in the autocast dtype
+        compute_dtype = torch.get_autocast_dtype(input.device.type)
+        input = input.to(compute_dtype)
+        if linear_weight.dtype not in (compute_dtype, torch.float32):
+            linear_weight = linear_weight.to(compute_dtype)
+        if linear_bias is not None and linear_bias.dtype not in (compute_dtype, torch.float32):
+            linear_bias = linear_bias.to(compute_dtype)
+    for name, param in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if param is not None and param.dtype not in (input.dtype, torch.float32):
+            raise TypeError(f"{name} must be float32 or input's dtype {input.dtype}, got {param.dtype}")
+
+    x2d = _rows(input, dim)
+    grad_on = torch.is_grad_enabled()
+    loss = _linear_cross_entropy_fwd(
+        x2d, linear_weight, linear_bias, target.reshape(-1).contiguous(), chunk_size=chunk_size,
+        need_grad_input=grad_on and x2d.requires_grad,
+        need_grad_weight=grad_on and linear_weight.requires_grad,
+        need_grad_bias=grad_on and linear_bias is not None and linear_bias.requires_grad,
+        **options,
+    )[0]  # fmt: skip
+    return loss.view(target.shape) if reduction == "none" else loss

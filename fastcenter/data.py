@@ -1,0 +1,537 @@
+"""Token files, corpus preparation, the demo corpus, and the batch samplers used by train.py.
+
+Token files
+    nanoGPT's format: a raw array of little-endian uint16 token ids, no header (`train.bin`, `val.bin`).
+    llm.c's format is detected and read too: a header of 256 int32 (magic 20240520, version, token count, then
+    zeros) followed by the tokens (version 1: uint16, GPT-2; version 2: uint32, llm.c's LLaMA-3 files).
+    Detection is unambiguous for GPT-2 vocabularies: the magic's first two bytes, read as a uint16 token,
+    are 54216, which is not a GPT-2 id (< 50257), so a valid nanoGPT file never starts with it.
+    Files are memory-mapped, never loaded whole; `check_tokens` scans them in chunks, so validating a
+    multi-GB file costs a second of I/O and a few MB of memory.
+
+Preparation
+    `python -m fastcenter.data prepare --text FILES_OR_DIRS... --out DIR [--val-fraction 0.1]` encodes text with
+    tiktoken's GPT-2 BPE (`r50k_base`), one file = one document, the end-of-text token 50256 after every
+    document, and writes train.bin / val.bin / meta.json. The split is by document and deterministic (see
+    `split_documents`).
+
+Demo corpus
+    With no data given, train.py trains on the Python standard library's own source (`ensure_demo_corpus`):
+    about 15M tokens from the .py files of this interpreter's stdlib, no download, cached on disk.
+
+Batches
+    `WindowSampler` draws random windows of seq_len + 1 tokens from train.bin. The windows of optimizer step s
+    are a pure function of (seed, s), so the sampler's whole state is the next step number: resuming from a
+    checkpoint continues the stream exactly, and under DDP each rank takes its own micro-steps of the same
+    global batch that a single process would draw. Validation uses `validation_positions`: evenly spaced,
+    fixed windows over val.bin, the same in every run with the same shape, so losses compare across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import sysconfig
+import tempfile
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DataError",
+    "ENCODING_NAME",
+    "EOT_TOKEN",
+    "GPT2_VOCAB_SIZE",
+    "open_tokens",
+    "check_tokens",
+    "load_split",
+    "write_tokens",
+    "get_encoding",
+    "split_documents",
+    "prepare",
+    "ensure_demo_corpus",
+    "WindowSampler",
+    "validation_positions",
+    "gather_windows",
+    "to_inputs_targets",
+]
+
+ENCODING_NAME = "r50k_base"  # tiktoken's name for GPT-2's BPE
+GPT2_VOCAB_SIZE = 50257
+EOT_TOKEN = 50256  # <|endoftext|>, appended after every document
+
+LLMC_MAGIC = 20240520
+LLMC_HEADER_INTS = 256
+LLMC_HEADER_BYTES = LLMC_HEADER_INTS * 4
+LLMC_TOKEN_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}  # header version -> token dtype
+
+# Validation scans this many tokens at a time (32 MB of uint16): bounded memory for files of any size.
+SCAN_CHUNK_TOKENS = 1 << 24
+
+
+class DataError(ValueError):
+    """A token file or corpus that cannot be trained on; the message names the file and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading and checking token files.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def open_tokens(path: str | os.PathLike) -> np.ndarray:
+    """Memory-map a token file (nanoGPT raw uint16, or llm.c headered) as a 1-D read-only array.
+
+    Raises DataError for a missing or empty file, an odd byte count, or an llm.c header that is truncated,
+    has an unknown version, or disagrees with the file's length.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: token file not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{path}: token file is empty")
+
+    with open(path, "rb") as f:
+        first = f.read(4)
+    if len(first) == 4 and int.from_bytes(first, "little") == LLMC_MAGIC:
+        return _open_llmc(path, size)
+
+    if size % 2:
+        raise DataError(
+            f"{path}: odd byte count ({size} bytes) -- not a file of uint16 tokens "
+            "(truncated, or written with another dtype?)"
+        )
+    return np.memmap(path, dtype="<u2", mode="r")
+
+
+def _open_llmc(path: pathlib.Path, size: int) -> np.ndarray:
+    if size < LLMC_HEADER_BYTES:
+        raise DataError(
+            f"{path}: starts with llm.c's magic {LLMC_MAGIC} but is {size} bytes, shorter than the "
+            f"{LLMC_HEADER_BYTES}-byte header"
+        )
+    header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
+    version, count = int(header[1]), int(header[2])
+    if version not in LLMC_TOKEN_DTYPES:
+        raise DataError(
+            f"{path}: llm.c header has version {version}; known versions are 1 (uint16 tokens) and 2 (uint32)"
+        )
+    dtype = LLMC_TOKEN_DTYPES[version]
+    payload = size - LLMC_HEADER_BYTES
+    if count < 0 or payload != count * dtype.itemsize:
+        raise DataError(
+            f"{path}: llm.c header says {count} tokens ({count * dtype.itemsize} bytes of {dtype.name}), "
+            f"but the file holds {payload} bytes after the header (truncated or corrupt)"
+        )
+    if count == 0:
+        raise DataError(f"{path}: llm.c file holds no tokens")
+    return np.memmap(path, dtype=dtype, mode="r", offset=LLMC_HEADER_BYTES, shape=(count,))
+
+
+def check_tokens(tokens: np.ndarray, path, *, vocab_size: int, min_tokens: int = 1) -> None:
+    """Raise DataError if `tokens` is shorter than `min_tokens` or holds an id >= vocab_size.
+
+    The scan is vectorised and chunked: one max() per chunk, and the exact offender located only in a bad chunk.
+    """
+    if len(tokens) < min_tokens:
+        raise DataError(
+            f"{path}: {len(tokens)} tokens, too short for one training window of {min_tokens} tokens "
+            f"(seq_len + 1); use a smaller --seq-len or more data"
+        )
+    for start in range(0, len(tokens), SCAN_CHUNK_TOKENS):
+        chunk = np.asarray(tokens[start : start + SCAN_CHUNK_TOKENS])
+        if int(chunk.max()) >= vocab_size:
+            bad = np.flatnonzero(chunk >= vocab_size)
+            raise DataError(
+                f"{path}: token id {int(chunk[bad[0]])} at position {start + int(bad[0])} is >= vocab_size "
+                f"{vocab_size} ({len(bad)} such ids in tokens {start}..{start + len(chunk) - 1} alone); "
+                "was the file made with another tokenizer, or is it corrupt?"
+            )
+
+
+def load_split(data_dir, split: str, *, vocab_size: int, seq_len: int) -> np.ndarray:
+    """Open and validate `<data_dir>/<split>.bin` for windows of seq_len + 1 tokens."""
+    path = pathlib.Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise DataError(f"{path}: not found (a data directory holds train.bin and val.bin)")
+    tokens = open_tokens(path)
+    check_tokens(tokens, path, vocab_size=vocab_size, min_tokens=seq_len + 1)
+    return tokens
+
+
+def write_tokens(path, ids, *, fmt: str = "nanogpt") -> None:
+    """Write token ids as a nanoGPT file (raw uint16) or an llm.c file (header + uint16), atomically."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.uint16).max):
+        raise ValueError("ids must fit in uint16 for these formats")
+    if fmt not in ("nanogpt", "llmc"):
+        raise ValueError(f"fmt must be 'nanogpt' or 'llmc', got {fmt!r}")
+    parts = []
+    if fmt == "llmc":
+        header = np.zeros(LLMC_HEADER_INTS, dtype="<i4")
+        header[:3] = (LLMC_MAGIC, 1, ids.size)
+        parts.append(header.tobytes())
+    parts.append(ids.astype("<u2").tobytes())
+    _atomic_write_bytes(pathlib.Path(path), b"".join(parts))
+
+
+def _atomic_write_bytes(path: pathlib.Path, payload: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizing text into train.bin / val.bin.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def get_encoding():
+    """tiktoken's GPT-2 BPE, with a clear message when it can be neither downloaded nor found in a cache."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding(ENCODING_NAME)
+    except Exception as e:  # network errors surface as various exception types
+        raise DataError(
+            f"cannot load tiktoken's {ENCODING_NAME!r} encoding ({type(e).__name__}: {e}). Offline machines "
+            "point TIKTOKEN_CACHE_DIR at a directory holding it (e.g. ../shared/tiktoken_cache)."
+        ) from e
+
+
+def _find_documents(sources: Sequence, pattern: str, skip_dirs: Sequence[str] = ()) -> list[tuple[pathlib.Path, str]]:
+    """(path, name) of every document: files as given, directories walked recursively for file names matching
+    `pattern`, in sorted order. Hidden files and directories, and directories named in `skip_dirs`, are skipped;
+    a file reached twice counts once.
+
+    A document's name is its path relative to the directory it was found in (its base name if it was given
+    as a file): the names, not where the corpus happens to live, decide the train/val split.
+    """
+    found: dict[pathlib.Path, str] = {}
+    for source in sources:
+        source = pathlib.Path(source)
+        if source.is_file():
+            found.setdefault(source.resolve(), source.name)
+        elif source.is_dir():
+            for dirpath, dirnames, filenames in os.walk(source):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
+                for name in sorted(filenames):
+                    if not name.startswith(".") and fnmatch.fnmatch(name, pattern):
+                        path = pathlib.Path(dirpath) / name
+                        found.setdefault(path.resolve(), path.relative_to(source).as_posix())
+        else:
+            raise DataError(f"{source}: no such file or directory")
+    if not found:
+        raise DataError(f"no documents matching {pattern!r} found in {', '.join(map(str, sources))}")
+    return list(found.items())
+
+
+def _read_texts(paths: Sequence[pathlib.Path]) -> tuple[list[str], list[pathlib.Path]]:
+    """Decode every file as UTF-8; undecodable bytes become U+FFFD (the files are returned to warn about)."""
+    texts, lossy = [], []
+    for p in paths:
+        raw = p.read_bytes()
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            texts.append(raw.decode("utf-8", errors="replace"))
+            lossy.append(p)
+    return texts, lossy
+
+
+def _encode_documents(texts: Sequence[str]) -> list[np.ndarray]:
+    """Each text as uint16 ids followed by EOT. tiktoken releases the GIL, so a thread pool scales."""
+    encoding = get_encoding()
+    threads = max(1, min(8, os.cpu_count() or 1))
+    ids = encoding.encode_ordinary_batch(list(texts), num_threads=threads)
+    return [np.array(doc + [EOT_TOKEN], dtype=np.uint16) for doc in ids]
+
+
+def split_documents(names: Sequence[str], lengths: Sequence[int], val_fraction: float) -> list[bool]:
+    """Which documents go to validation: deterministic, and independent of the order they were given in.
+
+    Documents are ranked by a hash of their name (a fixed pseudo-random order, so the validation set is not,
+    say, the last plays alphabetically), and taken into validation until they hold val_fraction of all
+    tokens. At least one document stays on each side. Returns one flag per document (True = validation).
+    """
+    n = len(names)
+    is_val = [False] * n
+    if n < 2 or val_fraction <= 0:
+        return is_val
+    target = val_fraction * sum(lengths)
+    order = sorted(range(n), key=lambda i: hashlib.sha256(names[i].encode()).hexdigest())
+    taken = 0
+    for i in order[:-1]:  # never all of them
+        # Stop once the target is met, or when this document would overshoot it by more than stopping
+        # undershoots (but take at least one).
+        if taken >= target or (taken > 0 and taken + lengths[i] / 2 > target):
+            break
+        is_val[i] = True
+        taken += lengths[i]
+    return is_val
+
+
+def prepare(
+    sources: Sequence,
+    out_dir,
+    *,
+    val_fraction: float = 0.1,
+    pattern: str = "*.txt",
+    skip_dirs: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Tokenize text files into `out_dir`/train.bin, val.bin and meta.json; returns the meta dict.
+
+    One file is one document, followed by EOT. With a single document there is nothing to split by, so its
+    last val_fraction of tokens becomes val.bin.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    documents = _find_documents(sources, pattern, skip_dirs)
+    paths = [path for path, _ in documents]
+    names = [name for _, name in documents]
+    texts, lossy = _read_texts(paths)
+    if lossy:
+        log(f"note: {len(lossy)} file(s) are not valid UTF-8; bad bytes became U+FFFD (e.g. {lossy[0]})")
+    docs = _encode_documents(texts)
+    lengths = [len(d) for d in docs]
+
+    if len(docs) == 1:
+        cut = int(round(lengths[0] * (1.0 - val_fraction)))
+        train_ids, val_ids = docs[0][:cut], docs[0][cut:]
+        train_names, val_names = names, (names if len(val_ids) else [])
+    else:
+        is_val = split_documents(names, lengths, val_fraction)
+        empty = np.zeros(0, np.uint16)
+        train_ids = np.concatenate([d for d, v in zip(docs, is_val) if not v] or [empty])
+        val_ids = np.concatenate([d for d, v in zip(docs, is_val) if v] or [empty])
+        train_names = [n for n, v in zip(names, is_val) if not v]
+        val_names = [n for n, v in zip(names, is_val) if v]
+
+    out_dir = pathlib.Path(out_dir)
+    write_tokens(out_dir / "train.bin", train_ids)
+    write_tokens(out_dir / "val.bin", val_ids)
+    meta = {
+        "format": "nanogpt (raw little-endian uint16, no header)",
+        "encoding": ENCODING_NAME,
+        "vocab_size": GPT2_VOCAB_SIZE,
+        "eot_token": EOT_TOKEN,
+        "train_tokens": int(len(train_ids)),
+        "val_tokens": int(len(val_ids)),
+        "documents": len(docs),
+        "val_fraction": val_fraction,
+        "sources": [str(s) for s in sources],
+        "train_documents": train_names,
+        "val_documents": val_names,
+    }
+    _atomic_write_bytes(out_dir / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
+    log(
+        f"wrote {out_dir}/train.bin ({len(train_ids):,} tokens, {len(train_names)} documents) and "
+        f"val.bin ({len(val_ids):,} tokens, {len(val_names)} documents)"
+    )
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo corpus: the Python standard library's own source.
+# ---------------------------------------------------------------------------------------------------------
+
+# Third-party packages live inside the stdlib directory on many installs; they are not the stdlib.
+DEMO_SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__")
+
+
+def stdlib_root() -> pathlib.Path:
+    return pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+def default_demo_dir() -> pathlib.Path:
+    """$FASTCENTER_CACHE (or $XDG_CACHE_HOME/fastcenter, or ~/.cache/fastcenter) / demo-py3.X."""
+    base = os.environ.get("FASTCENTER_CACHE")
+    if base is None:
+        base = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "fastcenter"
+    return pathlib.Path(base) / f"demo-py{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def ensure_demo_corpus(
+    cache_dir=None, *, root=None, log: Callable[[str], None] = print, val_fraction: float = 0.05
+) -> pathlib.Path:
+    """The demo data directory, built on first use from the stdlib's .py files and cached.
+
+    About 15M tokens for CPython 3.11 (a few seconds to build). The cache is reused when its meta.json holds
+    the same fingerprint (names and sizes of the source files): another Python, or an edited stdlib, rebuilds.
+    `root` replaces the stdlib directory (tests use a small one).
+    """
+    cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_demo_dir()
+    root = pathlib.Path(root) if root is not None else stdlib_root()
+    documents = _find_documents([root], "*.py", DEMO_SKIP_DIRS)
+    listing = "\n".join(f"{name}:{path.stat().st_size}" for path, name in documents)
+    fingerprint = hashlib.sha256(listing.encode()).hexdigest()
+
+    meta_path = cache_dir / "meta.json"
+    if meta_path.is_file() and (cache_dir / "train.bin").is_file() and (cache_dir / "val.bin").is_file():
+        try:
+            cached = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            cached = {}
+        if cached.get("fingerprint") == fingerprint:
+            log(
+                f"Demo corpus: the Python standard library's own source ({cached['train_tokens']:,} train / "
+                f"{cached['val_tokens']:,} val tokens), cached in {cache_dir}"
+            )
+            return cache_dir
+
+    log(
+        f"Demo corpus: building it from the Python standard library's own source ({len(documents)} .py files "
+        f"under {root}; no download) into {cache_dir} ..."
+    )
+    meta = prepare([root], cache_dir, val_fraction=val_fraction, pattern="*.py", skip_dirs=DEMO_SKIP_DIRS, log=log)
+    meta["fingerprint"] = fingerprint
+    _atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+    return cache_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class WindowSampler:
+    """Random training windows of seq_len + 1 tokens; the draw for step s depends on (seed, s) only.
+
+    One optimizer step consumes `grad_accum_steps` micro-batches of `batch_size` windows: the global batch.
+    Under DDP the micro-steps are split into contiguous blocks, rank r taking block r, so the world together
+    sees exactly the windows one process would (grad_accum_steps must be divisible by world_size).
+    The state (`state_dict`) is the seed and the next step; nothing else is needed to resume exactly.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        *,
+        seq_len: int,
+        batch_size: int,
+        grad_accum_steps: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if len(tokens) < seq_len + 1:
+            raise DataError(f"{len(tokens)} tokens are too few for one window of seq_len + 1 = {seq_len + 1}")
+        if grad_accum_steps % world_size:
+            raise ValueError(
+                f"grad_accum_steps ({grad_accum_steps}) must be divisible by the world size ({world_size})"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.tokens = tokens
+        self.seq_len, self.batch_size, self.grad_accum_steps = seq_len, batch_size, grad_accum_steps
+        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.micro_steps_per_rank = grad_accum_steps // world_size
+        self.step = 0
+
+    def global_positions(self, step: int) -> np.ndarray:
+        """Start offsets [grad_accum_steps, batch_size] of every window of optimizer step `step`."""
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step])))
+        high = len(self.tokens) - self.seq_len  # starts in [0, n - seq_len - 1]: the window fits
+        return rng.integers(0, high, size=(self.grad_accum_steps, self.batch_size), dtype=np.int64)
+
+    def next_step(self) -> list[np.ndarray]:
+        """This rank's micro-batches of the next step: a list of [batch_size, seq_len + 1] int64 arrays."""
+        positions = self.global_positions(self.step)
+        first = self.rank * self.micro_steps_per_rank
+        self.step += 1
+        mine = positions[first : first + self.micro_steps_per_rank]
+        return [gather_windows(self.tokens, starts, self.seq_len) for starts in mine]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"sampler state was saved with seed {state['seed']}, this sampler has seed {self.seed}: "
+                "resuming would not continue the same data stream"
+            )
+        self.step = int(state["step"])
+
+
+def validation_positions(n_tokens: int, seq_len: int, count: int) -> np.ndarray:
+    """`count` window starts spread evenly over a file of n_tokens (first at 0, last at the very end)."""
+    if n_tokens < seq_len + 1:
+        raise DataError(f"{n_tokens} tokens are too few for one window of seq_len + 1 = {seq_len + 1}")
+    last = n_tokens - seq_len - 1
+    return np.linspace(0, last, num=count).astype(np.int64)
+
+
+def gather_windows(tokens: np.ndarray, positions: np.ndarray, seq_len: int) -> np.ndarray:
+    """The windows tokens[p : p + seq_len + 1] for every start p, as one [len(positions), seq_len + 1] int64 array."""
+    index = np.asarray(positions, dtype=np.int64)[:, None] + np.arange(seq_len + 1, dtype=np.int64)
+    return np.asarray(tokens[index], dtype=np.int64)
+
+
+def to_inputs_targets(windows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) on `device` from [B, T + 1] windows; pinned and non-blocking on CUDA so the copy
+    overlaps the previous step's kernels."""
+    batch = torch.from_numpy(windows)
+    device = torch.device(device)
+    if device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    return batch[:, :-1], batch[:, 1:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastcenter.data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin / meta.json")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE_OR_DIR", help="text files or directories")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens (by document) for val.bin")
+    p.add_argument("--pattern", default="*.txt", help="file name pattern inside directories (default: *.txt)")
+    d = sub.add_parser("demo", help="build (or find) the demo corpus from the Python standard library's source")
+    d.add_argument("--out", default=None, metavar="DIR", help=f"output directory (default: {default_demo_dir()})")
+    c = sub.add_parser("check", help="validate token files (format, ids < vocab size)")
+    c.add_argument("files", nargs="+")
+    c.add_argument("--vocab-size", type=int, default=GPT2_VOCAB_SIZE)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+
+    try:
+        if args.command == "prepare":
+            prepare(args.text, args.out, val_fraction=args.val_fraction, pattern=args.pattern)
+        elif args.command == "demo":
+            ensure_demo_corpus(args.out)
+        else:
+            for path in args.files:
+                tokens = open_tokens(path)
+                check_tokens(tokens, path, vocab_size=args.vocab_size)
+                print(f"{path}: {len(tokens):,} tokens ({tokens.dtype}), all ids < {args.vocab_size}")
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

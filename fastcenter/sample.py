@@ -1,0 +1,115 @@
+"""Sample text from a checkpoint written by train.py.
+
+    python -m fastcenter.sample --ckpt out/ckpt.pt --prompt "To be, or not to be" --max-new-tokens 200
+
+Text is encoded and decoded with tiktoken's r50k_base (GPT-2's BPE; offline machines set TIKTOKEN_CACHE_DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from typing import Optional
+
+import torch
+
+from .data import get_encoding
+from .model import GPT, GPTConfig
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+def _model_config(ckpt: dict, path) -> GPTConfig:
+    """The GPTConfig of a train.py checkpoint: its fields are stored under ckpt["config"]["model"]."""
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{path} has no model config (expected ckpt['config']['model'], as train.py writes)")
+    return GPTConfig.from_dict(config["model"])
+
+
+def load_model(path: str, device: str | torch.device = "cpu", fused: Optional[bool] = None) -> GPT:
+    """Rebuild the GPT stored in a train.py checkpoint, in eval mode on `device`.
+
+    The checkpoint is {"format": "fastcenter.train/1", "model": state_dict, "config": {"model": GPTConfig fields,
+    "train": ...}, ...} (see train.py); only "model" and config["model"] are read here.
+
+    `fused` overrides the checkpoint's choice of kernels (the weights are the same either way).
+    """
+    # train.py stores only tensors and plain Python values, so the safe loader suffices.
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path} is not a train.py checkpoint (expected a dict with a 'model' state_dict)")
+    config = _model_config(ckpt, path)
+    if fused is not None:
+        config = GPTConfig.from_dict({**config.to_dict(), "fused": fused})
+    model = GPT(config)
+    model.load_state_dict(ckpt["model"])  # train.py saves the bare model (no DDP/compile prefixes)
+    return model.to(device).eval()
+
+
+def sample(
+    model: GPT,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    num_samples: int = 1,
+    seed: Optional[int] = None,
+) -> list[str]:
+    """Continuations of `prompt` (the prompt included), decoded to text."""
+    enc = get_encoding()  # the tokenizer data preparation used; a clear message when it is not cached offline
+    ids = enc.encode(prompt, allowed_special={END_OF_TEXT}) if prompt else [enc.eot_token]
+    vocab = model.config.vocab_size
+    if max(ids) >= vocab:
+        raise ValueError(f"the prompt encodes to token id {max(ids)}, outside the model's vocabulary of {vocab}")
+    device = model.tok_emb.weight.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    use_autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    # Ids >= the tokenizer's vocabulary can only come from a model with a padded vocabulary: drop them.
+    return [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastcenter.sample", description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt)")
+    parser.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0: all)")
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    args = parser.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    try:
+        model = load_model(args.ckpt, device)
+        texts = sample(
+            model,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            num_samples=args.num_samples,
+            seed=args.seed,
+        )
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:  # unreadable or mismatched file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for i, text in enumerate(texts):
+        if i:
+            print("\n" + "-" * 40)
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

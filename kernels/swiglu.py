@@ -1,0 +1,137 @@
+"""SwiGLU, forward and backward, over [N, H] rows: y = silu(g) * u with silu(g) = g * sigmoid(g).
+
+Forward and backward, with s = sigmoid(g) (all math in float32):
+
+    y  = g * s * u
+    dg = dy * u * s * (1 + g * (1 - s))        (d silu / dg = s + g * s * (1 - s))
+    du = dy * g * s
+
+The backward recomputes s from the saved inputs g and u; nothing else is saved. The gate and up halves are
+two row-strided views, so the packed form -- one [N, 2H] projection [g | u] -- is the same kernel with the up
+pointer H columns to the right of the gate pointer, and its gradient is one [N, 2H] tensor whose two halves
+the backward kernel writes directly (no concatenation afterwards). Rows may have any stride; columns have unit
+stride (the caller makes one copy where they do not).
+
+Block sizes (chosen in `_block_shape`, for bandwidth: per element the forward moves 3 values and the backward
+5, against about 10 flops, so both are memory bound):
+
+* Tiles of [BLOCK_M rows, BLOCK_N columns], about 4096 elements (8 KiB per stream in bf16). BLOCK_N covers
+  the whole row up to 1024 columns; wider rows are split into column blocks of 1024 (or of 512/256/128 when
+  one of those divides H exactly, so that the last block is not mostly masked). BLOCK_M fills the rest.
+  At the seed shape (8192 x 1024) that is 4 rows per program and 2048 programs; at 65536 x 4096 it is
+  4 rows x 1024 columns and 65536 programs: many programs per SM of an H100 in both cases.
+* num_warps = tile / 512, at most 8: 16 elements per thread, two 16-byte vectors per stream in bf16, and
+  16-24 KiB of loads per program in flight, which with several resident programs per SM is enough outstanding
+  traffic to cover DRAM latency.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    GATE, UP, OUT,
+    n_rows, n_cols, stride_gate, stride_up, stride_out,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]  # row offsets in int64: N * 2H may pass 2**31
+
+    g = tl.load(GATE + rows64 * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + rows64 * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(OUT + rows64 * stride_out + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    DY, GATE, UP, DGATE, DUP,
+    n_rows, n_cols, stride_dy, stride_gate, stride_up, stride_dgate, stride_dup,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+
+    dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + rows64 * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + rows64 * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)  # recomputed, not saved
+    dg = dy * u * s * (1.0 + g * (1.0 - s))
+    du = dy * g * s
+    tl.store(DGATE + rows64 * stride_dgate + cols[None, :], dg.to(DGATE.dtype.element_ty), mask=mask)
+    tl.store(DUP + rows64 * stride_dup + cols[None, :], du.to(DUP.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers: split the packed form into its two halves, pick the block shape, allocate, launch.
+# ---------------------------------------------------------------------------------------------------------
+
+TILE_ELEMENTS = 4096  # elements per program (see the module docstring)
+MAX_BLOCK_N = 1024
+
+
+def _block_shape(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for tiles of about TILE_ELEMENTS elements."""
+    if n_cols <= MAX_BLOCK_N:
+        block_n = triton.next_power_of_2(n_cols)
+    else:  # prefer a column block that divides the row exactly: no mostly-masked last block
+        block_n = next((b for b in (1024, 512, 256, 128) if n_cols % b == 0), MAX_BLOCK_N)
+    block_m = max(1, min(TILE_ELEMENTS // block_n, triton.next_power_of_2(n_rows)))
+    num_warps = max(1, min(8, block_m * block_n // 512))
+    return block_m, block_n, num_warps
+
+
+def _halves(gate, up):
+    """(gate, up) as [N, H] views: with up None, the two halves of the packed [N, 2H] `gate`."""
+    if up is not None:
+        return gate, up
+    width = gate.shape[1] // 2
+    return gate[:, :width], gate[:, width:]
+
+
+def swiglu_forward(gate, up):
+    """gate, up: [N, H] with unit column stride; with up None, gate is the packed [N, 2H]. Returns y [N, H]."""
+    gate, up = _halves(gate, up)
+    n_rows, n_cols = gate.shape
+    out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    block_m, block_n, num_warps = _block_shape(n_rows, n_cols)
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    _swiglu_fwd_kernel[grid](
+        gate, up, out,
+        n_rows, n_cols, gate.stride(0), up.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def swiglu_backward(grad_out, gate, up):
+    """Returns (grad of gate, grad of up), each [N, H]; for the packed form (grad [N, 2H], empty tensor)."""
+    packed = up is None
+    gate, up = _halves(gate, up)
+    n_rows, n_cols = gate.shape
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    if packed:  # one [N, 2H] gradient; the kernel writes its two halves
+        grad_packed = torch.empty((n_rows, 2 * n_cols), dtype=gate.dtype, device=gate.device)
+        grad_gate, grad_up = grad_packed[:, :n_cols], grad_packed[:, n_cols:]
+    else:
+        grad_gate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+        grad_up = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
+    block_m, block_n, num_warps = _block_shape(n_rows, n_cols)
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    _swiglu_bwd_kernel[grid](
+        grad_out, gate, up, grad_gate, grad_up,
+        n_rows, n_cols, grad_out.stride(0), gate.stride(0), up.stride(0), grad_gate.stride(0), grad_up.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+    if packed:
+        return grad_packed, grad_packed.new_empty(0)
+    return grad_gate, grad_up

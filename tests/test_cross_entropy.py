@@ -1,0 +1,442 @@
+"""cross_entropy and the chunked linear_cross_entropy against a float64 truth (forward and all gradients).
+
+The truth is `fastcenter.reference` evaluated in float64 on the same (already rounded) input values. Shapes are
+small but awkward for the interpreter: vocabularies that are not powers of two, ragged last chunks, several
+vocabulary blocks per row (MAX_BLOCK_V is shrunk where V is small), V = 50257 where it matters.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from conftest import DEVICE
+from helpers import assert_close
+
+from fastcenter import ops, reference
+from fastcenter.kernels import cross_entropy as ce
+
+OPTION_SETS = {
+    "plain": dict(),
+    "ignore+smoothing": dict(ignore_index=-1, label_smoothing=0.1),
+    "zloss+softcap": dict(z_loss=1e-3, softcap=3.0),
+    "everything": dict(ignore_index=7, label_smoothing=0.2, z_loss=1e-2, softcap=5.0),
+}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Vocabulary blocks of 64 lanes, so small vocabularies still take several blocks (online logsumexp)."""
+    monkeypatch.setattr(ce, "MAX_BLOCK_V", 64)
+
+
+def _targets(n, vocab, ignore_index=-100, n_ignored=2, device=DEVICE):
+    target = torch.randint(0, vocab, (n,), device=device)
+    target[torch.randperm(n, device=device)[:n_ignored]] = ignore_index
+    return target
+
+
+def _grad_output(loss):
+    """Not all ones: a random scalar, or a non-uniform per-token tensor for reduction='none'."""
+    if loss.dim() == 0:
+        return torch.rand((), device=loss.device) + 0.5
+    return torch.randn(loss.shape, device=loss.device)
+
+
+def _loss_and_grads(fn, tensors, grad_output=None, **options):
+    """fn(*tensors, **options) and the gradients of (loss * grad_output).sum() w.r.t. every tensor given."""
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    loss = fn(*leaves, **options)
+    if grad_output is None:
+        grad_output = _grad_output(loss)
+    grads = torch.autograd.grad(loss, leaves, grad_output.to(loss.dtype))
+    return loss.detach(), grads, grad_output
+
+
+def _lce_ours(x, w, b, target, **options):
+    def fn(x, w, *rest):
+        return ops.linear_cross_entropy(x, w, target, linear_bias=rest[0] if rest else None, **options)
+
+    return fn, [t for t in (x, w, b) if t is not None]
+
+
+def _lce_truth(x, w, b, target, grad_output, **options):
+    options = {k: v for k, v in options.items() if k != "chunk_size"}
+
+    def fn(x, w, *rest):
+        return reference.linear_cross_entropy(x, w, target, linear_bias=rest[0] if rest else None, **options)
+
+    tensors = [t.double() for t in (x, w, b) if t is not None]
+    return _loss_and_grads(fn, tensors, grad_output.double())[:2]
+
+
+def _check_lce(x, w, b, target, dtype=torch.float32, scale=1.0, relative=False, **options):
+    """Our loss and gradients (input, weight, bias) against the float64 reference, grad_output != 1."""
+    fn, tensors = _lce_ours(x, w, b, target, **options)
+    loss, grads, g = _loss_and_grads(fn, tensors)
+    assert loss.dtype == torch.float32
+    assert loss.shape == (target.shape if options.get("reduction") == "none" else ())
+    truth_loss, truth_grads = _lce_truth(x, w, b, target, g, **options)
+    _compare(loss, truth_loss, torch.float32 if dtype == torch.float32 else dtype, scale, relative, "loss")
+    for name, ours, truth, leaf in zip(("input", "weight", "bias"), grads, truth_grads, tensors):
+        assert ours.dtype == leaf.dtype and ours.shape == leaf.shape, name
+        _compare(ours, truth, dtype, scale, relative, f"grad of {name}")
+
+
+def _compare(actual, expected, dtype, scale, relative, what):
+    """assert_close with dtype tolerances; `relative` measures errors against the largest expected value."""
+    if relative:
+        norm = expected.abs().max().clamp(min=1e-6)
+        actual, expected = actual.double() / norm, expected / norm
+    assert_close(actual, expected, dtype, scale=scale, msg=what)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# linear_cross_entropy: every option against float64.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+def test_linear_cross_entropy_matches_float64(reduction, option_set, small_blocks):
+    options = OPTION_SETS[option_set]
+    n, dim, vocab = 37, 24, 300  # 37 rows in chunks of 8: ragged last chunk; 300 = 4 full blocks + a ragged one
+    x = torch.randn(n, dim, device=DEVICE)
+    w = torch.randn(vocab, dim, device=DEVICE) * 0.5
+    b = torch.randn(vocab, device=DEVICE)
+    target = _targets(n, vocab, options.get("ignore_index", -100))
+    _check_lce(x, w, b, target, reduction=reduction, chunk_size=8, **options)
+
+
+def test_linear_cross_entropy_3d_input_without_bias(small_blocks):
+    batch, seq, dim, vocab = 3, 5, 20, 130
+    x = torch.randn(batch, seq, dim, device=DEVICE)
+    w = torch.randn(vocab, dim, device=DEVICE)
+    target = torch.randint(0, vocab, (batch, seq), device=DEVICE)
+    target[1, 2] = -100
+    for reduction in ("mean", "none"):
+        _check_lce(x, w, None, target, reduction=reduction, chunk_size=4, label_smoothing=0.05)
+
+
+def test_linear_cross_entropy_seq_len_one_and_strided_input(small_blocks):
+    """T = 1, and an input that is a non-contiguous view (every other feature of a wider tensor)."""
+    dim, vocab = 12, 100
+    x = torch.randn(4, 1, 2 * dim, device=DEVICE)[..., ::2]
+    w = torch.randn(vocab, dim, device=DEVICE)
+    target = torch.randint(0, vocab, (4, 1), device=DEVICE)
+    _check_lce(x, w, None, target, reduction="sum", z_loss=1e-3)
+
+
+def test_linear_cross_entropy_gpt2_vocabulary():
+    """V = 50257 (not a power of two): the padded lanes of the last block are masked after the softcap."""
+    n, dim, vocab = 5, 8, 50257
+    x = torch.randn(n, dim, device=DEVICE)
+    w = torch.randn(vocab, dim, device=DEVICE)
+    b = torch.randn(vocab, device=DEVICE)
+    target = torch.randint(0, vocab, (n,), device=DEVICE)
+    target[0] = vocab - 1  # the last real lane, in the ragged last block
+    _check_lce(x, w, b, target, reduction="mean", chunk_size=2, label_smoothing=0.1, z_loss=1e-3, softcap=2.0)
+
+
+def test_linear_cross_entropy_none_with_broadcast_grad_output(small_blocks):
+    """loss.sum().backward() hands the 'none' backward a stride-0 grad_output."""
+    x = torch.randn(9, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(70, 16, device=DEVICE, requires_grad=True)
+    target = _targets(9, 70)
+    ops.linear_cross_entropy(x, w, target, reduction="none", chunk_size=4).sum().backward()
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    reference.linear_cross_entropy(xd, wd, target, reduction="sum").backward()
+    assert_close(x.grad, xd.grad, torch.float32)
+    assert_close(w.grad, wd.grad, torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_all_ignored(reduction):
+    x = torch.randn(6, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(50, 8, device=DEVICE, requires_grad=True)
+    b = torch.randn(50, device=DEVICE, requires_grad=True)
+    target = torch.full((6,), -100, device=DEVICE)
+    loss = ops.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction, chunk_size=4)
+    loss.backward(torch.full_like(loss, 3.0))
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for grad in (x.grad, w.grad, b.grad):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_cross_entropy_low_precision(dtype, small_blocks):
+    """GEMMs and logits in the input dtype (rounded once, as F.linear); errors relative to the largest value."""
+    n, dim, vocab = 21, 32, 200
+    x = torch.randn(n, dim, device=DEVICE).to(dtype)
+    w = (torch.randn(vocab, dim, device=DEVICE) * 0.3).to(dtype)
+    b = torch.randn(vocab, device=DEVICE).to(dtype)
+    target = _targets(n, vocab)
+    for reduction in ("mean", "none"):
+        _check_lce(x, w, b, target, dtype, scale=2.0, relative=True, reduction=reduction, chunk_size=8,
+                   label_smoothing=0.1, softcap=4.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_float32_master_weights(reduction, small_blocks):
+    """bf16 input + float32 weight and bias: GEMMs in bf16, gradients returned in float32 from the accumulator."""
+    n, dim, vocab = 16, 24, 150
+    x = torch.randn(n, dim, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(vocab, dim, device=DEVICE) * 0.3
+    b = torch.randn(vocab, device=DEVICE)
+    target = _targets(n, vocab)
+    fn, tensors = _lce_ours(x, w, b, target, reduction=reduction, chunk_size=8, z_loss=1e-3)
+    loss, (grad_x, grad_w, grad_b), g = _loss_and_grads(fn, tensors)
+    assert (grad_x.dtype, grad_w.dtype, grad_b.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    # The truth uses the weight as the GEMMs see it: rounded to bf16 once.
+    truth_loss, truth_grads = _lce_truth(x, w.to(torch.bfloat16), b.to(torch.bfloat16), target, g,
+                                         reduction=reduction, z_loss=1e-3)  # fmt: skip
+    _compare(loss, truth_loss, torch.bfloat16, 1.0, True, "loss")
+    for ours, truth in zip((grad_x, grad_w, grad_b), truth_grads):
+        _compare(ours, truth, torch.bfloat16, 1.0, True, "gradient")
+
+
+def test_linear_cross_entropy_autocast(small_blocks):
+    """Under autocast the op computes like F.linear in the autocast dtype; float32 leaves get float32 grads."""
+    device_type = torch.device(DEVICE).type
+    low = torch.bfloat16 if device_type == "cpu" else torch.float16
+    x = torch.randn(12, 16, device=DEVICE)
+    w = torch.randn(90, 16, device=DEVICE) * 0.3
+    target = _targets(12, 90)
+    fn, tensors = _lce_ours(x, w, None, target, chunk_size=5)
+    with torch.autocast(device_type, dtype=low):
+        loss, (grad_x, grad_w), g = _loss_and_grads(fn, tensors)
+    assert (loss.dtype, grad_x.dtype, grad_w.dtype) == (torch.float32, torch.float32, torch.float32)
+    truth_loss, truth_grads = _lce_truth(x.to(low), w.to(low), None, target, g)
+    _compare(loss, truth_loss, low, 1.0, True, "loss")
+    for ours, truth in zip((grad_x, grad_w), truth_grads):
+        _compare(ours, truth, low, 1.0, True, "gradient")
+
+
+def test_linear_cross_entropy_gradient_accumulation_with_tied_weights():
+    """One Parameter as embedding and as linear_weight, two micro-batches, two backwards: grads add up."""
+    vocab, dim, n = 80, 16, 10
+    embedding = torch.nn.Parameter(torch.randn(vocab, dim, device=DEVICE) * 0.5)
+    mix = torch.nn.Parameter(torch.randn(dim, dim, device=DEVICE) / dim**0.5)
+    embedding64 = embedding.detach().double().requires_grad_()
+    mix64 = mix.detach().double().requires_grad_()
+    for _ in range(2):
+        tokens = torch.randint(0, vocab, (n,), device=DEVICE)
+        target = _targets(n, vocab, n_ignored=1)
+        hidden = torch.tanh(F.embedding(tokens, embedding) @ mix)
+        ops.linear_cross_entropy(hidden, embedding, target, chunk_size=3).backward()
+        hidden64 = torch.tanh(F.embedding(tokens, embedding64) @ mix64)
+        reference.linear_cross_entropy(hidden64, embedding64, target).backward()
+    assert_close(embedding.grad, embedding64.grad, torch.float32)
+    assert_close(mix.grad, mix64.grad, torch.float32)
+
+
+def test_default_chunk_size():
+    assert ce.default_chunk_size(8192, 50257, torch.bfloat16) == 1024  # the seed shape: 103 MB of bf16 logits
+    assert ce.default_chunk_size(8192, 50257, torch.float32) == 512
+    assert ce.default_chunk_size(100, 50257, torch.bfloat16) == 100
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The [N, V] logits never exist: the largest tensor created during forward + backward.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor (in bytes) any op returns, looking inside fastcenter's custom ops too.
+
+    A dispatch mode sees a custom op as one call; to see the tensors its implementation creates, the op is
+    redispatched to its backend kernel with the mode active again.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastcenter":
+            first = next(t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+            below_python = torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.Python)
+            with self:
+                out = func.redispatch(torch._C._dispatch_keys(first) & below_python, *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_never_allocates_full_logits(reduction):
+    n, dim, vocab, chunk = 128, 8, 3000, 8
+    x = torch.randn(n, dim, device=DEVICE, requires_grad=True)
+    w = torch.randn(vocab, dim, device=DEVICE, requires_grad=True)
+    target = _targets(n, vocab)
+    full_logits = n * vocab * 4
+
+    def run(fn, **options):
+        mode = LargestAllocation()
+        with mode:
+            fn(x, w, target, reduction=reduction, **options).sum().backward()
+        return mode.largest
+
+    ours = run(ops.linear_cross_entropy, chunk_size=chunk)
+    assert ours >= chunk * vocab * 4  # the mode does see the chunk buffer
+    assert ours <= full_logits / 8, f"largest tensor {ours} B vs full logits {full_logits} B"
+    assert run(reference.linear_cross_entropy) >= full_logits  # and it would see the eager logits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cross_entropy on given logits.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_ce(logits, target, dtype, scale=1.0, relative=False, **options):
+    loss, (grad,), g = _loss_and_grads(lambda z: ops.cross_entropy(z, target, **options), [logits])
+    assert loss.dtype == torch.float32 and grad.dtype == logits.dtype
+    truth_loss, (truth_grad,), _ = _loss_and_grads(
+        lambda z: reference.cross_entropy(z, target, **options), [logits.double()], g.double()
+    )
+    _compare(loss, truth_loss, torch.float32 if dtype == torch.float32 else dtype, scale, relative, "loss")
+    _compare(grad, truth_grad, dtype, scale, relative, "grad of logits")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+def test_cross_entropy_matches_float64(reduction, option_set, small_blocks):
+    options = OPTION_SETS[option_set]
+    logits = torch.randn(11, 190, device=DEVICE) * 4
+    target = _targets(11, 190, options.get("ignore_index", -100))
+    _check_ce(logits, target, torch.float32, reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cross_entropy_gpt2_vocabulary_low_precision(dtype):
+    logits = (torch.randn(4, 50257, device=DEVICE) * 3).to(dtype)
+    target = torch.tensor([0, 50256, -100, 123], device=DEVICE)
+    _check_ce(logits, target, dtype, relative=True, reduction="none", softcap=10.0, label_smoothing=0.1)
+
+
+def test_cross_entropy_matches_torch(small_blocks):
+    """Drop-in for F.cross_entropy on what both support, with strided logits (row stride != V)."""
+    logits = torch.randn(13, 2 * 150, device=DEVICE)[:, :150]
+    target = _targets(13, 150)
+    for options in (dict(), dict(reduction="sum", label_smoothing=0.3), dict(reduction="none", ignore_index=5)):
+        t = torch.where(target == -100, options.get("ignore_index", -100), target)
+        g = torch.randn(13, device=DEVICE) if options.get("reduction") == "none" else torch.tensor(0.7, device=DEVICE)
+        ours, (grad,), _ = _loss_and_grads(lambda z: ops.cross_entropy(z, t, **options), [logits], g)
+        theirs, (torch_grad,), _ = _loss_and_grads(lambda z: F.cross_entropy(z, t, **options), [logits], g)
+        assert_close(ours, theirs.double(), torch.float32)
+        assert_close(grad, torch_grad.double(), torch.float32)
+
+
+def test_cross_entropy_all_ignored():
+    logits = torch.randn(5, 40, device=DEVICE, requires_grad=True)
+    loss = ops.cross_entropy(logits, torch.full((5,), -100, device=DEVICE))
+    loss.backward(torch.tensor(2.0, device=DEVICE))
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Out-of-range targets, bad arguments, the reference backend, torch.compile.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _both_ops(vocab=30):
+    x = torch.randn(6, 8, device=DEVICE)
+    w = torch.randn(vocab, 8, device=DEVICE)
+    return {
+        "cross_entropy": lambda target, **kw: ops.cross_entropy(x @ w.T, target, **kw),
+        "linear_cross_entropy": lambda target, **kw: ops.linear_cross_entropy(x, w, target, chunk_size=4, **kw),
+    }
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("bad_id", [30, -3])
+def test_out_of_range_target_is_nan_or_raises_with_checks(op, bad_id, monkeypatch):
+    fn = _both_ops(vocab=30)[op]
+    target = torch.tensor([1, 2, bad_id, -100, 29, 0], device=DEVICE)
+    per_token = fn(target, reduction="none")
+    assert torch.isnan(per_token[2]) and torch.isfinite(per_token[[0, 1, 3, 4, 5]]).all()
+    assert torch.isnan(fn(target)) and torch.isnan(fn(target, reduction="sum"))
+    monkeypatch.setenv("FASTCENTER_CHECKS", "1")
+    with pytest.raises(ValueError, match="outside"):
+        fn(target)
+    target[2] = -100
+    assert torch.isfinite(fn(target))
+
+
+def _bad_calls():
+    x, w, t = torch.randn(4, 8), torch.randn(30, 8), torch.randint(0, 30, (4,))
+    lce, ce_ = ops.linear_cross_entropy, ops.cross_entropy
+    return [
+        (TypeError, "target", lambda: lce(x, w, t.int())),
+        (ValueError, "target", lambda: lce(x, w, t[:3])),
+        (TypeError, "target", lambda: lce(x, w, [0, 1, 2, 3])),
+        (ValueError, "input", lambda: lce(x[0], w, t)),
+        (TypeError, "input", lambda: lce(x.long(), w, t)),
+        (ValueError, "linear_weight", lambda: lce(x, w[:, :5], t)),
+        (ValueError, "linear_bias", lambda: lce(x, w, t, linear_bias=torch.zeros(29))),
+        (TypeError, "linear_weight", lambda: lce(x, w.half(), t)),
+        (NotImplementedError, "class weights", lambda: lce(x, w, t, weight=torch.ones(30))),
+        (ValueError, "reduction", lambda: lce(x, w, t, reduction="avg")),
+        (TypeError, "ignore_index", lambda: lce(x, w, t, ignore_index=1.5)),
+        (ValueError, "label_smoothing", lambda: lce(x, w, t, label_smoothing=1.5)),
+        (ValueError, "z_loss", lambda: lce(x, w, t, z_loss=-1.0)),
+        (ValueError, "softcap", lambda: lce(x, w, t, softcap=0.0)),
+        (ValueError, "chunk_size", lambda: lce(x, w, t, chunk_size=0)),
+        (ValueError, "one device", lambda: lce(x, w.to("meta"), t)),
+        (ValueError, "input", lambda: ce_(torch.randn(2, 3, 4), t)),
+        (ValueError, "target", lambda: ce_(x, t[:2])),
+        (TypeError, "target", lambda: ce_(x, torch.zeros(4))),
+        (NotImplementedError, "class weights", lambda: ce_(x, t, torch.ones(8))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_arguments_raise_clear_errors(case):
+    error, words, call = _bad_calls()[case]
+    with pytest.raises(error, match=words):
+        call()
+
+
+def test_reference_backend_agrees(monkeypatch, small_blocks):
+    x = torch.randn(10, 12, device=DEVICE)
+    w = torch.randn(77, 12, device=DEVICE)
+    target = _targets(10, 77)
+    options = dict(reduction="none", label_smoothing=0.1, z_loss=1e-3, softcap=6.0)
+    g = torch.randn(10, device=DEVICE)
+    fused = _loss_and_grads(lambda a, b: ops.linear_cross_entropy(a, b, target, chunk_size=4, **options), [x, w], g)
+    fused_ce = _loss_and_grads(lambda z: ops.cross_entropy(z, target, **options), [x @ w.T], g)
+    monkeypatch.setenv("FASTCENTER_BACKEND", "reference")
+    eager = _loss_and_grads(lambda a, b: ops.linear_cross_entropy(a, b, target, **options), [x, w], g)
+    eager_ce = _loss_and_grads(lambda z: ops.cross_entropy(z, target, **options), [x @ w.T], g)
+    for ours, theirs in ((fused, eager), (fused_ce, eager_ce)):
+        assert_close(ours[0], theirs[0].double(), torch.float32)
+        for a, b in zip(ours[1], theirs[1]):
+            assert_close(a, b.double(), torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph_traces_both_ops(reduction):
+    x = torch.randn(9, 16, device=DEVICE)
+    w = torch.randn(60, 16, device=DEVICE)
+    b = torch.randn(60, device=DEVICE)
+    target = _targets(9, 60)
+    options = dict(reduction=reduction, label_smoothing=0.1, softcap=5.0)
+
+    def both(x, w, b):
+        fused = ops.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=4, **options)
+        plain = ops.cross_entropy(x @ w.T + b, target, **options)
+        return fused + 2.0 * plain
+
+    torch._dynamo.reset()
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    g = _grad_output(both(x, w, b))
+    eager_loss, eager_grads, _ = _loss_and_grads(both, [x, w, b], g)
+    compiled_loss, compiled_grads, _ = _loss_and_grads(compiled, [x, w, b], g)
+    assert_close(compiled_loss, eager_loss.double(), torch.float32)
+    for a, e in zip(compiled_grads, eager_grads):
+        assert_close(a, e.double(), torch.float32)

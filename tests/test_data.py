@@ -1,0 +1,385 @@
+"""fastcenter.data: preparing token files, reading both formats, refusing corrupt ones, and the samplers."""
+
+import json
+import math
+import re
+import shutil
+
+import numpy as np
+import pytest
+import tiktoken
+
+from conftest import SHARED
+from fastcenter import data
+from fastcenter.data import DataError
+
+SHAKESPEARE = SHARED / "corpora" / "shakespeare"
+PLAYS = ["macbeth.txt", "tempest.txt", "julius_caesar.txt", "sonnets.txt"]
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return tiktoken.get_encoding("r50k_base")
+
+
+def _write_texts(directory, texts: dict):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (directory / name).write_text(text, encoding="utf-8")
+    return directory
+
+
+def _decode_documents(enc, ids):
+    """Split a token stream at EOT and decode each document."""
+    ids = np.asarray(ids).tolist()
+    assert ids[-1] == data.EOT_TOKEN, "every document ends with EOT"
+    docs, current = [], []
+    for t in ids:
+        if t == data.EOT_TOKEN:
+            docs.append(enc.decode(current))
+            current = []
+        else:
+            current.append(t)
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_prepare_round_trips_small_files(tmp_path, enc):
+    rng = np.random.default_rng()
+    words = ["alpha", "beta", "gamma", "δέλτα", "ёж", "  spaces\t", "\n", "<|endoftext|>", "x" * 7, "😀"]
+    texts = {f"doc{i}.txt": " ".join(rng.choice(words, size=rng.integers(5, 60))) for i in range(5)}
+    src = _write_texts(tmp_path / "src", texts)
+    (src / "notes.md").write_text("not matched by *.txt")
+    meta = data.prepare([src], tmp_path / "out", val_fraction=0.3, log=lambda s: None)
+
+    train = data.open_tokens(tmp_path / "out" / "train.bin")
+    val = data.open_tokens(tmp_path / "out" / "val.bin")
+    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
+    assert meta["encoding"] == "r50k_base" and meta["vocab_size"] == 50257 and meta["eot_token"] == 50256
+    assert sorted(meta["train_documents"] + meta["val_documents"]) == sorted(texts)
+    assert meta["train_documents"] and meta["val_documents"]
+    # Each split is its documents, in order, each followed by EOT; "<|endoftext|>" in text is plain text.
+    assert _decode_documents(enc, train) == [texts[n] for n in meta["train_documents"]]
+    assert _decode_documents(enc, val) == [texts[n] for n in meta["val_documents"]]
+    on_disk = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert on_disk == meta
+
+
+def test_prepare_single_file_splits_by_tokens(tmp_path, enc):
+    text = "word " * 1000
+    path = tmp_path / "one.txt"
+    path.write_text(text)
+    meta = data.prepare([path], tmp_path / "out", val_fraction=0.25, log=lambda s: None)
+    train = np.asarray(data.open_tokens(tmp_path / "out" / "train.bin"))
+    val = np.asarray(data.open_tokens(tmp_path / "out" / "val.bin"))
+    expected = enc.encode_ordinary(text) + [data.EOT_TOKEN]
+    assert np.concatenate([train, val]).tolist() == expected
+    assert abs(len(val) - 0.25 * len(expected)) <= 1
+    assert meta["documents"] == 1
+
+
+def test_prepare_shakespeare_is_deterministic_and_location_independent(tmp_path, enc):
+    plays = [SHAKESPEARE / p for p in sorted(PLAYS)]  # files keep the order given; directories are sorted
+    meta_a = data.prepare(plays, tmp_path / "a", val_fraction=0.2, log=lambda s: None)
+    # The same plays found in another directory: the same bytes.
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for p in plays:
+        shutil.copy(p, moved / p.name)
+    meta_b = data.prepare([moved], tmp_path / "b", val_fraction=0.2, log=lambda s: None)
+    for split in ("train.bin", "val.bin"):
+        assert (tmp_path / "a" / split).read_bytes() == (tmp_path / "b" / split).read_bytes()
+    assert meta_a["val_documents"] == meta_b["val_documents"]
+    assert len(meta_a["val_documents"]) >= 1 and len(meta_a["train_documents"]) >= 1
+
+    # Round trip against tiktoken directly, document by document.
+    train = data.open_tokens(tmp_path / "a" / "train.bin")
+    texts = {p.name: p.read_text(encoding="utf-8") for p in plays}
+    decoded = _decode_documents(enc, train)
+    assert decoded == [texts[n] for n in sorted(meta_b["train_documents"])]
+    assert meta_a["train_tokens"] + meta_a["val_tokens"] == sum(
+        len(enc.encode_ordinary(t)) + 1 for t in texts.values()
+    )
+
+
+def test_split_documents_rules():
+    lengths = list(np.random.default_rng().integers(100, 1000, size=40))
+    names = [f"d{i}" for i in range(40)]
+    flags = data.split_documents(names, lengths, 0.1)
+    val = sum(l for l, f in zip(lengths, flags) if f)
+    assert 0 < val < sum(lengths) and any(flags) and not all(flags)
+    assert abs(val / sum(lengths) - 0.1) < 0.05
+    # Independent of the order the documents are given in.
+    perm = np.random.default_rng().permutation(40)
+    flags_perm = data.split_documents([names[i] for i in perm], [lengths[i] for i in perm], 0.1)
+    assert {names[i] for i, f in zip(perm, flags_perm) if f} == {n for n, f in zip(names, flags) if f}
+    # Never everything into validation, nothing with fraction 0.
+    assert data.split_documents(["a", "b"], [10, 10], 0.99) in ([True, False], [False, True])
+    assert data.split_documents(["a", "b"], [10, 10], 0.0) == [False, False]
+
+
+def test_prepare_cli(tmp_path):
+    src = _write_texts(tmp_path / "src", {"a.txt": "hello world", "b.txt": "another document"})
+    assert data.main(["prepare", "--text", str(src), "--out", str(tmp_path / "out"), "--val-fraction", "0.5"]) == 0
+    assert (tmp_path / "out" / "train.bin").is_file() and (tmp_path / "out" / "val.bin").is_file()
+    assert data.main(["prepare", "--text", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_prepare_refuses_empty_source(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no documents matching"):
+        data.prepare([tmp_path / "empty"], tmp_path / "out", log=lambda s: None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading both formats
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_nanogpt_and_llmc_formats_read_the_same(tmp_path):
+    ids = np.random.default_rng().integers(0, 50257, size=1237).astype(np.uint16)
+    data.write_tokens(tmp_path / "nano.bin", ids, fmt="nanogpt")
+    data.write_tokens(tmp_path / "llmc.bin", ids, fmt="llmc")
+    assert (tmp_path / "nano.bin").stat().st_size == 2 * len(ids)
+    assert (tmp_path / "llmc.bin").stat().st_size == 1024 + 2 * len(ids)
+    # Independent decoding of the raw bytes, not through our reader.
+    assert np.array_equal(np.frombuffer((tmp_path / "nano.bin").read_bytes(), "<u2"), ids)
+    header = np.frombuffer((tmp_path / "llmc.bin").read_bytes()[:1024], "<i4")
+    assert header[:3].tolist() == [20240520, 1, len(ids)]
+    for name in ("nano.bin", "llmc.bin"):
+        tokens = data.open_tokens(tmp_path / name)
+        assert np.array_equal(np.asarray(tokens), ids)
+        data.check_tokens(tokens, name, vocab_size=50257, min_tokens=17)
+
+
+def test_llmc_version2_uint32(tmp_path):
+    ids = np.random.default_rng().integers(0, 128_256, size=300).astype(np.uint32)
+    header = np.zeros(256, "<i4")
+    header[:3] = (20240520, 2, len(ids))
+    (tmp_path / "l3.bin").write_bytes(header.tobytes() + ids.astype("<u4").tobytes())
+    tokens = data.open_tokens(tmp_path / "l3.bin")
+    assert tokens.dtype == np.uint32 and np.array_equal(np.asarray(tokens), ids)
+
+
+def test_load_split_reads_a_prepared_directory(tmp_path):
+    src = _write_texts(tmp_path / "src", {"a.txt": "one two three " * 50, "b.txt": "four five six " * 50})
+    data.prepare([src], tmp_path / "d", val_fraction=0.5, log=lambda s: None)
+    train = data.load_split(tmp_path / "d", "train", vocab_size=50257, seq_len=16)
+    assert len(train) > 17
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Corrupt files are refused with a message that names the file and the problem
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check(path, vocab_size=50257, seq_len=8):
+    tokens = data.open_tokens(path)
+    data.check_tokens(tokens, path, vocab_size=vocab_size, min_tokens=seq_len + 1)
+
+
+def test_odd_byte_count_refused(tmp_path):
+    path = tmp_path / "odd.bin"
+    path.write_bytes(np.arange(100, dtype="<u2").tobytes() + b"\x01")
+    with pytest.raises(DataError, match=re.escape(str(path)) + ".*odd byte count"):
+        _check(path)
+
+
+def test_id_out_of_vocab_refused_with_position(tmp_path, monkeypatch):
+    rng = np.random.default_rng()
+    ids = rng.integers(0, 1000, size=5000).astype(np.uint16)
+    where = int(rng.integers(1000, 5000))
+    ids[where] = 1000 + int(rng.integers(0, 50))
+    ids[where + 1 :] = np.minimum(ids[where + 1 :], 999)
+    path = tmp_path / "vocab.bin"
+    data.write_tokens(path, ids)
+    # Small chunks, so the offender sits in a later chunk and its absolute position must be right.
+    monkeypatch.setattr(data, "SCAN_CHUNK_TOKENS", 512)
+    expected = rf"vocab\.bin: token id {ids[where]} at position {where} is >= vocab_size 1000"
+    with pytest.raises(DataError, match=expected):
+        _check(path, vocab_size=1000)
+    _check(path, vocab_size=int(ids.max()) + 1)  # the same file is fine for a larger vocabulary
+    # A nanoGPT file holding a GPT-2-invalid id (>= 50257) is refused against the default vocabulary.
+    data.write_tokens(path, np.array([1, 2, 3, 65535] * 10, dtype=np.uint16))
+    with pytest.raises(DataError, match="token id 65535 at position 3"):
+        _check(path)
+
+
+def test_too_short_refused(tmp_path):
+    path = tmp_path / "short.bin"
+    data.write_tokens(path, np.arange(8, dtype=np.uint16))
+    with pytest.raises(DataError, match=r"short\.bin: 8 tokens, too short for one training window of 9"):
+        _check(path, seq_len=8)
+    _check(path, seq_len=7)
+
+
+def test_empty_and_missing_refused(tmp_path):
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        _check(tmp_path / "empty.bin")
+    with pytest.raises(DataError, match="not found"):
+        data.load_split(tmp_path, "train", vocab_size=50257, seq_len=8)
+
+
+def test_bad_llmc_headers_refused(tmp_path):
+    ids = np.arange(200, dtype=np.uint16)
+    good = tmp_path / "good.bin"
+    data.write_tokens(good, ids, fmt="llmc")
+    raw = good.read_bytes()
+
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(raw[:-10])
+    with pytest.raises(DataError, match=r"truncated\.bin: llm\.c header says 200 tokens .* holds 390 bytes"):
+        _check(truncated)
+
+    wrong_count = tmp_path / "count.bin"
+    header = np.frombuffer(raw[:1024], "<i4").copy()
+    header[2] = 500
+    wrong_count.write_bytes(header.tobytes() + raw[1024:])
+    with pytest.raises(DataError, match="header says 500 tokens"):
+        _check(wrong_count)
+
+    version = tmp_path / "version.bin"
+    header[1:3] = (7, 200)
+    version.write_bytes(header.tobytes() + raw[1024:])
+    with pytest.raises(DataError, match="version 7"):
+        _check(version)
+
+    short_header = tmp_path / "hdr.bin"
+    short_header.write_bytes(raw[:100])
+    with pytest.raises(DataError, match="shorter than the 1024-byte header"):
+        _check(short_header)
+
+
+def test_check_cli_reports(tmp_path, capsys):
+    data.write_tokens(tmp_path / "ok.bin", np.arange(50, dtype=np.uint16))
+    (tmp_path / "bad.bin").write_bytes(b"\x00\x01\x02")
+    assert data.main(["check", str(tmp_path / "ok.bin")]) == 0
+    assert data.main(["check", str(tmp_path / "bad.bin")]) == 2
+    assert "odd byte count" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo corpus
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_demo_corpus_builds_caches_and_rebuilds(tmp_path, enc):
+    # A stand-in for the stdlib directory: a few modules, and a site-packages that must be left out.
+    root = tmp_path / "lib"
+    _write_texts(root, {"a.py": "import os\nprint(os.sep)\n", "b.py": "x = 1\n" * 30})
+    _write_texts(root / "pkg", {"c.py": "def f():\n    return 2\n", "README.txt": "not python"})
+    _write_texts(root / "site-packages" / "third", {"d.py": "THIRD_PARTY = True\n"})
+    messages = []
+    out = data.ensure_demo_corpus(tmp_path / "cache", root=root, log=messages.append, val_fraction=0.3)
+    assert "building" in messages[0] and str(root) in messages[0]
+    meta = json.loads((out / "meta.json").read_text())
+    assert sorted(meta["train_documents"] + meta["val_documents"]) == ["a.py", "b.py", "pkg/c.py"]
+    both = np.concatenate([data.open_tokens(out / "train.bin"), data.open_tokens(out / "val.bin")])
+    all_text = _decode_documents(enc, both)
+    assert "THIRD_PARTY" not in "".join(all_text)
+
+    messages.clear()
+    mtime = (out / "train.bin").stat().st_mtime_ns
+    data.ensure_demo_corpus(tmp_path / "cache", root=root, log=messages.append, val_fraction=0.3)
+    assert "cached in" in messages[0] and (out / "train.bin").stat().st_mtime_ns == mtime
+
+    (root / "b.py").write_text("y = 2\n" * 31)  # the source changed: rebuilt
+    messages.clear()
+    data.ensure_demo_corpus(tmp_path / "cache", root=root, log=messages.append, val_fraction=0.3)
+    assert "building" in messages[0]
+
+
+def test_default_demo_dir_honours_cache_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTCENTER_CACHE", str(tmp_path))
+    assert data.default_demo_dir().parent == tmp_path
+    assert data.default_demo_dir().name.startswith("demo-py3.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _token_stream(n):
+    return np.random.default_rng().integers(0, 50257, size=n).astype(np.uint16)
+
+
+def test_windows_are_slices_of_the_file():
+    tokens = _token_stream(1000)
+    seed = int(np.random.default_rng().integers(0, 2**31))
+    sampler = data.WindowSampler(tokens, seq_len=24, batch_size=5, grad_accum_steps=3, seed=seed)
+    positions = sampler.global_positions(0)
+    micro = sampler.next_step()
+    assert len(micro) == 3 and all(w.shape == (5, 25) and w.dtype == np.int64 for w in micro)
+    for batch, starts in zip(micro, positions):
+        for window, start in zip(batch, starts):
+            assert 0 <= start <= 1000 - 25
+            assert np.array_equal(window, tokens[start : start + 25])
+    x, y = data.to_inputs_targets(micro[0], "cpu")
+    assert x.shape == y.shape == (5, 24) and (x[:, 1:] == y[:, :-1]).all()
+
+
+def test_windows_reach_both_ends():
+    tokens = _token_stream(40)  # 40 - 33 + 1 = 8 possible starts
+    sampler = data.WindowSampler(tokens, seq_len=32, batch_size=64, grad_accum_steps=1, seed=0)
+    starts = set(sampler.global_positions(0).ravel().tolist())
+    assert starts == set(range(8))
+
+
+def test_sampler_state_restores_the_stream():
+    tokens = _token_stream(5000)
+    seed = int(np.random.default_rng().integers(0, 2**31))
+    kwargs = dict(seq_len=16, batch_size=4, grad_accum_steps=2, seed=seed)
+    reference = data.WindowSampler(tokens, **kwargs)
+    stream = [reference.next_step() for _ in range(10)]
+
+    first = data.WindowSampler(tokens, **kwargs)
+    for _ in range(6):
+        first.next_step()
+    state = json.loads(json.dumps(first.state_dict()))  # survives serialisation
+    resumed = data.WindowSampler(tokens, **kwargs)
+    resumed.load_state_dict(state)
+    for expected in stream[6:]:
+        for a, b in zip(resumed.next_step(), expected):
+            assert np.array_equal(a, b)
+    # Different steps and different seeds draw different windows.
+    assert not np.array_equal(stream[0][0], stream[1][0])
+    other = data.WindowSampler(tokens, **{**kwargs, "seed": seed + 1})
+    assert not np.array_equal(other.next_step()[0], stream[0][0])
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+
+
+def test_ranks_split_the_global_batch():
+    tokens = _token_stream(3000)
+    seed = int(np.random.default_rng().integers(0, 2**31))
+    single = data.WindowSampler(tokens, seq_len=8, batch_size=3, grad_accum_steps=4, seed=seed)
+    ranks = [
+        data.WindowSampler(tokens, seq_len=8, batch_size=3, grad_accum_steps=4, seed=seed, rank=r, world_size=2)
+        for r in range(2)
+    ]
+    for _ in range(3):
+        expected = single.next_step()
+        together = ranks[0].next_step() + ranks[1].next_step()
+        assert len(together) == 4
+        for a, b in zip(together, expected):
+            assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="divisible"):
+        data.WindowSampler(tokens, seq_len=8, batch_size=3, grad_accum_steps=3, seed=0, rank=0, world_size=2)
+
+
+def test_validation_windows_are_fixed_and_spread():
+    n, seq_len, count = int(np.random.default_rng().integers(500, 5000)), 32, 12
+    positions = data.validation_positions(n, seq_len, count)
+    assert np.array_equal(positions, data.validation_positions(n, seq_len, count))  # no randomness at all
+    assert positions[0] == 0 and positions[-1] == n - seq_len - 1
+    gaps = np.diff(positions)
+    assert (gaps > 0).all() and gaps.max() - gaps.min() <= 1
+    assert math.isclose(gaps.mean(), (n - seq_len - 1) / (count - 1), rel_tol=0.01)
+    with pytest.raises(DataError, match="too few"):
+        data.validation_positions(seq_len, seq_len, 1)

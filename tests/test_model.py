@@ -1,0 +1,538 @@
+"""The reference model: size, fused == eager, loss == logits, causality and batch independence of every centering
+placement and mode, the attention facts behind the placements, sampling and the sample CLI.
+
+Small configs (dim 32-48, 2 layers, odd vocabularies, ragged T) keep the interpreted kernels affordable on CPU.
+"""
+
+import copy
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE, ON_GPU, SHARED
+from fastcenter import reference
+from fastcenter.model import GPT, PLACEMENTS, GPTConfig, parse_placements
+from fastcenter.nn import CENTERING_MODES, VectorCentering
+
+
+def small_config(**overrides) -> GPTConfig:
+    fields = dict(vocab_size=97, dim=48, n_layers=2, n_heads=2, max_seq_len=33)
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+def tokens(config: GPTConfig, B: int, T: int) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (B, T), device=DEVICE)
+
+
+def randomize_centering(model: GPT, scale: float = 0.02) -> None:
+    """Give every centering module non-trivial statistics (and learnable centres), as after some training."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, VectorCentering):
+                m.running_mean.normal_(0.0, scale)
+                m.num_updates.fill_(7)
+                if m.center is not None:
+                    m.center.normal_(0.0, scale)
+
+
+def train_a_few_steps(model: GPT, steps: int = 3, B: int = 4, T: int = 16) -> None:
+    """A few real optimizer steps in training mode: running means and learnable centres become non-zero."""
+    model.train()
+    opt = torch.optim.AdamW(model.optim_groups(0.1), lr=1e-2)
+    for _ in range(steps):
+        idx = tokens(model.config, B, T + 1)
+        loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config and size
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_seed_model_has_exactly_17062400_parameters():
+    config = GPTConfig()
+    model = GPT(config)
+    assert model.num_params() == 17_062_400
+    # Counted independently: every unique tensor once (the embedding is the output head: no second matrix).
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    assert sum(unique.values()) == 17_062_400
+    assert not any(p is model.tok_emb.weight for n, p in model.named_parameters() if not n.startswith("tok_emb"))
+    assert model.num_params(non_embedding=True) == 17_062_400 - 50257 * 256
+    # Training FLOPs per token: 6 x (every weight of a matmul, the head once) + the attention term.
+    matmul_weights = 17_062_400 - (2 * 4 + 1) * 256  # all but the norm gains
+    assert model.flops_per_token(512) == 6 * matmul_weights + 12 * 4 * 256 * 512
+
+
+def test_config_validation_and_json_round_trip():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(dim=250, n_heads=4)
+    with pytest.raises(ValueError, match="even"):
+        GPTConfig(dim=36, n_heads=4)  # head dim 9
+    with pytest.raises(ValueError, match="placement"):
+        GPTConfig(center=("qk", "keys"))
+    with pytest.raises(ValueError, match="centering_mode"):
+        GPTConfig(centering_mode="batchnorm")
+    with pytest.raises(ValueError, match="n_layers"):
+        GPTConfig(n_layers=0)
+    assert GPTConfig(center="v,qk").center == ("qk", "v")
+    assert GPTConfig(center=["residual", "mlp", "mlp"]).center == ("mlp", "residual")
+    assert GPTConfig(center="qk+v").center == parse_placements(("v", "qk"))
+    assert GPTConfig(center="all").center == tuple(sorted(PLACEMENTS))
+    assert GPTConfig(center="").center == ()
+    config = GPTConfig(dim=64, center="residual,embeddings", centering_mode="causal", fused=True)
+    restored = GPTConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert restored == config
+    with pytest.raises(ValueError, match="unknown"):
+        GPTConfig.from_dict({**config.to_dict(), "lr": 1e-3})
+    assert GPTConfig.from_dict({**config.to_dict(), "lr": 1e-3}, strict=False) == config
+
+
+def test_bad_inputs_raise_clear_errors():
+    config = small_config(max_seq_len=8)
+    model = GPT(config).to(DEVICE)
+    idx = tokens(config, 2, 8)
+    with pytest.raises(TypeError, match="idx"):
+        model(idx.float())
+    with pytest.raises(TypeError, match="idx"):
+        model(idx.int())
+    with pytest.raises(ValueError, match="idx"):
+        model(idx[0])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(tokens(config, 2, 9))
+    with pytest.raises(ValueError, match="targets"):
+        model(idx, idx[:, :-1])
+    with pytest.raises(TypeError, match="config"):
+        GPT(config.to_dict())
+
+
+def test_optim_groups_decay_matrices_only():
+    model = GPT(small_config(center="all", centering_mode="learnable"))
+    decay, no_decay = model.optim_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decayed = {id(p) for p in decay["params"]}
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert id(model.tok_emb.weight) in decayed and len(decay["params"]) == len(decayed)  # the tied matrix, once
+    centres = [m.center for m in model.modules() if isinstance(m, VectorCentering)]
+    assert len(centres) == 2 * 5 + 1 and not any(id(c) in decayed for c in centres)  # q k v res mlp, emb
+    grouped = decay["params"] + no_decay["params"]
+    assert len({id(p) for p in grouped}) == len(grouped) == len(list(model.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused path == eager path, and loss == cross-entropy of the logits
+# ---------------------------------------------------------------------------------------------------------------
+
+
+# Fused vs eager in float32. Interpreted kernels (CPU) do float32 math: accumulation-order noise only. On a GPU
+# the loss kernel may run its float32 matmuls in TF32 (10-bit mantissa), so agreement is looser there.
+PATH_TOL = dict(rtol=2e-3, atol=2e-3) if ON_GPU else dict(rtol=1e-5, atol=1e-5)
+GRAD_RTOL = 2e-2 if ON_GPU else 1e-4
+
+
+@pytest.mark.parametrize(
+    "center,mode",
+    [
+        ((), "adaptive"),
+        (("embeddings",), "simple"),
+        (("qk", "v"), "causal"),
+        (("qk", "v"), "learnable"),
+        (("residual",), "causal"),
+        (("residual",), "simple"),
+        (("mlp",), "momentum"),
+        (("embeddings", "mlp", "residual"), "learnable"),
+    ],
+)
+def test_fused_and_eager_paths_agree(center, mode):
+    eager = GPT(small_config(center=center, centering_mode=mode, fused=False)).to(DEVICE)
+    randomize_centering(eager)
+    fused = GPT(small_config(center=center, centering_mode=mode, fused=True)).to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    idx, targets = tokens(eager.config, 3, 11), tokens(eager.config, 3, 11)
+
+    losses = {}
+    for name, model in (("eager", eager), ("fused", fused)):
+        model.train()
+        losses[name] = model(idx, targets)
+        losses[name].backward()
+    assert losses["fused"].dtype == losses["eager"].dtype == torch.float32
+    torch.testing.assert_close(losses["fused"], losses["eager"], **PATH_TOL)
+    eager_params = dict(eager.named_parameters())
+    for name, p in fused.named_parameters():
+        expected = eager_params[name].grad
+        assert p.grad is not None and expected is not None, name
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(p.grad, expected, rtol=GRAD_RTOL, atol=GRAD_RTOL * 0.1 * scale + 1e-9, msg=name)
+    # The centering statistics were updated identically in training mode.
+    eager_buffers = dict(eager.named_buffers())
+    for name, b in fused.named_buffers():
+        torch.testing.assert_close(b, eager_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 autocast of the fused path needs the compiled kernels (GPU)")
+def test_fused_and_eager_paths_agree_under_bf16_autocast():
+    eager = GPT(small_config(center="all", centering_mode="causal", dim=64, vocab_size=1000)).to(DEVICE)
+    randomize_centering(eager)
+    fused = GPT(small_config(center="all", centering_mode="causal", dim=64, vocab_size=1000, fused=True)).to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    idx, targets = tokens(eager.config, 4, 33), tokens(eager.config, 4, 33)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_e, loss_f = eager(idx, targets), fused(idx, targets)
+    loss_e.backward()
+    loss_f.backward()
+    assert loss_f.dtype == torch.float32
+    torch.testing.assert_close(loss_f, loss_e, rtol=2e-2, atol=2e-2)
+    grads_e = dict(eager.named_parameters())
+    for name, p in fused.named_parameters():
+        g, ge = p.grad.float(), grads_e[name].grad.float()
+        cosine = F.cosine_similarity(g.flatten(), ge.flatten(), dim=0)
+        assert cosine > 0.99, (name, cosine.item())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_loss_equals_cross_entropy_of_logits(fused):
+    model = GPT(small_config(vocab_size=211, center="residual,v", centering_mode="adaptive", fused=fused)).to(DEVICE)
+    randomize_centering(model)
+    model.eval()
+    idx, targets = tokens(model.config, 2, 17), tokens(model.config, 2, 17)
+    logits = model(idx)
+    assert logits.shape == (2, 17, 211)
+    loss = model(idx, targets)
+    expected = F.cross_entropy(logits.double().view(-1, 211), targets.view(-1))
+    torch.testing.assert_close(loss.double(), expected, **PATH_TOL)
+
+
+def test_training_reduces_loss_on_a_fixed_batch():
+    """The model learns: a few steps on one batch must lower its loss (catches detached or mis-tied weights)."""
+    model = GPT(small_config(center="all", centering_mode="adaptive")).to(DEVICE)
+    idx = tokens(model.config, 4, 17)
+    opt = torch.optim.AdamW(model.optim_groups(0.0), lr=3e-3)
+    first = None
+    for _ in range(15):
+        loss = model(idx[:, :-1], idx[:, 1:])
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 0.3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No leaks: causality and batch independence
+# ---------------------------------------------------------------------------------------------------------------
+
+LEAK_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def leak_probe(model: GPT, idx: torch.Tensor, t: int):
+    """Logits for idx, for idx with tokens after position t of sequence 0 changed, and for idx with sequence 1
+    changed. With training-mode models, each forward starts from the same state (buffers update per forward)."""
+    V = model.config.vocab_size
+    future = idx.clone()
+    future[0, t + 1 :] = (future[0, t + 1 :] + 1 + torch.randint_like(future[0, t + 1 :], V - 1)) % V
+    other = idx.clone()
+    other[1] = (other[1] + 1 + torch.randint_like(other[1], V - 1)) % V
+    state = copy.deepcopy(model.state_dict())
+    outs = []
+    for x in (idx, future, other):
+        model.load_state_dict(state)
+        with torch.no_grad():
+            outs.append(model(x).float())
+    return outs
+
+
+@pytest.mark.parametrize("mode", CENTERING_MODES)
+@pytest.mark.parametrize("placement", PLACEMENTS + ("all",))
+def test_eval_mode_never_leaks_future_tokens_or_other_sequences(placement, mode):
+    model = GPT(small_config(dim=32, center=placement, centering_mode=mode)).to(DEVICE)
+    train_a_few_steps(model)
+    if mode != "learnable":
+        assert all(m.running_mean.abs().sum() > 0 for m in model.modules() if isinstance(m, VectorCentering))
+    model.eval()
+    idx, t = tokens(model.config, 3, 12), 5
+    base, future, other = leak_probe(model, idx, t)
+    torch.testing.assert_close(future[0, : t + 1], base[0, : t + 1], **LEAK_TOL)
+    assert not torch.allclose(future[0, t + 1 :], base[0, t + 1 :])  # the probe did change something
+    torch.testing.assert_close(other[[0, 2]], base[[0, 2]], **LEAK_TOL)
+
+
+@pytest.mark.parametrize("mode", ["simple", "causal"])
+def test_fused_path_in_eval_mode_never_leaks(mode):
+    model = GPT(small_config(dim=32, center="all", centering_mode=mode, fused=True)).to(DEVICE)
+    train_a_few_steps(model, steps=2)
+    model.eval()
+    idx, t = tokens(model.config, 3, 12), 6
+    base, future, other = leak_probe(model, idx, t)
+    torch.testing.assert_close(future[0, : t + 1], base[0, : t + 1], **LEAK_TOL)
+    torch.testing.assert_close(other[[0, 2]], base[[0, 2]], **LEAK_TOL)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "learnable", "causal"])
+def test_training_mode_is_causal_and_batch_independent_for_non_leaking_modes(mode):
+    model = GPT(small_config(dim=32, center="all", centering_mode=mode)).to(DEVICE)
+    train_a_few_steps(model)
+    model.train()
+    idx, t = tokens(model.config, 3, 12), 4
+    base, future, other = leak_probe(model, idx, t)
+    torch.testing.assert_close(future[0, : t + 1], base[0, : t + 1], **LEAK_TOL)
+    torch.testing.assert_close(other[[0, 2]], base[[0, 2]], **LEAK_TOL)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_training_mode_simple_centering_does_leak(placement):
+    """The positive control: batch-mean centering in training mode mixes sequences and positions."""
+    model = GPT(small_config(dim=32, center=placement, centering_mode="simple")).to(DEVICE)
+    train_a_few_steps(model)
+    model.train()
+    idx, t = tokens(model.config, 3, 12), 5
+    base, future, other = leak_probe(model, idx, t)
+    assert not torch.allclose(other[[0, 2]], base[[0, 2]], **LEAK_TOL)
+    assert not torch.allclose(future[0, : t + 1], base[0, : t + 1], **LEAK_TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The attention facts behind the qk / v placements, at the model level
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_shifting_keys_after_rope_changes_nothing_but_before_rope_it_does(monkeypatch):
+    config = small_config(dim=48, n_heads=3, vocab_size=101)
+    model = GPT(config).to(DEVICE).eval()
+    idx = tokens(config, 2, 13)
+    with torch.no_grad():
+        base = model(idx)
+    # A large shift, the same vector for every key (per head: one vector per head and feature).
+    shift = torch.randn(config.n_heads, config.head_dim, device=DEVICE)
+    rope = reference.rope
+
+    def shift_after(q, k, cos, sin, **kw):
+        q, k = rope(q, k, cos, sin, **kw)
+        return q, k - shift
+
+    def shift_before(q, k, cos, sin, **kw):
+        return rope(q, k - shift, cos, sin, **kw)
+
+    monkeypatch.setattr(reference, "rope", shift_after)
+    with torch.no_grad():
+        after = model(idx)
+    monkeypatch.setattr(reference, "rope", shift_before)
+    with torch.no_grad():
+        before = model(idx)
+    torch.testing.assert_close(after, base, rtol=1e-4, atol=1e-5)
+    # Before RoPE the shift is rotated differently at each position: attention (hence the logits) changes.
+    # Position 0 attends only to itself, so its output is unchanged either way; later positions must move.
+    assert (before[:, 1:] - base[:, 1:]).abs().max() > 1e-3
+
+
+def test_value_centering_shifts_every_attention_output_by_the_centre():
+    config = small_config(dim=48, n_heads=3, vocab_size=101)
+    plain = GPT(config).to(DEVICE).eval()
+    centred = GPT(small_config(dim=48, n_heads=3, vocab_size=101, center="v", centering_mode="learnable"))
+    centred = centred.to(DEVICE).eval()
+    centred.load_state_dict(plain.state_dict(), strict=False)  # same weights; the centres are extra
+    block = centred.blocks[0].attn
+    with torch.no_grad():
+        block.v_center.center.normal_(0.0, 1.0)  # one vector per head and feature, constant over positions
+    captured = {}
+
+    def capture(name):
+        return lambda module, args: captured.__setitem__(name, args[0].detach().clone())
+
+    plain.blocks[0].attn.proj.register_forward_pre_hook(capture("plain"))
+    block.proj.register_forward_pre_hook(capture("centred"))
+    idx = tokens(config, 2, 13)
+    with torch.no_grad():
+        plain(idx)
+        centred(idx)
+    # Attention weights sum to one, so subtracting c from every value subtracts c from every output.
+    expected = captured["plain"] - block.v_center.center
+    torch.testing.assert_close(captured["centred"], expected, rtol=1e-5, atol=1e-5)
+    assert (captured["centred"] - captured["plain"]).abs().max() > 0.1
+
+
+def test_qk_centering_happens_before_rope(monkeypatch):
+    """With learnable centres c_q, c_k the model equals the plain model whose RoPE input is (q - c_q, k - c_k)."""
+    config = small_config(dim=48, n_heads=3, vocab_size=101)
+    plain = GPT(config).to(DEVICE).eval()
+    centred = GPT(small_config(dim=48, n_heads=3, vocab_size=101, center="qk", centering_mode="learnable"))
+    centred = centred.to(DEVICE).eval()
+    centred.load_state_dict(plain.state_dict(), strict=False)
+    randomize_centering(centred, scale=1.0)
+    centres = iter([(b.attn.q_center.center, b.attn.k_center.center) for b in centred.blocks])
+    idx = tokens(config, 2, 13)
+    with torch.no_grad():
+        expected_logits = centred(idx)
+    rope = reference.rope
+
+    def centre_then_rotate(q, k, cos, sin, **kw):
+        c_q, c_k = next(centres)
+        return rope(q - c_q.view(q.shape[-2:]), k - c_k.view(k.shape[-2:]), cos, sin, **kw)
+
+    monkeypatch.setattr(reference, "rope", centre_then_rotate)
+    with torch.no_grad():
+        logits = plain(idx)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_simple_centering_zeroes_the_batch_mean_exactly_where_placed(placement, monkeypatch):
+    """In training mode `simple` subtracts the batch mean, so what reaches the next op has mean 0 over (B, T):
+    the stream entering the first block (embeddings) or every later norm (residual, the final norm included),
+    the RoPE inputs (qk), the attention values (v), the down projection's input (mlp)."""
+    config = small_config(dim=32, n_layers=3, center=placement, centering_mode="simple")
+    model = GPT(config).to(DEVICE).train()
+    seen = []
+    norm, rope, sdpa = reference.center_rms_norm, reference.rope, F.scaled_dot_product_attention
+
+    def record_norm(x, weight, *, center=None, residual=None, eps=1e-6):
+        normed, hidden = norm(x, weight, center=center, residual=residual, eps=eps)
+        if center is not None:
+            seen.append(hidden.flatten(0, -2))
+        return normed, hidden
+
+    def record_rope(q, k, cos, sin, **kw):
+        if placement == "qk":
+            seen.extend((q.flatten(0, 1).flatten(1), k.flatten(0, 1).flatten(1)))
+        return rope(q, k, cos, sin, **kw)
+
+    def record_sdpa(q, k, v, **kw):
+        if placement == "v":
+            seen.append(v.transpose(1, 2).flatten(0, 1).flatten(1))  # [B, H, T, Dh] -> [B*T, H*Dh]
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(reference, "center_rms_norm", record_norm)
+    monkeypatch.setattr(reference, "rope", record_rope)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record_sdpa)
+    if placement == "mlp":
+        for block in model.blocks:
+            block.mlp.down.register_forward_pre_hook(lambda m, args: seen.append(args[0].flatten(0, -2)))
+    model(tokens(config, 3, 10), tokens(config, 3, 10))
+    expected_count = {"embeddings": 1, "qk": 2 * 3, "v": 3, "residual": 3, "mlp": 3}[placement]
+    assert len(seen) == expected_count
+    for x in seen:
+        mean, typical = x.float().mean(0), x.float().abs().mean()
+        assert mean.abs().max() < 1e-5 * typical + 1e-7, (placement, mean.abs().max().item(), typical.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile, generation and the sample CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiles_with_fullgraph(fused):
+    torch._dynamo.reset()
+    model = GPT(small_config(dim=32, center="residual,qk", centering_mode="causal", fused=fused)).to(DEVICE)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    idx, targets = tokens(model.config, 2, 9), tokens(model.config, 2, 9)
+    loss = compiled(idx, targets)
+    loss.backward()
+    expected = eager(idx, targets)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    grads = dict(eager.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_generate_shapes_ids_cropping_and_greedy():
+    config = small_config(max_seq_len=16, center="all", centering_mode="causal")
+    model = GPT(config).to(DEVICE)
+    train_a_few_steps(model, T=15)
+    model.train()
+    idx = tokens(config, 2, 10)
+    out = model.generate(idx, 20, temperature=0.9, top_k=5)  # 30 > max_seq_len: the context is cropped
+    assert out.shape == (2, 30) and out.dtype == torch.long
+    assert torch.equal(out[:, :10], idx)
+    assert ((out >= 0) & (out < config.vocab_size)).all()
+    assert model.training  # mode restored
+    greedy = model.generate(idx, 1, temperature=0.0)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(greedy[:, -1], model(idx)[:, -1].argmax(-1))
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(idx, 1, top_k=0)
+
+
+def _write_train_style_checkpoint(path, model: GPT) -> None:
+    """A checkpoint in train.py's format (fastcenter.train/1), holding what sample.py reads plus some of the rest."""
+    state = {
+        "format": "fastcenter.train/1",
+        "model": model.state_dict(),
+        "optimizer": {},
+        "step": 3,
+        "config": {"model": model.config.to_dict(), "train": {"seq_len": 8, "lr": 1e-3}},
+        "val_loss": None,
+    }
+    torch.save(state, path)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    # GPT-2's full vocabulary (the prompt's ids must exist), everything else tiny.
+    config = GPTConfig(dim=16, n_layers=1, n_heads=2, max_seq_len=32, center="residual", centering_mode="adaptive")
+    model = GPT(config)
+    train_a_few_steps(model.to(DEVICE), steps=1, B=2, T=8)
+    path = tmp_path / "ckpt.pt"
+    _write_train_style_checkpoint(path, model.cpu())
+    return path, model
+
+
+def test_sample_loads_checkpoint_and_is_reproducible(tiny_checkpoint, capsys):
+    from fastcenter import sample
+
+    path, model = tiny_checkpoint
+    loaded = sample.load_model(str(path), "cpu")
+    assert loaded.config == model.config and not loaded.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    args = ["--ckpt", str(path), "--prompt", "To be, or not", "--max-new-tokens", "6", "--seed", "3", "--device", "cpu"]
+    assert sample.main(args) == 0
+    first = capsys.readouterr().out
+    assert sample.main(args) == 0
+    assert capsys.readouterr().out == first
+    assert first.startswith("To be, or not") and len(first) > len("To be, or not")
+    torch.save({"model": model.state_dict()}, path.parent / "no_config.pt")
+    assert sample.main(["--ckpt", str(path.parent / "no_config.pt"), "--device", "cpu"]) != 0
+    assert "config" in capsys.readouterr().err
+
+
+def test_sample_cli_on_a_checkpoint_from_train_py(tmp_path):
+    """End to end: train.py trains two steps and checkpoints; `python -m fastcenter.sample` continues a prompt."""
+    train_py = pathlib.Path(__file__).resolve().parents[1] / "train.py"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for split, n in (("train", 3000), ("val", 1000)):
+        torch.randint(0, 50257, (n,), dtype=torch.int32).numpy().astype("<u2").tofile(data_dir / f"{split}.bin")
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken_cache"), "FASTCENTER_BACKEND": "reference"}
+    trained = subprocess.run(
+        [sys.executable, str(train_py), "--data", str(data_dir), "--out-dir", str(tmp_path / "run"), "--device", "cpu",
+         "--max-iters", "2", "--batch-size", "2", "--grad-accum-steps", "1", "--seq-len", "16", "--max-seq-len", "16",
+         "--dim", "16", "--n-layers", "1", "--n-heads", "2", "--eval-iters", "1", "--eval-interval", "2",
+         "--warmup-iters", "1", "--center", "residual,v", "--centering-mode", "causal"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    sampled = subprocess.run(
+        [sys.executable, "-m", "fastcenter.sample", "--ckpt", str(ckpt), "--prompt", "Hello",
+         "--max-new-tokens", "4", "--top-k", "10", "--device", "cpu"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.startswith("Hello") and len(sampled.stdout.strip()) > len("Hello")
+    missing = subprocess.run(
+        [sys.executable, "-m", "fastcenter.sample", "--ckpt", str(tmp_path / "missing.pt"), "--prompt", "x"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert missing.returncode != 0 and "error" in missing.stderr
