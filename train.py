@@ -49,7 +49,6 @@ import pathlib
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 import typing
@@ -226,7 +225,7 @@ def resolve_configs(argv) -> tuple[TrainConfig, GPTConfig, dict | None, list[str
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Small pieces: schedule, MFU, memory, RNG state, atomic save, signals
+# Small pieces: schedule, MFU, memory, RNG state, signals
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -294,26 +293,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_atomically(obj, path: pathlib.Path) -> None:
-    """torch.save to a temp file beside `path`, fsync, rename over it: a crash leaves the old file whole."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class StopSignal:
@@ -467,10 +446,8 @@ class RunLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.out_dir / "loss.tmp.png"
-        fig.savefig(tmp, dpi=110)
+        data.atomic_write(self.out_dir / "loss.png", lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
-        os.replace(tmp, self.out_dir / "loss.png")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -678,7 +655,7 @@ def run_training(cfg: TrainConfig, model_cfg: GPTConfig, ckpt, notes, dist: Dist
             "sampler": sampler.state_dict(),
             "val_loss": val_loss,
         }
-        save_atomically(state, out_dir / "ckpt.pt")
+        data.atomic_write(out_dir / "ckpt.pt", lambda f: torch.save(state, f))
 
     # The first step whose loss was not finite, or -1. It lives on the device and is read only at log and
     # checkpoint steps, so the loop never waits for the GPU in between, and nothing bad is ever saved.

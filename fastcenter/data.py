@@ -38,7 +38,7 @@ import pathlib
 import sys
 import sysconfig
 import tempfile
-from typing import Callable, Iterable, Sequence
+from typing import BinaryIO, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -180,23 +180,36 @@ def write_tokens(path, ids, *, fmt: str = "nanogpt") -> None:
         header[:3] = (LLMC_MAGIC, 1, ids.size)
         parts.append(header.tobytes())
     parts.append(ids.astype("<u2").tobytes())
-    _atomic_write_bytes(pathlib.Path(path), b"".join(parts))
+    atomic_write(path, lambda f: f.write(b"".join(parts)))
 
 
-def _atomic_write_bytes(path: pathlib.Path, payload: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, rename: a crash never leaves a half-written file."""
+def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
+    """Create or replace the file `path` through `write(f)` on a binary file object, atomically.
+
+    The bytes go to a temp file beside `path`, are fsynced and renamed over it, and the rename is made durable:
+    a crash leaves either the old file whole or the new one, never a half-written one. Used for token files,
+    checkpoints, reports and plots alike.
+    """
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary outputs
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: fsync the directory so the rename itself survives a crash
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,7 +355,7 @@ def prepare(
         "train_documents": train_names,
         "val_documents": val_names,
     }
-    _atomic_write_bytes(out_dir / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(out_dir / "meta.json", lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
     log(
         f"wrote {out_dir}/train.bin ({len(train_ids):,} tokens, {len(train_names)} documents) and "
         f"val.bin ({len(val_ids):,} tokens, {len(val_names)} documents)"
@@ -404,7 +417,7 @@ def ensure_demo_corpus(
     )
     meta = prepare([root], cache_dir, val_fraction=val_fraction, pattern="*.py", skip_dirs=DEMO_SKIP_DIRS, log=log)
     meta["fingerprint"] = fingerprint
-    _atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(meta_path, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
     return cache_dir
 
 
