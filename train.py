@@ -59,7 +59,7 @@ import torch
 
 from fastcenter import data
 from fastcenter.data import DataError
-from fastcenter.model import GPT, GPTConfig
+from fastcenter.model import GPT, GPTConfig, warmup_cosine_lr
 from fastcenter.nn import CENTERING_MODES
 
 CHECKPOINT_FORMAT = "fastcenter.train/1"
@@ -230,15 +230,11 @@ def resolve_configs(argv) -> tuple[TrainConfig, GPTConfig, dict | None, list[str
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of the update with 0-based index `step`: linear warmup, then cosine to lr * min_lr_ratio."""
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    decay_end = cfg.lr_decay_iters or cfg.max_iters
-    if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / cfg.warmup_iters
-    if step >= decay_end:
-        return min_lr
-    progress = (step - cfg.warmup_iters) / max(1, decay_end - cfg.warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at lr_decay_iters (or max_iters)."""
+    return warmup_cosine_lr(
+        step, lr=cfg.lr, warmup_iters=cfg.warmup_iters, decay_iters=cfg.lr_decay_iters or cfg.max_iters,
+        min_lr=cfg.lr * cfg.min_lr_ratio,
+    )
 
 
 # Peak dense bf16 tensor-core FLOP/s of one GPU, for MFU. The first substring found in the device name wins;

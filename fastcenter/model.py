@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from . import ops, reference
 from .nn import CENTERING_MODES, RMSNorm, VectorCentering
 
-__all__ = ["PLACEMENTS", "GPTConfig", "GPT", "parse_placements"]
+__all__ = ["PLACEMENTS", "GPTConfig", "GPT", "parse_placements", "warmup_cosine_lr"]
 
 PLACEMENTS = ("embeddings", "qk", "v", "residual", "mlp")
 
@@ -400,3 +400,14 @@ class GPT(nn.Module):
         return torch.optim.AdamW(
             self.optim_groups(weight_decay), lr=lr, betas=tuple(betas), fused=(device_type == "cuda")
         )
+
+
+def warmup_cosine_lr(step: int, *, lr: float, warmup_iters: int, decay_iters: int, min_lr: float) -> float:
+    """Learning rate of the update with 0-based index `step`: linear warmup over `warmup_iters`, then a cosine
+    from `lr` down to `min_lr` at `decay_iters`, flat after. The schedule `train.py` and the study share."""
+    if step < warmup_iters:
+        return lr * (step + 1) / warmup_iters
+    if step >= decay_iters:
+        return min_lr
+    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)

@@ -28,6 +28,15 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one thread is as fast, and immune to other processes competing for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Fresh random data in every run, but reproducible from the seed printed on failure."""

@@ -51,13 +51,7 @@ def shakespeare(tmp_path_factory):
     return out
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is as fast, and immune to other processes competing for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_args(data_dir, out_dir, **overrides) -> list[str]:
