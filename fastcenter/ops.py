@@ -95,8 +95,16 @@ def _check_same_device(**tensors: Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {where}")
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # bool is an int subclass, never a valid size
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_eps(eps) -> None:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+    if not _is_real(eps) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
@@ -301,11 +309,11 @@ def center_rms_norm(
 
 def rope_cache(seq_len: int, head_dim: int, base: float = 10000.0, device=None) -> tuple[Tensor, Tensor]:
     """cos, sin tables [seq_len, head_dim // 2] in float32 for `rope`."""
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+    if not _is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 2 or head_dim % 2:
+    if not _is_int(head_dim) or head_dim < 2 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
-    if not isinstance(base, (int, float)) or isinstance(base, bool) or not base > 1:
+    if not _is_real(base) or not base > 1:
         raise ValueError(f"base must be a float > 1, got {base!r}")
     return reference.rope_cache(seq_len, head_dim, float(base), device)
 
@@ -480,10 +488,6 @@ def swiglu(gate: Tensor, up: Tensor | None = None) -> Tensor:
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _check_cross_entropy_options(weight, reduction, ignore_index, label_smoothing, z_loss, softcap) -> None:
     if weight is not None:
         raise NotImplementedError(
@@ -491,7 +495,7 @@ def _check_cross_entropy_options(weight, reduction, ignore_index, label_smoothin
         )
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if not _is_int(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if not (_is_real(label_smoothing) and 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
@@ -810,7 +814,7 @@ def linear_cross_entropy(
             raise ValueError(f"linear_bias must have shape ({vocab},), got {tuple(linear_bias.shape)}")
     _check_target(target, input.shape[:-1], "input's leading dims")
     _check_cross_entropy_options(weight, reduction, ignore_index, label_smoothing, z_loss, softcap)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
     _check_same_device(input=input, linear_weight=linear_weight, linear_bias=linear_bias, target=target)
     _check_target_values(target, vocab, ignore_index)

@@ -21,10 +21,13 @@ def _module(mode, **kw):
     return VectorCentering(D, mode, **kw).to(DEVICE)
 
 
-def _expected_running_means(batch_means, momentum):
-    """running_mean after each update, alpha_k = max(1/k, momentum), computed independently in float64."""
-    rm, out = torch.zeros(D, dtype=torch.float64, device=DEVICE), []
-    for k, m in enumerate(batch_means, start=1):
+def _expected_running_means(batch_means, momentum, rm=None, first_k=1):
+    """running_mean after each update, alpha_k = max(1/k, momentum), computed independently in float64.
+
+    `rm` is the value before update number `first_k` (zeros before the first)."""
+    rm = torch.zeros(D, dtype=torch.float64, device=DEVICE) if rm is None else rm
+    out = []
+    for k, m in enumerate(batch_means, start=first_k):
         alpha = max(1.0 / k, momentum)
         rm = (1 - alpha) * rm + alpha * m
         out.append(rm)
@@ -75,11 +78,9 @@ def test_simple_mode():
 
 
 def _expected_running_means_after(rm, batches, vc):
-    k0 = int(vc.num_updates) - len(batches)
-    for k, xb in enumerate(batches, start=k0 + 1):
-        alpha = max(1.0 / k, vc.momentum)
-        rm = (1 - alpha) * rm + alpha * xb.mean((0, 1))
-    return rm
+    """The running mean after `vc` took `batches` (its last updates), starting from `rm`."""
+    first_k = int(vc.num_updates) - len(batches) + 1
+    return _expected_running_means([xb.mean((0, 1)) for xb in batches], vc.momentum, rm, first_k)[-1]
 
 
 def test_adaptive_mode_uses_the_stale_running_mean_and_passes_gradients_unchanged():
