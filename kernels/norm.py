@@ -15,7 +15,7 @@ Backward, with n = h * rstd, g = dy * w and an incoming gradient dh_out of the s
 The backward runs on a grid of a few programs per SM; each walks its own slab of rows and keeps float32
 partial sums of dw (and dc_vec) in registers, written once as a [programs, D] tile and summed by torch:
 the "small reduction" after the single pass. A row is held whole in registers, so D is limited by
-`fastcenter.ops.MAX_FUSED_NORM_DIM`; D need not be a power of two (lanes beyond D are masked).
+`fastcenter.ops.norm.MAX_FUSED_NORM_DIM`; D need not be a power of two (lanes beyond D are masked).
 """
 
 from __future__ import annotations

@@ -241,10 +241,17 @@ def test_dispatch_rules(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv("FASTCENTER_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert ops.backend(cpu) == "reference"  # a CPU tensor and no interpreter: the kernels cannot run
+    assert ops.backend(cpu) == "cpu"  # a CPU tensor and no interpreter: the kernels cannot run
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert ops.backend(cpu) == "triton"
     assert ops.backend(None, cpu) == "triton"
+    with ops.using("reference"):
+        assert ops.backend(cpu) == "reference"
+        with ops.using(None):  # an inner scope that forces nothing keeps the outer choice
+            assert ops.backend(cpu) == "reference"
+    assert ops.backend(cpu) == "triton"
+    monkeypatch.setenv("FASTCENTER_BACKEND", "reference")
+    assert ops.backend(cpu) == "reference"
 
 
 @pytest.mark.parametrize(

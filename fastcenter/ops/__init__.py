@@ -1,0 +1,41 @@
+"""fastcenter.ops: the public fused ops, drop-in for the eager PyTorch ops they replace.
+
+    rms_norm, center_rms_norm   ops/norm.py           kernels/norm.py
+    rope_cache, rope            ops/rope.py           kernels/rope.py
+    swiglu                      ops/swiglu.py         kernels/swiglu.py
+    cross_entropy,              ops/cross_entropy.py  kernels/cross_entropy.py
+    linear_cross_entropy
+
+One op family reads in two files: its kernels (the math in the module docstring, the Triton kernels and their
+launchers) and its op here. Every public function does three things, in this order:
+
+1. validate its arguments, reading only tensor metadata (shapes, dtypes, devices), so no host sync;
+2. ask `backend()` (ops/_dispatch.py, the one place that decides) which implementation runs: the Triton
+   kernels, the CPU implementation (`fastcenter.cpu`) or the reference (`fastcenter.reference`);
+3. call a `torch.library` custom op wrapping the kernels, or the eager function of the same name.
+
+The registration pattern, followed by every op family: a forward custom op (`fastcenter::<op>_fwd`) that
+launches the forward kernel and returns its outputs plus whatever the backward needs; a backward custom op
+(`fastcenter::<op>_bwd`); a fake (meta) implementation of each so `torch.compile(fullgraph=True)` can trace
+shapes without running anything; and `register_autograd` on the forward op, whose backward calls the
+backward op. Kernel modules (`fastcenter.kernels.*`) are imported lazily, so `import fastcenter` works
+where Triton is not installed.
+"""
+
+from ._dispatch import BACKENDS, FLOAT_DTYPES, backend, using
+from .cross_entropy import cross_entropy, linear_cross_entropy
+from .norm import MAX_FUSED_NORM_DIM, center_rms_norm, rms_norm
+from .rope import rope, rope_cache
+from .swiglu import swiglu
+
+__all__ = [
+    "backend",
+    "using",
+    "rms_norm",
+    "center_rms_norm",
+    "rope_cache",
+    "rope",
+    "swiglu",
+    "cross_entropy",
+    "linear_cross_entropy",
+]

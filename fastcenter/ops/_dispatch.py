@@ -1,0 +1,138 @@
+"""The one place that decides which implementation an op runs, and the argument checks every op shares.
+
+Three implementations of every public op exist:
+
+    "triton"     the fused Triton kernels, wrapped as torch.library custom ops (fastcenter.ops.<family>)
+    "cpu"        an eager PyTorch implementation built for speed and bounded memory on the CPU
+                 (fastcenter.cpu: e.g. the linear cross-entropy in chunks, its gradient formed in the forward)
+    "reference"  fastcenter.reference, the plain readable specification of every op
+
+`backend(*tensors)` picks one, in this order:
+
+1. a scope opened with `using("reference")` (how `GPTConfig(fused=False)` runs the same model eagerly), or the
+   environment variable FASTCENTER_BACKEND=reference: the reference;
+2. CUDA tensors, or TRITON_INTERPRET=1 (the kernels then run on the CPU, slowly: how the tests exercise them):
+   the Triton kernels;
+3. otherwise (CPU tensors): the CPU implementation.
+
+Reading the scope and the environment here is cheap, and torch.compile specialises on both at trace time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKENDS = ("triton", "cpu", "reference")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_HAVE_TRITON = _triton_importable()
+
+
+class _Scope:
+    """The backend forced by the innermost `using(...)` scope, or None."""
+
+    forced: str | None = None
+
+
+_SCOPE = _Scope()
+
+
+class using:
+    """`with ops.using("reference"): ...` runs every op inside on the reference; `using(None)` changes nothing.
+
+    A plain class (not a generator context manager): torch.compile(fullgraph=True) traces it inside a forward.
+    """
+
+    def __init__(self, backend: str | None):
+        if backend not in (None, "reference"):
+            raise ValueError(f"backend must be None or 'reference', got {backend!r}")
+        self.backend = backend
+
+    def __enter__(self):
+        self.previous = _SCOPE.forced
+        if self.backend is not None:
+            _SCOPE.forced = self.backend
+        return self
+
+    def __exit__(self, *exc):
+        _SCOPE.forced = self.previous
+        return False
+
+
+def backend(*tensors: Tensor | None) -> str:
+    """'triton', 'cpu' or 'reference' for an op on these tensors (see the module docstring)."""
+    if _SCOPE.forced == "reference" or os.environ.get("FASTCENTER_BACKEND", "auto").lower() == "reference":
+        return "reference"
+    if _HAVE_TRITON and any(t is not None and t.is_cuda for t in tensors):
+        return "triton"
+    if _HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "triton"
+    if any(t is not None and t.is_cuda for t in tensors):
+        return "reference"  # a GPU without Triton: the eager reference runs there
+    return "cpu"
+
+
+def checks_enabled() -> bool:
+    return os.environ.get("FASTCENTER_CHECKS", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument checks (metadata only: no host sync).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_float_tensor(name: str, t, *, min_dim: int = 1) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors: Tensor | None) -> None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on one device, got {where}")
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # bool is an int subclass, never a valid size
+
+
+def is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_eps(eps) -> None:
+    if not is_real(eps) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+def as_rows(t: Tensor, width: int) -> Tensor:
+    """A [rows, width] view of `t` with unit stride along the last dim (one explicit copy if needed)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, width)
+
+
+def eager(implementation: str):
+    """The eager module to run for a backend that is not (or cannot be) the Triton one: `fastcenter.cpu` for
+    "cpu", else `fastcenter.reference` (also where a Triton op cannot take an input, e.g. too wide a row)."""
+    from .. import cpu, reference
+
+    return cpu if implementation == "cpu" else reference

@@ -1,0 +1,201 @@
+"""rms_norm and center_rms_norm: argument checks, dispatch, and the custom ops around kernels/norm.py.
+
+The math (forward and backward) is written once, in the docstring of `fastcenter.kernels.norm`. Both public
+ops share one pair of custom ops: a forward (`fastcenter::norm_fwd`, returning what the backward needs) and a
+backward (`fastcenter::norm_bwd`), each with a fake implementation for torch.compile, tied together by
+`register_autograd`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._dispatch import as_rows, backend, check_eps, check_float_tensor, check_same_device, eager
+
+# The fused norm holds a whole row in registers; wider rows take the reference (documented in the README).
+MAX_FUSED_NORM_DIM = 16384
+
+
+@torch.library.custom_op("fastcenter::norm_fwd", mutates_args=())
+def _norm_fwd(
+    x: Tensor,
+    weight: Optional[Tensor],
+    center: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x, residual: [N, D]; center: [D] or an [N, D] (possibly stride-0) view. Returns (normed, hidden, rstd).
+
+    `hidden` is empty when there is neither residual nor center (it would equal x).
+    """
+    from ..kernels import norm
+
+    return norm.norm_forward(x, weight, center, residual, eps)
+
+
+@_norm_fwd.register_fake
+def _(x, weight, center, residual, eps):
+    store_hidden = center is not None or residual is not None
+    hidden = torch.empty_like(x) if store_hidden else x.new_empty(0)
+    return torch.empty_like(x), hidden, x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastcenter::norm_bwd", mutates_args=())
+def _norm_bwd(
+    grad_normed: Tensor,
+    grad_hidden: Optional[Tensor],
+    hidden: Tensor,
+    weight: Optional[Tensor],
+    rstd: Tensor,
+    center_is_vector: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad of hidden in total, grad of weight, float32 grad of a [D] centre = -column sums).
+
+    Custom ops cannot return None: an absent weight or centre gives an empty tensor in its place.
+    """
+    from ..kernels import norm
+
+    return norm.norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector)
+
+
+@_norm_bwd.register_fake
+def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector):
+    D = hidden.shape[-1]
+    grad_weight = hidden.new_empty(0) if weight is None else torch.empty_like(weight)
+    grad_center = hidden.new_empty(D if center_is_vector else 0, dtype=torch.float32)
+    return torch.empty_like(hidden), grad_weight, grad_center
+
+
+def _norm_setup_context(ctx, inputs, output):
+    x, weight, center, residual, eps = inputs
+    normed, hidden, rstd = output
+    stored = hidden if hidden.numel() > 0 else x  # without residual/centre, hidden is x itself
+    ctx.save_for_backward(stored, weight, rstd)
+    ctx.center_is_vector = center is not None and center.dim() == 1
+    ctx.center_dtype = None if center is None else center.dtype
+    ctx.has_residual = residual is not None
+    # Unused outputs (often `hidden`) then arrive as None instead of a tensor of zeros to add.
+    ctx.set_materialize_grads(False)
+
+
+def _norm_backward(ctx, grad_normed, grad_hidden, grad_rstd):
+    hidden, weight, rstd = ctx.saved_tensors
+    if grad_normed is None:
+        grad_normed = torch.zeros_like(hidden)
+    if grad_hidden is not None and grad_hidden.numel() == 0:
+        grad_hidden = None
+    grad_h, grad_weight, grad_center_vec = _norm_bwd(
+        grad_normed, grad_hidden, hidden, weight, rstd, ctx.center_is_vector
+    )
+    grad_center = None
+    if ctx.center_dtype is not None:
+        grad_center = grad_center_vec if ctx.center_is_vector else -grad_h
+        grad_center = grad_center.to(ctx.center_dtype)
+    grad_residual = grad_h if ctx.has_residual else None
+    if weight is None:
+        grad_weight = None
+    return grad_h, grad_weight, grad_center, grad_residual, None
+
+
+_norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context)
+
+
+def _fused_norm(input: Tensor, weight, center, residual, eps: float) -> tuple[Tensor, Tensor]:
+    """Reshape to rows, run the custom op, reshape back. Returns (normed, hidden-or-input)."""
+    D = input.shape[-1]
+    x2d = as_rows(input, D)
+    r2d = None if residual is None else as_rows(residual, D)
+    c = None
+    if center is not None:
+        if center.dim() >= 1 and center.shape[-1] == D and center.numel() == D:
+            c = center.reshape(D)  # one [D] vector: the kernel reduces its gradient with the weight's
+        else:  # a broadcast or per-token centre: a stride-0 view where it can be, one copy where not
+            c = center.expand(input.shape).reshape(-1, D)
+    normed, hidden, _ = _norm_fwd(x2d, weight, c, r2d, float(eps))
+    normed = normed.view(input.shape)
+    hidden = input if hidden.numel() == 0 else hidden.view(input.shape)
+    return normed, hidden
+
+
+def _check_norm_weight(weight, width: int) -> None:
+    if weight is None:
+        return
+    check_float_tensor("weight", weight)
+    if tuple(weight.shape) != (width,):
+        raise ValueError(f"weight must have shape ({width},) to match the last dim of input, got {tuple(weight.shape)}")
+
+
+def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+    """Drop-in for `torch.nn.functional.rms_norm`; fused when normalising over the last dim only."""
+    check_float_tensor("input", input)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
+        isinstance(s, int) for s in normalized_shape
+    ):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+    normalized_shape = tuple(normalized_shape)
+    if len(normalized_shape) == 0 or tuple(input.shape[-len(normalized_shape) :]) != normalized_shape:
+        raise ValueError(
+            f"normalized_shape {normalized_shape} must match the trailing dims of input {tuple(input.shape)}"
+        )
+    if weight is not None:
+        check_float_tensor("weight", weight)
+        if tuple(weight.shape) != normalized_shape:
+            raise ValueError(f"weight must have shape {normalized_shape}, got {tuple(weight.shape)}")
+    check_same_device(input=input, weight=weight)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    check_eps(eps)
+    implementation = backend(input, weight)
+    fusable = len(normalized_shape) == 1 and normalized_shape[0] <= MAX_FUSED_NORM_DIM and input.numel() > 0
+    if implementation != "triton" or not fusable:
+        return eager(implementation).rms_norm(input, normalized_shape, weight, eps)
+    return _fused_norm(input, weight, None, None, eps)[0]
+
+
+def center_rms_norm(
+    input: Tensor,
+    weight: Tensor | None,
+    *,
+    center: Tensor | None = None,
+    residual: Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Fused (residual add) + centering + RMSNorm over the last dim. Returns (normed, hidden).
+
+    hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * weight.
+    `center` broadcasts to `input`: a [D] vector or a per-token tensor. Outputs are in input's dtype; residual,
+    center and weight may be any float dtype (read and computed in float32).
+    """
+    check_float_tensor("input", input)
+    D = input.shape[-1]
+    _check_norm_weight(weight, D)
+    if residual is not None:
+        check_float_tensor("residual", residual)
+        if residual.shape != input.shape:
+            raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+    if center is not None:
+        check_float_tensor("center", center)
+        try:
+            torch.broadcast_shapes(center.shape, input.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"center must broadcast to input's shape {tuple(input.shape)}, got {tuple(center.shape)}"
+            ) from None
+        if center.dim() > input.dim() or torch.broadcast_shapes(center.shape, input.shape) != input.shape:
+            raise ValueError(
+                f"center must broadcast to input's shape {tuple(input.shape)} without enlarging it, "
+                f"got {tuple(center.shape)}"
+            )
+    check_same_device(input=input, weight=weight, center=center, residual=residual)
+    check_eps(eps)
+    implementation = backend(input, weight, center, residual)
+    if implementation != "triton" or D > MAX_FUSED_NORM_DIM or input.numel() == 0:
+        return eager(implementation).center_rms_norm(input, weight, center=center, residual=residual, eps=eps)
+    return _fused_norm(input, weight, center, residual, eps)
+
+
