@@ -1,9 +1,10 @@
 """End to end: tokens/s and peak memory of one full training step of the seed model.
 
-A step is what train.py does per optimizer step: bf16 autocast forward of GPT(GPTConfig(...)) on a batch of
+A step is exactly what train.py does per optimizer step: `fastcenter.training.Trainer.train_step`, the shared
+training core (windows drawn from a token array, bf16 autocast forward of GPT(GPTConfig(...)) on batches of
 16 x 512 tokens (FASTCENTER_BENCH_GRAD_ACCUM micro-batches, default 1), backward, gradient clipping at 1.0, a
-fused AdamW step (weight decay on matrices only, the model's own groups) and zero_grad(set_to_none=True).
-Variants: fused (fastcenter.ops) and eager (fastcenter.reference), each also under torch.compile.
+fused AdamW step with weight decay on matrices only, zero_grad). Variants: fused (fastcenter.ops) and eager
+(fastcenter.reference), each also under torch.compile (TrainConfig.compile, as `train.py --compile`).
 
 Timing: CUDA events around each step (no L2 flush: steps run back to back in training), median of the timed
 steps after the compile / warm-up steps. Memory: `train_peak_bytes` is the peak of everything the training
@@ -17,6 +18,7 @@ import os
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo
@@ -42,9 +44,11 @@ MEASURE = (
 @pytest.fixture
 def trainer(case: Case, within_budget, device_peaks):
     try:
+        from fastcenter.config import TrainConfig
         from fastcenter.model import GPT, GPTConfig
+        from fastcenter.training import Trainer
     except ImportError as exc:
-        pytest.skip(f"fastcenter.model is not importable: {describe(exc)}")
+        pytest.skip(f"fastcenter's training core is not importable: {describe(exc)}")
     accum = int(os.environ.get("FASTCENTER_BENCH_GRAD_ACCUM", "1"))
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # as train.py: TF32 for whatever runs outside autocast
@@ -54,33 +58,13 @@ def trainer(case: Case, within_budget, device_peaks):
 
     torch.manual_seed(0)
     config = GPTConfig(fused=case.variant.startswith("fused"), **MODEL_OVERRIDES)
-    model = GPT(config).to(DEVICE)
-    if hasattr(model, "configure_optimizer"):
-        optimizer = model.configure_optimizer(3e-4, betas=(0.9, 0.95), weight_decay=0.1, device_type=DEVICE)
-    else:  # the spec's groups: decay on matrices only
-        groups = [
-            {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=DEVICE == "cuda")
-    runner = model
-    if case.variant.endswith("_compile"):
-        backend = {"backend": "aot_eager"} if DRY_RUN else {}
-        runner = torch.compile(model, dynamic=False, **backend)
-
-    gen = torch.Generator(device=DEVICE).manual_seed(20240520)
-    idx = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN), generator=gen, device=DEVICE)
-    targets = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN), generator=gen, device=DEVICE)
+    cfg = TrainConfig(batch_size=BATCH, grad_accum_steps=accum, seq_len=SEQ_LEN, max_iters=10**9, lr=3e-4,
+                      warmup_iters=0, device=DEVICE, dtype="bfloat16", compile=case.variant.endswith("_compile"))  # fmt: skip
+    tokens = np.random.default_rng(20240520).integers(0, config.vocab_size, size=1 << 20).astype(np.uint16)
+    runner = Trainer(GPT(config), cfg, train_tokens=tokens, val_tokens=tokens[: 4 * SEQ_LEN], device=torch.device(DEVICE))
 
     def step():
-        for _ in range(accum):
-            with torch.autocast(DEVICE, dtype=torch.bfloat16):
-                loss = runner(idx, targets)
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return runner.train_step()
 
     start = time.perf_counter()
     try:
@@ -96,7 +80,7 @@ def trainer(case: Case, within_budget, device_peaks):
 
     yield SimpleNamespace(
         step=step,
-        model=model,
+        model=runner.raw_model,
         outside=outside,
         accum=accum,
         first_step_s=first_step_s,

@@ -37,11 +37,12 @@ import os
 import pathlib
 import sys
 import sysconfig
-import tempfile
-from typing import BinaryIO, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from .files import atomic_write, atomic_write_text
 
 __all__ = [
     "DataError",
@@ -181,35 +182,6 @@ def write_tokens(path, ids, *, fmt: str = "nanogpt") -> None:
         parts.append(header.tobytes())
     parts.append(ids.astype("<u2").tobytes())
     atomic_write(path, lambda f: f.write(b"".join(parts)))
-
-
-def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
-    """Create or replace the file `path` through `write(f)` on a binary file object, atomically.
-
-    The bytes go to a temp file beside `path`, are fsynced and renamed over it, and the rename is made durable:
-    a crash leaves either the old file whole or the new one, never a half-written one. Used for token files,
-    checkpoints, reports and plots alike.
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary outputs
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: fsync the directory so the rename itself survives a crash
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -355,7 +327,7 @@ def prepare(
         "train_documents": train_names,
         "val_documents": val_names,
     }
-    atomic_write(out_dir / "meta.json", lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1) + "\n")
     log(
         f"wrote {out_dir}/train.bin ({len(train_ids):,} tokens, {len(train_names)} documents) and "
         f"val.bin ({len(val_ids):,} tokens, {len(val_names)} documents)"
@@ -417,7 +389,7 @@ def ensure_demo_corpus(
     )
     meta = prepare([root], cache_dir, val_fraction=val_fraction, pattern="*.py", skip_dirs=DEMO_SKIP_DIRS, log=log)
     meta["fingerprint"] = fingerprint
-    atomic_write(meta_path, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+    atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
     return cache_dir
 
 

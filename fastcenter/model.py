@@ -1,9 +1,11 @@
 """The reference model: a small GPT with RoPE, SwiGLU, RMSNorm and optional vector centering.
 
-One forward, two sets of functions. `GPTConfig(fused=True)` runs the norms, RoPE, SwiGLU and the loss through
-`fastcenter.ops` (the Triton kernels); `fused=False` runs the very same calls through `fastcenter.reference` (eager
-PyTorch). The two modules expose the same functions with the same signatures, so the model picks one of them
-(`GPT.fn`) and never branches on the path again: the same weights give the same loss and gradients either way.
+Every module calls `fastcenter.ops` and owns its computation (nanoGPT style: `x = self.attn(self.norm(x))`);
+nothing is passed down but data. Which implementation the ops run is decided in one place,
+`fastcenter.ops.backend()`: the Triton kernels on a GPU, the CPU implementation on a CPU. The model's one switch,
+`GPTConfig.fused`, only says whether that choice is allowed: `fused=False` runs the forward inside
+`ops.using("reference")`, so every op takes the eager reference (`fastcenter.reference`), the readable
+specification. The same weights give the same loss and gradients either way.
 
 The residual stream, written so that the norms can fuse the residual add. A pre-norm block is usually
 
@@ -12,8 +14,8 @@ The residual stream, written so that the norms can fuse the residual add. A pre-
 Here every branch output (`delta`) is handed *un-added* to the next `center_rms_norm`, which adds it, subtracts the
 centre (if any) and normalises in one pass, and returns the new stream as `hidden`:
 
-    normed, h = center_rms_norm(h, w1, residual=delta, center=c)   # h <- h + delta - c; normed = norm(h)
-    normed, h = center_rms_norm(h, w2, residual=attn(normed))      # h <- h + attn(...)
+    normed, h = norm1.add_and_norm(h, residual=delta, center=c)    # h <- h + delta - c; normed = norm(h)
+    normed, h = norm2.add_and_norm(h, residual=attn(normed))       # h <- h + attn(...)
     delta = mlp(normed)                                            # added by the next block's first norm
 
 and after the last block the final norm adds the last `delta`. So each element of the stream is read and written
@@ -50,10 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import ops
 from .nn import CENTERING_MODES, RMSNorm, VectorCentering
 
-__all__ = ["PLACEMENTS", "GPTConfig", "GPT", "parse_placements", "warmup_cosine_lr"]
+__all__ = ["PLACEMENTS", "GPTConfig", "GPT", "parse_placements"]
 
 PLACEMENTS = ("embeddings", "qk", "v", "residual", "mlp")
 
@@ -80,7 +82,7 @@ def parse_placements(center) -> tuple[str, ...]:
         names = [n for n in names if n != "all"] + list(PLACEMENTS)
     unknown = sorted(set(names) - set(PLACEMENTS))
     if unknown:
-        raise ValueError(f"unknown centering placement(s) {unknown} in center; expected a subset of {PLACEMENTS}")
+        raise ValueError(f"center has unknown placement(s) {unknown}; expected a subset of {PLACEMENTS}, all or none")
     return tuple(sorted(set(names)))
 
 
@@ -98,7 +100,7 @@ class GPTConfig:
     norm_eps: float = 1e-6
     center: tuple = ()  # placements, a subset of PLACEMENTS (a "qk,v" string or a list is accepted)
     centering_mode: str = "adaptive"  # one of fastcenter.nn.CENTERING_MODES
-    fused: bool = False  # True: fastcenter.ops (Triton kernels); False: eager fastcenter.reference
+    fused: bool = False  # True: fastcenter.ops picks its implementation; False: the eager reference
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -108,15 +110,15 @@ class GPTConfig:
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"head dim dim / n_heads = {self.head_dim} must be even for RoPE")
+            raise ValueError(f"dim / n_heads = {self.head_dim} (the head size) must be even for RoPE")
         if self.mlp_hidden is not None and (
             not isinstance(self.mlp_hidden, int) or isinstance(self.mlp_hidden, bool) or self.mlp_hidden < 1
         ):
             raise ValueError(f"mlp_hidden must be None or a positive int, got {self.mlp_hidden!r}")
-        if not isinstance(self.rope_base, (int, float)) or isinstance(self.rope_base, bool) or not self.rope_base > 1:
-            raise ValueError(f"rope_base must be a number > 1, got {self.rope_base!r}")
-        if not isinstance(self.norm_eps, (int, float)) or isinstance(self.norm_eps, bool) or not self.norm_eps >= 0:
-            raise ValueError(f"norm_eps must be a non-negative number, got {self.norm_eps!r}")
+        if not _is_number(self.rope_base) or not 1 < self.rope_base < math.inf:
+            raise ValueError(f"rope_base must be a finite number > 1, got {self.rope_base!r}")
+        if not _is_number(self.norm_eps) or not 0 <= self.norm_eps < math.inf:
+            raise ValueError(f"norm_eps must be a finite number >= 0, got {self.norm_eps!r}")
         self.rope_base, self.norm_eps = float(self.rope_base), float(self.norm_eps)
         self.center = parse_placements(self.center)
         if self.centering_mode not in CENTERING_MODES:
@@ -149,6 +151,10 @@ class GPTConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _centering(config: GPTConfig, placement: str, dim: int) -> Optional[VectorCentering]:
     """A VectorCentering module if `placement` is enabled, else None."""
     return VectorCentering(dim, config.centering_mode) if placement in config.center else None
@@ -166,7 +172,7 @@ class Attention(nn.Module):
         self.k_center = _centering(config, "qk", config.dim)
         self.v_center = _centering(config, "v", config.dim)
 
-    def forward(self, x: Tensor, fn, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, D = x.shape
         # Views into the one packed projection: no copies unless a centering makes one.
         q, k, v = self.qkv(x).split(D, dim=-1)
@@ -175,7 +181,7 @@ class Attention(nn.Module):
         if self.v_center is not None:
             v = self.v_center(v)
         heads = (B, T, self.n_heads, self.head_dim)
-        q, k = fn.rope(q.view(heads), k.view(heads), cos, sin)
+        q, k = ops.rope(q.view(heads), k.view(heads), cos, sin)
         # SDPA wants [B, H, T, Dh]; transposes are free views.
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.view(heads).transpose(1, 2), is_causal=True
@@ -192,8 +198,8 @@ class MLP(nn.Module):
         self.down = nn.Linear(config.hidden_dim, config.dim, bias=False)
         self.hidden_center = _centering(config, "mlp", config.hidden_dim)
 
-    def forward(self, x: Tensor, fn) -> Tensor:
-        a = fn.swiglu(self.gate_up(x))  # the packed [..., 2H] output, split inside the op
+    def forward(self, x: Tensor) -> Tensor:
+        a = ops.swiglu(self.gate_up(x))  # the packed [..., 2H] output, split inside the op
         if self.hidden_center is not None:
             a = self.hidden_center(a)
         return self.down(a)
@@ -210,12 +216,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.residual_center = _centering(config, "residual", config.dim)
 
-    def forward(self, h: Tensor, delta: Optional[Tensor], center: Optional[Tensor], fn, cos: Tensor, sin: Tensor):
+    def forward(self, h: Tensor, delta: Optional[Tensor], center: Optional[Tensor], cos: Tensor, sin: Tensor):
         """Input stream h + delta - center; returns (h, delta, center) whose sum is the output stream."""
-        x, h = fn.center_rms_norm(h, self.attn_norm.weight, residual=delta, center=center, eps=self.attn_norm.eps)
-        attn_out = self.attn(x, fn, cos, sin)
-        x, h = fn.center_rms_norm(h, self.mlp_norm.weight, residual=attn_out, eps=self.mlp_norm.eps)
-        delta = self.mlp(x, fn)
+        x, h = self.attn_norm.add_and_norm(h, residual=delta, center=center)
+        x, h = self.mlp_norm.add_and_norm(h, residual=self.attn(x, cos, sin))
+        delta = self.mlp(x)
         # Centre the stream h + delta; the next norm performs the subtraction. Statistics are those of the sum.
         center = None if self.residual_center is None else self.residual_center.center_for(h, residual=delta)
         return h, delta, center
@@ -234,18 +239,14 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # RoPE tables for every position: not parameters, not saved (recomputed from the config).
-        cos, sin = reference.rope_cache(config.max_seq_len, config.head_dim, config.rope_base)
+        cos, sin = ops.rope_cache(config.max_seq_len, config.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
-    @property
-    def fn(self):
-        """The function set this model runs: fastcenter.ops (fused) or fastcenter.reference (eager).
-
-        A property rather than an attribute, so the model stays deep-copyable and picklable (modules are not).
-        """
-        return ops if self.config.fused else reference
+    def _ops_scope(self) -> ops.using:
+        """The model's one switch: with fused=False every op inside runs the eager reference."""
+        return ops.using(None if self.config.fused else "reference")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -285,15 +286,15 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: Tensor) -> Tensor:
         """The final-normed hidden states [B, T, dim], i.e. what the tied head turns into logits."""
-        fn = self.fn
         T = idx.shape[1]
         cos, sin = self.rope_cos[:T].float(), self.rope_sin[:T].float()
         x = self.tok_emb(idx)
         center = None if self.emb_center is None else self.emb_center.center_for(x)
         h, delta = x, None  # the stream is h + delta - center, materialised lazily by the next norm
-        for block in self.blocks:
-            h, delta, center = block(h, delta, center, fn, cos, sin)
-        normed, _ = fn.center_rms_norm(h, self.norm.weight, residual=delta, center=center, eps=self.norm.eps)
+        with self._ops_scope():
+            for block in self.blocks:
+                h, delta, center = block(h, delta, center, cos, sin)
+            normed, _ = self.norm.add_and_norm(h, residual=delta, center=center)
         return normed
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tensor:
@@ -306,9 +307,10 @@ class GPT(nn.Module):
         x = self.hidden_states(idx)
         if targets is None:
             return F.linear(x, self.tok_emb.weight)
-        # Both loss paths follow autocast like F.linear: the GEMMs run in bf16/fp16. The fused one takes the
+        # Every implementation follows autocast like F.linear: the GEMMs run in bf16/fp16. The fused one takes the
         # float32 tied weight as it is and returns its gradient from a float32 accumulator (no bf16 round trip).
-        return self.fn.linear_cross_entropy(x, self.tok_emb.weight, targets)
+        with self._ops_scope():
+            return ops.linear_cross_entropy(x, self.tok_emb.weight, targets)
 
     # ----------------------------------------------------------------------------------------------------------
     # Sampling
@@ -401,13 +403,3 @@ class GPT(nn.Module):
             self.optim_groups(weight_decay), lr=lr, betas=tuple(betas), fused=(device_type == "cuda")
         )
 
-
-def warmup_cosine_lr(step: int, *, lr: float, warmup_iters: int, decay_iters: int, min_lr: float) -> float:
-    """Learning rate of the update with 0-based index `step`: linear warmup over `warmup_iters`, then a cosine
-    from `lr` down to `min_lr` at `decay_iters`, flat after. The schedule `train.py` and the study share."""
-    if step < warmup_iters:
-        return lr * (step + 1) / warmup_iters
-    if step >= decay_iters:
-        return min_lr
-    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)

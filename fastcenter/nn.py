@@ -38,7 +38,11 @@ CENTERING_MODES = ("simple", "adaptive", "momentum", "learnable", "causal")
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim with a learned gain, backed by the fused kernels."""
+    """RMSNorm over the last dim with a learned gain, through `fastcenter.ops`.
+
+    `norm(x)` normalises x. `norm.add_and_norm(x, residual=r, center=c)` is the pre-norm transformer's step in
+    one fused pass: it forms the new residual stream `hidden = x + r - c` and returns `(norm(hidden), hidden)`.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -48,8 +52,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return ops.rms_norm(x, (self.dim,), self.weight, self.eps)
 
-    def fused(self, x: Tensor, *, residual: Tensor | None = None, center: Tensor | None = None):
-        """(normed, hidden) of x (+ residual) (- center): the add and the centering fused into the norm."""
+    def add_and_norm(self, x: Tensor, *, residual: Tensor | None = None, center: Tensor | None = None):
+        """(normed, hidden) of hidden = x (+ residual) (- center): the add and the centering fused into the norm."""
         return ops.center_rms_norm(x, self.weight, center=center, residual=residual, eps=self.eps)
 
     def extra_repr(self) -> str:

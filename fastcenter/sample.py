@@ -2,50 +2,24 @@
 
     python -m fastcenter.sample --ckpt out/ckpt.pt --prompt "To be, or not to be" --max-new-tokens 200
 
+The checkpoint is read by `fastcenter.checkpoint.load_model` (the format is written down there).
+
 Text is encoded and decoded with tiktoken's r50k_base (GPT-2's BPE; offline machines set TIKTOKEN_CACHE_DIR).
 """
 
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from typing import Optional
 
 import torch
 
-from .data import get_encoding
-from .model import GPT, GPTConfig
+from .checkpoint import CheckpointError, load_model
+from .data import DataError, get_encoding
+from .model import GPT
 
 END_OF_TEXT = "<|endoftext|>"
-
-
-def _model_config(ckpt: dict, path) -> GPTConfig:
-    """The GPTConfig of a train.py checkpoint: its fields are stored under ckpt["config"]["model"]."""
-    config = ckpt.get("config")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise ValueError(f"{path} has no model config (expected ckpt['config']['model'], as train.py writes)")
-    return GPTConfig.from_dict(config["model"])
-
-
-def load_model(path: str, device: str | torch.device = "cpu", fused: Optional[bool] = None) -> GPT:
-    """Rebuild the GPT stored in a train.py checkpoint, in eval mode on `device`.
-
-    The checkpoint is {"format": "fastcenter.train/1", "model": state_dict, "config": {"model": GPTConfig fields,
-    "train": ...}, ...} (see train.py); only "model" and config["model"] are read here.
-
-    `fused` overrides the checkpoint's choice of kernels (the weights are the same either way).
-    """
-    # train.py stores only tensors and plain Python values, so the safe loader suffices.
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{path} is not a train.py checkpoint (expected a dict with a 'model' state_dict)")
-    config = _model_config(ckpt, path)
-    if fused is not None:
-        config = GPTConfig.from_dict({**config.to_dict(), "fused": fused})
-    model = GPT(config)
-    model.load_state_dict(ckpt["model"])  # train.py saves the bare model (no DDP/compile prefixes)
-    return model.to(device).eval()
 
 
 def sample(
@@ -101,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             num_samples=args.num_samples,
             seed=args.seed,
         )
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:  # unreadable or mismatched file
+    except (CheckpointError, DataError, ValueError) as exc:  # unreadable or mismatched file, bad prompt
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for i, text in enumerate(texts):

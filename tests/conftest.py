@@ -12,15 +12,50 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_TIKTOKEN_CACHE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "tiktoken_cache"
-if _TIKTOKEN_CACHE.is_dir():
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_TIKTOKEN_CACHE))
-
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def token_corpus(tmp_path_factory) -> pathlib.Path:
+    """A directory with train.bin / val.bin of learnable synthetic GPT-2 ids (see helpers.write_synthetic_corpus)."""
+    from helpers import write_synthetic_corpus
+
+    return write_synthetic_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE, or a skip saying what is missing. Never touches the network: the encoding must be in
+    tiktoken's cache (TIKTOKEN_CACHE_DIR, or tiktoken's default cache after one online use)."""
+    import hashlib
+    import tempfile
+
+    import tiktoken
+
+    # tiktoken caches a download under sha1(url) in TIKTOKEN_CACHE_DIR (or DATA_GYM_CACHE_DIR, or a temp folder).
+    url = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), "data-gym-cache"
+    )
+    if not os.path.isfile(os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())):
+        pytest.skip(
+            "GPT-2's BPE (tiktoken r50k_base) is not cached on this machine and tests never download: run once "
+            "with network, or set TIKTOKEN_CACHE_DIR to a folder holding it"
+        )
+    return tiktoken.get_encoding("r50k_base")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir() -> pathlib.Path:
+    """The Shakespeare corpus beside the project (../shared), or a skip: it is not shipped with the project."""
+    path = SHARED / "corpora" / "shakespeare"
+    if not path.is_dir():
+        pytest.skip(f"the Shakespeare corpus is not here ({path}); it sits beside the project in CI only")
+    return path
 
 
 @pytest.fixture

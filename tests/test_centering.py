@@ -192,7 +192,7 @@ def test_fused_into_the_norm_equals_centering_then_norm():
     x = _x().detach().float().requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
     g = torch.randn(B, T, D, device=DEVICE)
-    normed, _ = norm.fused(x, center=vc.center_for(x))
+    normed, _ = norm.add_and_norm(x, center=vc.center_for(x))
     (normed * g).sum().backward()
     expected = norm(vc2(x2))
     (expected * g).sum().backward()

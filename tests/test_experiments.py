@@ -22,13 +22,13 @@ from fastcenter.experiments import (
     RunSpec,
     StudyConfig,
     build_model,
-    evaluate,
     initial_state,
     leak_check,
     plan_runs,
     verdict_for,
-    weights_digest,
 )
+from fastcenter.experiments.plan import weights_digest
+from fastcenter.training import preserved
 from fastcenter.model import GPT, GPTConfig
 from fastcenter.nn import CENTERING_MODES, VectorCentering
 
@@ -57,17 +57,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Four small documents of pseudo-text, tokenized with GPT-2 BPE into train.bin / val.bin."""
-    text_dir = tmp_path_factory.mktemp("text")
-    rng = random.Random(1234)
-    for i in range(4):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
-                     for _ in range(150)]
-        (text_dir / f"doc{i}.txt").write_text(" ".join(sentences))
-    out = tmp_path_factory.mktemp("corpus")
-    data.prepare([text_dir], out, val_fraction=0.25, log=lambda s: None)
-    return out
+def corpus(token_corpus):
+    """The synthetic corpus of GPT-2 ids (conftest): no tokenizer needed."""
+    return token_corpus
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +279,7 @@ def _trained_tiny_model(mode: str) -> GPT:
 def test_leak_check_finds_exactly_the_training_leaks(mode):
     model = _trained_tiny_model(mode)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    result = leak_check(model, torch.randint(0, 61, (3, 12)), torch.autocast("cpu", enabled=False), seed=1)
+    result = leak_check(model, torch.randint(0, 61, (3, 12)), seed=1)
     # Eval mode never leaks: exactly no change.
     assert result["eval"]["future_change"] == 0.0 and result["eval"]["batch_change"] == 0.0
     assert not result["eval"]["leak"]
@@ -301,23 +293,27 @@ def test_leak_check_finds_exactly_the_training_leaks(mode):
 
 
 def test_train_mode_evaluation_restores_buffers_and_resets_them_per_batch():
+    # What Trainer.evaluate(training=True) does: every batch judged from the same statistics, nothing kept.
     model = _trained_tiny_model("simple").eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [(torch.randint(0, 61, (2, 12)), torch.randint(0, 61, (2, 12))) for _ in range(3)]
-    autocast = torch.autocast("cpu", enabled=False)
-    train_mode = evaluate(model, batches, autocast, training=True)
+    losses = []
+    with torch.no_grad(), preserved(model, training=True) as reset:
+        for x, y in batches:
+            reset()
+            losses.append(float(model(x, y)))
     assert not model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
-    # Each batch is judged from the same statistics: the mean of the per-batch losses from fresh copies.
     expected = []
     for x, y in batches:
         fresh = _trained_tiny_model("simple")
         fresh.load_state_dict(state)
         with torch.no_grad():
             expected.append(float(fresh.train()(x, y)))
-    assert train_mode == pytest.approx(statistics.fmean(expected), rel=1e-6)
-    assert evaluate(model, batches, autocast) != pytest.approx(train_mode, rel=1e-6)  # eval mode differs
+    assert losses == pytest.approx(expected, rel=1e-6)
+    with torch.no_grad():
+        assert float(model(*batches[0])) != pytest.approx(losses[0], rel=1e-6)  # eval mode differs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,7 +378,7 @@ def test_report_only_rebuilds_from_the_runs_and_bad_flags_are_one_line_errors(st
     assert "no finished runs" in capsys.readouterr().err
 
 
-def test_text_sources_are_prepared_once_under_the_study_directory(tmp_path, capsys):
+def test_text_sources_are_prepared_once_under_the_study_directory(tmp_path, capsys, gpt2_encoding):
     text_dir = tmp_path / "text"
     text_dir.mkdir()
     rng = random.Random(7)

@@ -1,0 +1,284 @@
+"""Running the study: one run through the shared training core, the leak check, and the whole plan with resume.
+
+Outputs of a run: `runs/<run_id>.json`, written atomically when the run ends (see the package docstring).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import pathlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .. import data
+from ..files import atomic_write_text
+from ..training import NonFiniteLossError, Trainer, preserved
+from .plan import ARMS, LEAK_TOLERANCE, RUN_FORMAT, RunSpec, StudyConfig, build_model, file_digest, initial_state, plan_runs, weights_digest
+from .report import build_results, environment
+
+
+
+@torch.no_grad()
+def leak_check(model, tokens: torch.Tensor, seed: int = 0) -> dict:
+    """Does a token's output depend on later tokens, or on other sequences of the batch? In eval and train mode.
+
+    tokens: [B >= 2, T >= 2]. The future check replaces every token after position t = T // 2 - 1 and measures
+    the largest logit change at positions <= t; the batch check replaces sequences 1.. and measures the largest
+    change of sequence 0's logits. Replacement ids differ from the originals at every replaced position.
+    Runs under whatever autocast the caller has entered.
+    """
+    B, T = tokens.shape
+    if B < 2 or T < 2:
+        raise ValueError(f"tokens must be [B >= 2, T >= 2], got {tuple(tokens.shape)}")
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    shift = torch.randint(1, V, tokens.shape, generator=g).to(tokens.device)
+    replaced = (tokens + shift) % V
+    t = T // 2 - 1
+    future = torch.cat([tokens[:, : t + 1], replaced[:, t + 1 :]], dim=1)
+    others = torch.cat([tokens[:1], replaced[1:]], dim=0)
+    result = {"t": t, "tolerance": LEAK_TOLERANCE}
+    for phase, training in (("eval", False), ("train", True)):
+        with preserved(model, training) as reset:
+            logits = {}
+            for name, idx in (("clean", tokens), ("future", future), ("others", others)):
+                reset()
+                logits[name] = model(idx).float()
+        scale = max(1.0, float(logits["clean"].abs().max()))
+        future_change = float((logits["future"][:, : t + 1] - logits["clean"][:, : t + 1]).abs().max())
+        batch_change = float((logits["others"][0] - logits["clean"][0]).abs().max())
+        result[phase] = {
+            "future_change": future_change,
+            "batch_change": batch_change,
+            "logit_scale": scale,
+            "future_leak": future_change > LEAK_TOLERANCE * scale,
+            "batch_leak": batch_change > LEAK_TOLERANCE * scale,
+        }
+        result[phase]["leak"] = result[phase]["future_leak"] or result[phase]["batch_leak"]
+    return result
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray
+    val: np.ndarray
+    data_dir: str
+    digest: str
+
+
+def load_corpus(data_dir, cfg: StudyConfig) -> Corpus:
+    data_dir = pathlib.Path(data_dir)
+    train = data.load_split(data_dir, "train", vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
+    val = data.load_split(data_dir, "val", vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
+    digest = hashlib.sha256(
+        (file_digest(data_dir / "train.bin") + file_digest(data_dir / "val.bin")).encode()
+    ).hexdigest()
+    return Corpus(train, val, str(data_dir.resolve()), digest)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def train_run(
+    spec: RunSpec,
+    cfg: StudyConfig,
+    corpus: Corpus,
+    device: torch.device,
+    *,
+    base_state: Optional[dict] = None,
+    log: Callable[[str], None] = print,
+    prefix: str = "",
+) -> dict:
+    """Train one (seed, arm, mode) run with the training core and evaluate it; returns its record."""
+    t_start = time.perf_counter()
+    on_cuda = device.type == "cuda"
+    model = build_model(cfg, spec, base_state, fused=on_cuda)
+    base_keys = list(base_state) if base_state is not None else list(initial_state(cfg, spec.seed))
+    init_digest = weights_digest(model, base_keys)
+    trainer = Trainer(model.train(), cfg.train_config(spec.seed, device), train_tokens=corpus.train,
+                      val_tokens=corpus.val, device=device, digest_batches=True)  # fmt: skip
+    eval_steps = set(cfg.eval_steps)
+    step_losses: list[torch.Tensor] = []  # kept on the device: the loop syncs only at log and eval steps
+    curve = {"step": [], "val_loss": []}
+    diverged_at, t_train = None, 0.0
+    try:
+        for report in trainer.run(is_eval_step=eval_steps.__contains__):
+            step_losses.append(report.loss)
+            row = report.row
+            if row is None:
+                continue
+            t_train = row["elapsed_s"]
+            if "val_loss" in row:
+                curve["step"].append(report.step)
+                curve["val_loss"].append(row["val_loss"])
+            if report.step % cfg.log_interval == 0 or report.step == cfg.iters:
+                val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""
+                log(f"{prefix}step {report.step}/{cfg.iters} | loss {row['loss']:.4f}{val} | lr {row['lr']:.2e} | "
+                    f"{t_train / report.step:.2f} s/step")  # fmt: skip
+    except NonFiniteLossError as e:
+        diverged_at = e.step
+        log(f"{prefix}{e}: the run diverged; stopping it")
+
+    train_losses = [float(v) for v in torch.stack(step_losses).tolist()]
+    curve["val_loss"] = [v if math.isfinite(v) else None for v in curve["val_loss"]]
+    record = {
+        "format": RUN_FORMAT,
+        "run_id": spec.run_id,
+        "seed": spec.seed,
+        "arm": spec.arm,
+        "mode": spec.mode,
+        "placements": list(ARMS[spec.arm]),
+        "config": cfg.result_fields(),
+        "data_digest": corpus.digest,
+        "device": device.type,
+        "fused": on_cuda,
+        "autocast": "bfloat16" if on_cuda else None,
+        "parameters": model.num_params(),
+        "environment": environment(),
+        "init_digest": init_digest,
+        "batches_digest": trainer.batches_digest.hexdigest(),
+        "steps_done": len(train_losses),
+        "diverged_at": diverged_at,
+        "train_loss_per_step": [round(v, 5) if math.isfinite(v) else None for v in train_losses],
+        "curve": curve,
+    }
+    t_eval = time.perf_counter()
+    if diverged_at is None:
+        tail = train_losses[-max(1, cfg.iters // 10):]
+        record["final"] = {
+            "val_loss": curve["val_loss"][-1],
+            "val_loss_train_mode": trainer.evaluate(training=True),
+            "train_loss_last10pct": sum(tail) / len(tail),
+        }
+        leak_windows = data.gather_windows(corpus.val, trainer.val_positions[: cfg.leak_batch], cfg.seq_len)
+        leak_tokens = data.to_inputs_targets(leak_windows, device)[0]
+        with trainer.precision.autocast():
+            record["leak"] = leak_check(model, leak_tokens, seed=spec.seed)
+    else:
+        record["final"] = {"val_loss": None, "val_loss_train_mode": None, "train_loss_last10pct": None}
+        record["leak"] = None
+    now = time.perf_counter()
+    record["timing"] = {
+        "train_s": t_train,
+        "final_eval_s": now - t_eval,
+        "wall_s": now - t_start,
+        "s_per_step": t_train / max(1, len(train_losses)),
+    }
+    record["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return record
+
+
+class StudyError(ValueError):
+    """The study cannot run as asked (the message says why)."""
+
+
+def load_runs(out_dir: pathlib.Path) -> list[dict]:
+    runs = []
+    for path in sorted((out_dir / "runs").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise StudyError(f"{path}: not valid JSON ({e}); delete it to rerun that run") from e
+        if record.get("format") != RUN_FORMAT:
+            raise StudyError(f"{path}: not a run record of {RUN_FORMAT}")
+        runs.append(record)
+    return runs
+
+
+def check_compatible(records: list[dict], fields: dict, digest: Optional[str], out_dir: pathlib.Path) -> None:
+    """Refuse to mix runs of different configurations or data in one study."""
+    for r in records:
+        changed = sorted(k for k in set(fields) | set(r["config"]) if fields.get(k) != r["config"].get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {r['config'].get(k)!r} there, {fields.get(k)!r} now" for k in changed)
+            raise StudyError(f"{out_dir}/runs holds runs of another configuration ({detail}); "
+                             "use another --out, or the same settings")
+        if digest is not None and r["data_digest"] != digest:
+            raise StudyError(f"{out_dir}/runs holds runs trained on other data ({r['run_id']}); use another --out")
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_study(cfg: StudyConfig, data_dir, out_dir, *, log: Callable[[str], None] = print) -> dict:
+    """Run every planned run not already finished under out_dir/runs, then rebuild the results."""
+    out_dir = pathlib.Path(out_dir)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        raise StudyError(str(e)) from e
+    corpus = load_corpus(data_dir, cfg)
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    finished = {r["run_id"]: r for r in load_runs(out_dir)}
+    check_compatible(list(finished.values()), cfg.result_fields(), corpus.digest, out_dir)
+    plan = plan_runs(cfg)
+    todo = [spec for spec in plan if spec.run_id not in finished]
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    log(
+        f"centering study: {len(plan)} runs ({cfg.seeds} seeds x [baseline + {len(cfg.arms) - 1} arms x "
+        f"{len(cfg.modes)} modes]), {len(plan) - len(todo)} already finished in {out_dir / 'runs'}; "
+        f"{cfg.iters} steps of {cfg.tokens_per_step:,} tokens; data {corpus.data_dir} ({len(corpus.train):,} train / "
+        f"{len(corpus.val):,} val tokens); {device.type}"
+        f"{' (fused ops, bf16 autocast)' if device.type == 'cuda' else ' (reference ops, float32)'}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    session = {"started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "runs_planned": len(plan), "runs_to_do": len(todo), "runs_done": 0}
+    t0 = time.perf_counter()
+    base_states: dict[int, dict] = {}
+    try:
+        for i, spec in enumerate(todo, 1):
+            number = plan.index(spec) + 1
+            prefix = f"[run {number}/{len(plan)}] seed {spec.seed} {spec.arm} {spec.mode}: "
+            if spec.seed not in base_states:
+                base_states = {spec.seed: initial_state(cfg, spec.seed)}  # one seed at a time in memory
+            record = train_run(spec, cfg, corpus, device, base_state=base_states[spec.seed], log=log, prefix=prefix)
+            atomic_write_text(out_dir / "runs" / f"{spec.run_id}.json", json.dumps(record) + "\n")
+            session["runs_done"] += 1
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / i * (len(todo) - i)
+            final = record["final"]
+            leak = record["leak"]
+            leak_text = "-" if leak is None else (
+                f"eval {'YES' if leak['eval']['leak'] else 'no'} / train {'YES' if leak['train']['leak'] else 'no'}")
+            result = "DIVERGED" if final["val_loss"] is None else (
+                f"val {final['val_loss']:.4f} (train mode {final['val_loss_train_mode']:.4f})")
+            log(f"{prefix}done: {result}, leak {leak_text}, {record['timing']['wall_s']:.0f} s; "
+                f"{i}/{len(todo)} this session, elapsed {_format_seconds(elapsed)}, ETA {_format_seconds(eta)}")
+            build_results(out_dir, log, plots=False)  # partial results stay current
+    finally:
+        session["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        session["wall_s"] = time.perf_counter() - t0
+        with open(out_dir / "sessions.jsonl", "a") as f:
+            f.write(json.dumps(session) + "\n")
+    results = build_results(out_dir, log)
+    log(f"wrote {out_dir / 'results.json'}, results.md, loss_curves.png, bars.png")
+    return results
+
+
+
+def prepare_text_corpus(sources: list[str], out_dir: pathlib.Path, log: Callable[[str], None] = print) -> pathlib.Path:
+    """Tokenize text files into out_dir/data once (reused when its meta.json lists the same sources)."""
+    data_dir = out_dir / "data"
+    sources = [str(pathlib.Path(s).resolve()) for s in sources]
+    meta_path = data_dir / "meta.json"
+    if meta_path.is_file() and (data_dir / "train.bin").is_file() and (data_dir / "val.bin").is_file():
+        if json.loads(meta_path.read_text()).get("sources") == sources:
+            log(f"data: reusing {data_dir} (prepared from {', '.join(sources)})")
+            return data_dir
+    log(f"data: tokenizing {', '.join(sources)} with GPT-2 BPE into {data_dir}")
+    data.prepare(sources, data_dir, log=log)
+    return data_dir

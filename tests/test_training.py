@@ -1,0 +1,338 @@
+"""The training core (fastcenter.training, .config, .checkpoint, .files), in-process.
+
+Tiny models on the synthetic corpus (tests/helpers.py), reference ops unless said otherwise. train.py itself, as
+a user runs it, is tested in test_train.py.
+"""
+
+import dataclasses
+import errno
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from fastcenter import checkpoint, data
+from fastcenter.config import TrainConfig, UsageError, build_parser, resolve_configs
+from fastcenter.files import RunDirectory, RunDirectoryError, atomic_write, read_jsonl
+from fastcenter.model import GPT, GPTConfig
+from fastcenter.training import NonFiniteLossError, Trainer, gpu_peak_flops, learning_rate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(vocab_size=50257, dim=32, n_layers=2, n_heads=2, max_seq_len=16)
+
+
+def make_trainer(corpus, *, seed=0, model=None, **train_overrides) -> Trainer:
+    fields = dict(batch_size=4, grad_accum_steps=2, seq_len=16, max_iters=12, lr=3e-3, warmup_iters=2,
+                  eval_interval=5, eval_iters=2, log_interval=4, seed=seed, device="cpu")  # fmt: skip
+    cfg = TrainConfig(**{**fields, **train_overrides})
+    tokens = data.load_split(corpus, "train", vocab_size=50257, seq_len=cfg.seq_len)
+    val = data.load_split(corpus, "val", vocab_size=50257, seq_len=cfg.seq_len)
+    if model is None:
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(**TINY))
+    return Trainer(model, cfg, train_tokens=tokens, val_tokens=val, device=torch.device("cpu"))
+
+
+def run_all(trainer):
+    return [(r.step, r.loss.item(), r.row) for r in trainer.run()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop: exact resume, reports, divergence
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_resumed_trainer_matches_an_uninterrupted_one_bit_for_bit(token_corpus):
+    # Centering with running statistics (buffers) and momentum mode: the state must carry all of it.
+    model_cfg = GPTConfig(**TINY, center="qk,residual", centering_mode="momentum")
+    torch.manual_seed(1)
+    straight = make_trainer(token_corpus, model=GPT(model_cfg), lr_decay_iters=12)
+    full = run_all(straight)
+
+    torch.manual_seed(1)
+    first = make_trainer(token_corpus, model=GPT(model_cfg), lr_decay_iters=12, max_iters=7)
+    part = run_all(first)
+    state = first.state_dict()
+    torch.manual_seed(999)  # a different init: everything must come from the state
+    second = make_trainer(token_corpus, model=GPT(model_cfg), lr_decay_iters=12)
+    second.load_state_dict(state)
+    rest = run_all(second)
+
+    assert [s for s, _, _ in part + rest] == list(range(1, 13))
+    assert [l for _, l, _ in part + rest] == [l for _, l, _ in full]  # exact equality, not closeness
+    assert len({l for _, l, _ in full}) > 1
+    for name, tensor in straight.raw_model.state_dict().items():
+        assert torch.equal(tensor, second.raw_model.state_dict()[name]), name
+    assert any("running_mean" in k for k in state["model"])
+
+
+def test_reports_log_the_first_step_every_interval_and_evaluate(token_corpus):
+    trainer = make_trainer(token_corpus, max_iters=10, log_interval=4, eval_interval=5)
+    reports = list(trainer.run())
+    assert [r.step for r in reports] == list(range(1, 11))
+    logged = [r.row for r in reports if r.row is not None]
+    assert [r["step"] for r in logged] == [1, 4, 5, 8, 10]  # step 1, every 4, evaluations at 5 and 10
+    assert [r["step"] for r in logged if "val_loss" in r] == [5, 10]
+    for row, report in zip(logged, [r for r in reports if r.row is not None]):
+        assert row["loss"] == report.loss.item()
+        assert row["tokens_per_sec"] > 0 and row["grad_norm"] > 0 and row["mfu"] is None
+        assert row["lr"] == learning_rate(row["step"] - 1, trainer.cfg)
+    assert trainer.val_loss == logged[-1]["val_loss"] and math.isfinite(trainer.val_loss)
+
+
+def test_stop_request_ends_after_the_current_step(token_corpus):
+    trainer = make_trainer(token_corpus, max_iters=50, log_interval=100)
+    asked = []
+    reports = list(trainer.run(should_stop=lambda: len(asked) >= 3 or asked.append(1)))
+    assert reports[-1].stopping and reports[-1].row is not None and reports[-1].step == 4
+    assert trainer.step == 4
+
+
+def test_nonfinite_loss_is_caught_at_the_next_log_step(token_corpus, monkeypatch):
+    # The loss turns NaN in step 7 (training forwards 13 and 14, two micro-steps per step); logging every 4 steps
+    # it is noticed at step 8 and reported as step 7.
+    original_forward, calls = GPT.forward, {"train": 0}
+
+    def forward(self, idx, targets=None):
+        loss = original_forward(self, idx, targets)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] >= 13:
+                loss = loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    trainer = make_trainer(token_corpus, max_iters=20, log_interval=4, eval_interval=100)
+    seen = []
+    with pytest.raises(NonFiniteLossError, match="non-finite .* at step 7") as err:
+        for report in trainer.run():
+            seen.append(report.step)
+    assert err.value.step == 7 and seen == list(range(1, 8))  # step 8 raised before it was reported
+
+
+def test_train_mode_evaluation_leaves_the_model_unchanged(token_corpus):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, center="embeddings,v", centering_mode="simple"))
+    trainer = make_trainer(token_corpus, model=model, max_iters=3)
+    run_all(trainer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    train_mode = trainer.evaluate(training=True)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    eval_mode = trainer.evaluate()
+    assert math.isfinite(train_mode) and train_mode != eval_mode  # simple mode: batch statistics in training
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr=1e-3, min_lr_ratio=0.1, warmup_iters=10, max_iters=110)
+    lrs = [learning_rate(s, cfg) for s in range(120)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup to the peak
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # half-way down the cosine
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:110]))
+    assert lrs[110:] == [pytest.approx(1e-4)] * 10
+    decay = TrainConfig(lr=1e-3, warmup_iters=0, max_iters=100, lr_decay_iters=50)
+    assert learning_rate(50, decay) == pytest.approx(1e-4) and learning_rate(0, decay) == 1e-3
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_gpu_peak_table(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert gpu_peak_flops(torch.device("cuda")) == peak
+    assert gpu_peak_flops(torch.device("cpu")) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration and flags
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_every_config_field_is_a_flag():
+    options = {s for action in build_parser()._actions for s in action.option_strings}
+    for cls in (TrainConfig, GPTConfig):
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            assert flag in options, flag
+            if isinstance(f.default, bool):
+                assert "--no-" + f.name.replace("_", "-") in options
+    cfg, model_cfg, ckpt, notes = resolve_configs(
+        ["--center", "mlp,embeddings,qk,v,residual", "--centering-mode", "causal", "--no-fused", "--mlp-hidden",
+         "none", "--seq-len", "1024", "--grad-accum-steps", "8", "--lr", "2e-4", "--compile", "--dtype", "float16"]
+    )  # fmt: skip
+    assert model_cfg.center == ("embeddings", "mlp", "qk", "residual", "v")
+    assert model_cfg.centering_mode == "causal" and model_cfg.fused is False and model_cfg.mlp_hidden is None
+    assert model_cfg.max_seq_len == 1024 and any("max_seq_len" in n for n in notes)  # raised to fit seq_len
+    assert cfg.grad_accum_steps == 8 and cfg.lr == 2e-4 and cfg.compile and cfg.dtype == "float16"
+    assert ckpt is None
+    # Defaults are the seed's.
+    cfg, model_cfg, _, _ = resolve_configs([])
+    assert (cfg.batch_size, cfg.grad_accum_steps, cfg.seq_len, cfg.max_iters) == (16, 4, 512, 50_000)
+    assert (cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 0.1, 1.0)
+    assert (model_cfg.dim, model_cfg.n_layers, model_cfg.n_heads, model_cfg.max_seq_len) == (256, 4, 4, 512)
+    with pytest.raises(UsageError, match="exceeds --max-seq-len"):
+        resolve_configs(["--seq-len", "1024", "--max-seq-len", "512"])
+
+
+# Every flag with a number: values out of range, not finite, or of the wrong type.
+BAD_VALUES = {
+    "--batch-size": ["0", "-3", "2.5"],
+    "--grad-accum-steps": ["0"],
+    "--seq-len": ["0"],
+    "--max-iters": ["0"],
+    "--eval-interval": ["0"],
+    "--eval-iters": ["0"],
+    "--log-interval": ["0"],
+    "--warmup-iters": ["-1"],
+    "--lr-decay-iters": ["-5"],
+    "--seed": ["-1"],
+    "--lr": ["0", "-1e-3", "nan", "inf"],
+    "--min-lr-ratio": ["-0.1", "1.5", "nan"],
+    "--weight-decay": ["-0.1", "inf", "nan"],
+    "--beta1": ["1.5", "1.0", "-0.1", "nan"],
+    "--beta2": ["1.0", "nan"],
+    "--grad-clip": ["nan", "inf", "-1"],
+    "--vocab-size": ["0"],
+    "--dim": ["0", "30"],  # 30 is not divisible by the 4 default heads
+    "--n-layers": ["0"],
+    "--n-heads": ["0", "3"],
+    "--max-seq-len": ["0"],
+    "--mlp-hidden": ["0", "x"],
+    "--rope-base": ["1", "0.5", "nan", "inf"],
+    "--norm-eps": ["-1", "nan", "inf"],
+    "--center": ["bogus"],
+    "--centering-mode": ["mean"],
+    "--device": ["tpu"],
+    "--dtype": ["float64"],
+}
+
+
+@pytest.mark.parametrize("flag, values", BAD_VALUES.items(), ids=list(BAD_VALUES))
+def test_invalid_flag_values_are_usage_errors_naming_the_flag(flag, values):
+    for value in values:
+        with pytest.raises(UsageError) as err:
+            resolve_configs([flag, value])
+        message = str(err.value)
+        assert flag in message or (flag == "--dim" and "--n-heads" in message) or (
+            flag == "--n-heads" and "--dim" in message
+        ), (flag, value, message)
+        assert "\n" not in message
+
+
+def test_unknown_flag_is_a_usage_error():
+    with pytest.raises(UsageError, match="unrecognized arguments: --bogus"):
+        resolve_configs(["--bogus", "1"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_and_model_loading(token_corpus, tmp_path):
+    trainer = make_trainer(token_corpus, max_iters=2)
+    run_all(trainer)
+    path = tmp_path / "ckpt.pt"
+    trainer.save(path)
+    ckpt = checkpoint.load(path)
+    assert set(checkpoint.KEYS) <= set(ckpt) and ckpt["step"] == 2 and ckpt["format"] == checkpoint.FORMAT
+    loaded = checkpoint.load_model(path)
+    assert not loaded.training
+    for name, tensor in trainer.raw_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert checkpoint.load_model(path, fused=True).config.fused is True
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"garbage that is not a zip or a pickle", "not a readable checkpoint"),
+        (None, "not a fastcenter.train/1 checkpoint"),
+    ],
+)
+def test_bad_checkpoints_are_refused_clearly(tmp_path, content, message):
+    path = tmp_path / "ckpt.pt"
+    if content is None:
+        torch.save({"weights": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load(path)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint at"):
+        checkpoint.load(tmp_path / "absent.pt")
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(path, {"step": 1})
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device.*free some space.*intact"):
+        checkpoint.save(path, {"step": 2})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_atomic_write_leaves_the_old_file_whole(tmp_path):
+    path = tmp_path / "f.bin"
+    atomic_write(path, lambda f: f.write(b"old"))
+
+    def failing(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, failing)
+    assert path.read_bytes() == b"old" and list(tmp_path.iterdir()) == [path]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run directory
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the run-directory lock uses fcntl.flock (POSIX)")
+def test_a_run_directory_is_held_by_one_run(tmp_path):
+    first = RunDirectory(tmp_path / "run").open()
+    (first.path / "ckpt.pt.abc123.tmp").write_bytes(b"x")  # what a kill mid-write leaves
+    before = sorted(p.name for p in first.path.iterdir())
+    with pytest.raises(RunDirectoryError, match=f"in use by a running training run \\(pid {os.getpid()}"):
+        RunDirectory(tmp_path / "run").open()
+    assert sorted(p.name for p in first.path.iterdir()) == before  # the refused run wrote nothing
+    first.close()
+    with RunDirectory(tmp_path / "run") as again:  # released when the holder closes (or dies)
+        assert not list(again.path.glob("*.tmp"))  # the new holder removed the stale temp file
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirectoryError, match="is a file, not a directory"):
+        RunDirectory(tmp_path / "file").open()
+
+
+def test_metrics_keep_rows_up_to_the_checkpoint_and_drop_a_torn_line(tmp_path):
+    with RunDirectory(tmp_path / "run") as run_dir:
+        run_dir.start_metrics([])
+        for step in (1, 5, 10):
+            run_dir.log({"step": step, "loss": 1.0 / step})
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 15, "loss": 0.0')  # cut off mid-line
+    rows, dropped = RunDirectory(tmp_path / "run").metrics_until(5)
+    assert [r["step"] for r in rows] == [1, 5] and dropped == 1
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[1] == 1
+    json.dumps(rows)
