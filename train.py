@@ -93,6 +93,8 @@ def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, conso
     trainer = Trainer(GPT(model_cfg), cfg, train_tokens=train_tokens, val_tokens=val_tokens, device=device, dist=dist)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
+    ids = data.token_ids(data_dir)
+    trainer.token_ids = None if ids is None else ids.tolist()  # sampling maps the model's ids back to GPT-2's
 
     kept, torn = run_dir.metrics_until(trainer.step) if cfg.resume and dist.master else ([], 0)
     if torn:

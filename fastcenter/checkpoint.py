@@ -7,7 +7,8 @@ by `fastcenter.sample`.
      "step": optimizer steps completed,
      "config": {"model": GPTConfig.to_dict(), "train": TrainConfig as a dict},
      "rng": {"python", "numpy", "torch", "cuda"}, "sampler": {"seed", "step"},
-     "val_loss": latest validation loss or None}
+     "val_loss": latest validation loss or None,
+     "token_ids": (only for a corpus with a compacted vocabulary) the GPT-2 id of each of the model's token ids}
 
 Only tensors and plain Python values, so it loads with torch.load(..., weights_only=True), and
 GPTConfig.from_dict(ckpt["config"]["model"]) rebuilds the model. Writes are atomic (fastcenter.files).
@@ -79,7 +80,10 @@ def model_config(ckpt: dict) -> GPTConfig:
 
 def load_model(path, device: str | torch.device = "cpu", fused: Optional[bool] = None) -> GPT:
     """Rebuild the GPT stored in a checkpoint, in eval mode on `device`; `fused` overrides its choice of ops."""
-    ckpt = load(path, map_location=device, keys=("format", "model", "config"))
+    return model_from(load(path, map_location=device, keys=("format", "model", "config")), device, fused, path)
+
+
+def model_from(ckpt: dict, device="cpu", fused: Optional[bool] = None, path="the checkpoint") -> GPT:
     config = model_config(ckpt)
     if fused is not None:
         config = GPTConfig.from_dict({**config.to_dict(), "fused": fused})

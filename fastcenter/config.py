@@ -18,7 +18,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 
-from . import checkpoint
+from . import checkpoint, data
 from .model import GPTConfig
 from .nn import CENTERING_MODES
 
@@ -213,6 +213,10 @@ def resolve_configs(argv) -> tuple[TrainConfig, GPTConfig, dict | None, list[str
         notes.append(f"resuming {path} at step {ckpt['step']}")
     else:
         model_cfg = _model_config(model_given)
+        ids = data.token_ids(train_cfg.data) if train_cfg.data else None
+        if ids is not None and "vocab_size" not in model_given:  # a compacted corpus says its vocabulary size
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=len(ids))
+            notes.append(f"vocab_size {len(ids):,}: the compacted vocabulary of {train_cfg.data} (meta.json)")
     if model_cfg.max_seq_len < train_cfg.seq_len:
         if "max_seq_len" in model_given:
             raise UsageError(f"--seq-len {train_cfg.seq_len} exceeds --max-seq-len {model_cfg.max_seq_len}")

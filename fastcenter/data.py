@@ -56,6 +56,7 @@ __all__ = [
     "get_encoding",
     "split_documents",
     "prepare",
+    "token_ids",
     "ensure_demo_corpus",
     "WindowSampler",
     "validation_positions",
@@ -281,15 +282,23 @@ def prepare(
     val_fraction: float = 0.1,
     pattern: str = "*.txt",
     skip_dirs: Sequence[str] = (),
+    compact_vocab: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Tokenize text files into `out_dir`/train.bin, val.bin and meta.json; returns the meta dict.
 
     One file is one document, followed by EOT. With a single document there is nothing to split by, so its
     last val_fraction of tokens becomes val.bin.
+
+    compact_vocab: renumber the token ids that occur in the corpus as 0..K-1 (in the order of the GPT-2 ids, so
+    the mapping is monotone) and store the GPT-2 id of each in meta.json ("token_ids"): a model of this corpus
+    then needs only K output rows instead of 50257 (train.py reads K from meta.json; sampling maps back).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file, not a directory")
     documents = _find_documents(sources, pattern, skip_dirs)
     paths = [path for path, _ in documents]
     names = [name for _, name in documents]
@@ -298,6 +307,8 @@ def prepare(
         log(f"note: {len(lossy)} file(s) are not valid UTF-8; bad bytes became U+FFFD (e.g. {lossy[0]})")
     docs = _encode_documents(texts)
     lengths = [len(d) for d in docs]
+    if sum(lengths) == len(docs):  # nothing but the end-of-text token after each document
+        raise DataError(f"no text to tokenize: the {len(docs)} document(s) found in {', '.join(map(str, sources))} are empty")
 
     if len(docs) == 1:
         cut = int(round(lengths[0] * (1.0 - val_fraction)))
@@ -311,14 +322,21 @@ def prepare(
         train_names = [n for n, v in zip(names, is_val) if not v]
         val_names = [n for n, v in zip(names, is_val) if v]
 
-    out_dir = pathlib.Path(out_dir)
+    if val_fraction > 0 and len(val_ids) == 0:
+        raise DataError("val.bin would be empty: give more text (or several documents), or a larger --val-fraction")
+    vocab_size, eot, token_ids = GPT2_VOCAB_SIZE, EOT_TOKEN, None
+    if compact_vocab:
+        token_ids = np.unique(np.concatenate([train_ids, val_ids]))  # sorted GPT-2 ids: a monotone renumbering
+        train_ids, val_ids = (np.searchsorted(token_ids, ids).astype(np.uint16) for ids in (train_ids, val_ids))
+        vocab_size = len(token_ids)
+        eot = int(np.searchsorted(token_ids, EOT_TOKEN)) if EOT_TOKEN in token_ids else None
     write_tokens(out_dir / "train.bin", train_ids)
     write_tokens(out_dir / "val.bin", val_ids)
     meta = {
         "format": "nanogpt (raw little-endian uint16, no header)",
         "encoding": ENCODING_NAME,
-        "vocab_size": GPT2_VOCAB_SIZE,
-        "eot_token": EOT_TOKEN,
+        "vocab_size": vocab_size,
+        "eot_token": eot,
         "train_tokens": int(len(train_ids)),
         "val_tokens": int(len(val_ids)),
         "documents": len(docs),
@@ -327,12 +345,27 @@ def prepare(
         "train_documents": train_names,
         "val_documents": val_names,
     }
+    if token_ids is not None:
+        meta["token_ids"] = token_ids.tolist()  # compact id i is GPT-2 id token_ids[i]
     atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1) + "\n")
+    compacted = f"; vocabulary compacted to the {vocab_size:,} ids that occur (--vocab-size {vocab_size})" if token_ids is not None else ""
     log(
         f"wrote {out_dir}/train.bin ({len(train_ids):,} tokens, {len(train_names)} documents) and "
-        f"val.bin ({len(val_ids):,} tokens, {len(val_names)} documents)"
+        f"val.bin ({len(val_ids):,} tokens, {len(val_names)} documents){compacted}"
     )
     return meta
+
+
+def token_ids(data_dir) -> np.ndarray | None:
+    """The GPT-2 id of each token id of a corpus prepared with compact_vocab (from its meta.json), else None."""
+    meta_path = pathlib.Path(data_dir) / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        ids = json.loads(meta_path.read_text()).get("token_ids")
+    except json.JSONDecodeError:
+        raise DataError(f"{meta_path}: not valid JSON") from None
+    return None if ids is None else np.asarray(ids, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -495,6 +528,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens (by document) for val.bin")
     p.add_argument("--pattern", default="*.txt", help="file name pattern inside directories (default: *.txt)")
+    p.add_argument("--compact-vocab", action="store_true",
+                   help="renumber the ids that occur as 0..K-1 (meta.json keeps the mapping): a smaller output layer")
     d = sub.add_parser("demo", help="build (or find) the demo corpus from the Python standard library's source")
     d.add_argument("--out", default=None, metavar="DIR", help=f"output directory (default: {default_demo_dir()})")
     c = sub.add_parser("check", help="validate token files (format, ids < vocab size)")
@@ -504,7 +539,8 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     try:
         if args.command == "prepare":
-            prepare(args.text, args.out, val_fraction=args.val_fraction, pattern=args.pattern)
+            prepare(args.text, args.out, val_fraction=args.val_fraction, pattern=args.pattern,
+                    compact_vocab=args.compact_vocab)
         elif args.command == "demo":
             ensure_demo_corpus(args.out)
         else:
@@ -514,6 +550,9 @@ def main(argv: Iterable[str] | None = None) -> int:
                 print(f"{path}: {len(tokens):,} tokens ({tokens.dtype}), all ids < {args.vocab_size}")
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be read or written
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

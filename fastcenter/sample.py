@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import CheckpointError, load_model
+from . import checkpoint
+from .checkpoint import load_model  # noqa: F401 -- sample.load_model: rebuild a checkpoint's model
 from .data import DataError, get_encoding
 from .model import GPT
 
@@ -30,10 +31,21 @@ def sample(
     top_k: Optional[int] = 200,
     num_samples: int = 1,
     seed: Optional[int] = None,
+    token_ids: Optional[list[int]] = None,
 ) -> list[str]:
-    """Continuations of `prompt` (the prompt included), decoded to text."""
+    """Continuations of `prompt` (the prompt included), decoded to text.
+
+    token_ids: for a model trained on a compacted vocabulary, the GPT-2 id of each of its token ids (the
+    checkpoint holds it): the prompt is mapped into the model's ids and the samples back.
+    """
     enc = get_encoding()  # the tokenizer data preparation used; a clear message when it is not cached offline
     ids = enc.encode(prompt, allowed_special={END_OF_TEXT}) if prompt else [enc.eot_token]
+    if token_ids is not None:
+        compact = {gpt2: i for i, gpt2 in enumerate(token_ids)}
+        unknown = sorted({enc.decode([t]) for t in ids if t not in compact})
+        if unknown:
+            raise ValueError(f"the prompt has token(s) the model never saw in its corpus: {unknown[:5]}")
+        ids = [compact[t] for t in ids]
     vocab = model.config.vocab_size
     if max(ids) >= vocab:
         raise ValueError(f"the prompt encodes to token id {max(ids)}, outside the model's vocabulary of {vocab}")
@@ -45,8 +57,11 @@ def sample(
     use_autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    rows = out.tolist()
+    if token_ids is not None:
+        rows = [[token_ids[t] for t in row] for row in rows]
     # Ids >= the tokenizer's vocabulary can only come from a model with a padded vocabulary: drop them.
-    return [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]
+    return [enc.decode([t for t in row if t < enc.n_vocab]) for row in rows]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -65,7 +80,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     try:
-        model = load_model(args.ckpt, device)
+        ckpt = checkpoint.load(args.ckpt, map_location=device, keys=("format", "model", "config"))
+        model = checkpoint.model_from(ckpt, device, path=args.ckpt)
         texts = sample(
             model,
             args.prompt,
@@ -74,8 +90,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             top_k=args.top_k or None,
             num_samples=args.num_samples,
             seed=args.seed,
+            token_ids=ckpt.get("token_ids"),
         )
-    except (CheckpointError, DataError, ValueError) as exc:  # unreadable or mismatched file, bad prompt
+    except (checkpoint.CheckpointError, DataError, ValueError) as exc:  # unreadable or mismatched file, bad prompt
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for i, text in enumerate(texts):

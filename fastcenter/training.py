@@ -219,6 +219,7 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.eval_model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        self.token_ids: Optional[list[int]] = None  # a compacted corpus's GPT-2 ids, saved for sampling
         self.step = 0  # optimizer steps completed
         self.lr = learning_rate(0, cfg)
         self.grad_norm: Optional[torch.Tensor] = None  # of the last step, before clipping
@@ -379,7 +380,8 @@ class Trainer:
 
     def save(self, path) -> None:
         """Write a checkpoint of the current state (atomic; CheckpointError when the disk refuses)."""
-        checkpoint.save(path, {**self.state_dict(), "config": self.config()})
+        extra = {} if self.token_ids is None else {"token_ids": self.token_ids}
+        checkpoint.save(path, {**self.state_dict(), "config": self.config(), **extra})
 
 
 @contextlib.contextmanager

@@ -7,19 +7,17 @@ import shutil
 
 import numpy as np
 import pytest
-import tiktoken
 
-from conftest import SHARED
 from fastcenter import data
 from fastcenter.data import DataError
 
-SHAKESPEARE = SHARED / "corpora" / "shakespeare"
 PLAYS = ["macbeth.txt", "tempest.txt", "julius_caesar.txt", "sonnets.txt"]
 
 
-@pytest.fixture(scope="module")
-def enc():
-    return tiktoken.get_encoding("r50k_base")
+@pytest.fixture
+def enc(gpt2_encoding):
+    """GPT-2's BPE from tiktoken's cache, or a skip (conftest): preparing text needs it, reading tokens does not."""
+    return gpt2_encoding
 
 
 def _write_texts(directory, texts: dict):
@@ -82,8 +80,8 @@ def test_prepare_single_file_splits_by_tokens(tmp_path, enc):
     assert meta["documents"] == 1
 
 
-def test_prepare_shakespeare_is_deterministic_and_location_independent(tmp_path, enc):
-    plays = [SHAKESPEARE / p for p in sorted(PLAYS)]  # files keep the order given; directories are sorted
+def test_prepare_shakespeare_is_deterministic_and_location_independent(tmp_path, enc, shakespeare_dir):
+    plays = [shakespeare_dir / p for p in sorted(PLAYS)]  # files keep the order given; directories are sorted
     meta_a = data.prepare(plays, tmp_path / "a", val_fraction=0.2, log=lambda s: None)
     # The same plays found in another directory: the same bytes.
     moved = tmp_path / "elsewhere"
@@ -122,7 +120,7 @@ def test_split_documents_rules():
     assert data.split_documents(["a", "b"], [10, 10], 0.0) == [False, False]
 
 
-def test_prepare_cli(tmp_path):
+def test_prepare_cli(tmp_path, enc):
     src = _write_texts(tmp_path / "src", {"a.txt": "hello world", "b.txt": "another document"})
     assert data.main(["prepare", "--text", str(src), "--out", str(tmp_path / "out"), "--val-fraction", "0.5"]) == 0
     assert (tmp_path / "out" / "train.bin").is_file() and (tmp_path / "out" / "val.bin").is_file()
@@ -133,6 +131,38 @@ def test_prepare_refuses_empty_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no documents matching"):
         data.prepare([tmp_path / "empty"], tmp_path / "out", log=lambda s: None)
+
+
+def test_prepare_refuses_empty_text_a_file_as_out_and_an_empty_validation_split(tmp_path, enc, capsys):
+    src = _write_texts(tmp_path / "src", {"a.txt": "", "b.txt": ""})
+    with pytest.raises(DataError, match="no text to tokenize: the 2 document"):
+        data.prepare([src], tmp_path / "out", log=lambda s: None)
+    (tmp_path / "a_file").write_text("x")
+    text = _write_texts(tmp_path / "text", {"a.txt": "some words here " * 20})
+    with pytest.raises(DataError, match="is a file, not a directory"):
+        data.prepare([text], tmp_path / "a_file", log=lambda s: None)
+    with pytest.raises(DataError, match="val.bin would be empty"):
+        data.prepare([_write_texts(tmp_path / "tiny", {"a.txt": "hi"})], tmp_path / "out", log=lambda s: None)
+    # From the command line: one line, exit code 2, never a traceback.
+    for argv in (["--text", str(src), "--out", str(tmp_path / "o")], ["--text", str(text), "--out", str(tmp_path / "a_file" / "x")]):
+        assert data.main(["prepare", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_compact_vocabulary_renumbers_the_ids_that_occur_and_maps_back(tmp_path, enc):
+    texts = {"a.txt": "the cat sat on the mat " * 30, "b.txt": "a dog ran in the fog " * 30, "c.txt": "the end " * 40}
+    src = _write_texts(tmp_path / "src", texts)
+    full = data.prepare([src], tmp_path / "full", val_fraction=0.3, log=lambda s: None)
+    meta = data.prepare([src], tmp_path / "compact", val_fraction=0.3, compact_vocab=True, log=lambda s: None)
+    ids = data.token_ids(tmp_path / "compact")
+    assert data.token_ids(tmp_path / "full") is None and full["vocab_size"] == 50257
+    assert meta["vocab_size"] == len(ids) < 30 and list(ids) == sorted(set(ids.tolist()))  # monotone renumbering
+    assert ids[meta["eot_token"]] == data.EOT_TOKEN
+    for split in ("train", "val"):
+        compact = np.asarray(data.load_split(tmp_path / "compact", split, vocab_size=len(ids), seq_len=4))
+        original = np.asarray(data.open_tokens(tmp_path / "full" / f"{split}.bin"))
+        assert compact.max() < len(ids) and np.array_equal(ids[compact], original)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,7 +195,7 @@ def test_llmc_version2_uint32(tmp_path):
     assert tokens.dtype == np.uint32 and np.array_equal(np.asarray(tokens), ids)
 
 
-def test_load_split_reads_a_prepared_directory(tmp_path):
+def test_load_split_reads_a_prepared_directory(tmp_path, enc):
     src = _write_texts(tmp_path / "src", {"a.txt": "one two three " * 50, "b.txt": "four five six " * 50})
     data.prepare([src], tmp_path / "d", val_fraction=0.5, log=lambda s: None)
     train = data.load_split(tmp_path / "d", "train", vocab_size=50257, seq_len=16)
