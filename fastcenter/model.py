@@ -29,7 +29,11 @@ Centering placements (`GPTConfig.center`, any subset; `fastcenter.nn.VectorCente
                 the rotated centre differs per position, so the centering has an effect
     v           values (a position-constant shift of v shifts every attention output by the same vector)
     residual    the stream after every block, the last included (one module per block, fused into the next
-                norm: the next block's first norm or the final norm)
+                norm: the next block's first norm or the final norm); it is the union of two placements that
+                can be chosen on their own:
+      residual_inner  after every block but the last (inside the stack)
+      residual_final  after the last block only: the stream the output head reads, whose mean direction carries
+                      the token-frequency prior in this bias-free, tied-embedding model
     mlp         the SwiGLU hidden activation before the down projection
 
 q, k and v are centred over their [B, T, H * Dh] views: one statistic per head and feature.
@@ -55,17 +59,19 @@ from torch import Tensor, nn
 from . import ops
 from .nn import CENTERING_MODES, RMSNorm, VectorCentering
 
-__all__ = ["PLACEMENTS", "GPTConfig", "GPT", "parse_placements"]
+__all__ = ["PLACEMENTS", "RESIDUAL_PARTS", "GPTConfig", "GPT", "parse_placements"]
 
-PLACEMENTS = ("embeddings", "qk", "v", "residual", "mlp")
+PLACEMENTS = ("embeddings", "qk", "v", "residual", "mlp")  # "all"
+RESIDUAL_PARTS = ("residual_inner", "residual_final")  # "residual" is both
 
 
 def parse_placements(center) -> tuple[str, ...]:
     """Normalise a placement spec to a sorted tuple of unique names.
 
     Accepts a tuple/list of names, or a string separated by commas or '+' ("qk,v", "qk+v"); "" and "none" mean
-    no centering and "all" means every placement. Sorted so that equal sets compare equal and configs round-trip
-    through JSON (where tuples become lists).
+    no centering and "all" means every placement. "residual" is residual_inner + residual_final, and the two
+    together are written "residual". Sorted so that equal sets compare equal and configs round-trip through JSON
+    (where tuples become lists).
     """
     if center is None:
         return ()
@@ -80,10 +86,15 @@ def parse_placements(center) -> tuple[str, ...]:
         raise ValueError(f"center must hold placement names (strings), got {center!r}")
     if "all" in names:
         names = [n for n in names if n != "all"] + list(PLACEMENTS)
-    unknown = sorted(set(names) - set(PLACEMENTS))
+    unknown = sorted(set(names) - set(PLACEMENTS) - set(RESIDUAL_PARTS))
     if unknown:
-        raise ValueError(f"center has unknown placement(s) {unknown}; expected a subset of {PLACEMENTS}, all or none")
-    return tuple(sorted(set(names)))
+        raise ValueError(
+            f"center has unknown placement(s) {unknown}; expected a subset of {PLACEMENTS + RESIDUAL_PARTS}, all or none"
+        )
+    chosen = set(names)
+    if "residual" in chosen or set(RESIDUAL_PARTS) <= chosen:
+        chosen = (chosen - set(RESIDUAL_PARTS)) | {"residual"}
+    return tuple(sorted(chosen))
 
 
 @dataclass
@@ -156,8 +167,9 @@ def _is_number(x) -> bool:
 
 
 def _centering(config: GPTConfig, placement: str, dim: int) -> Optional[VectorCentering]:
-    """A VectorCentering module if `placement` is enabled, else None."""
-    return VectorCentering(dim, config.centering_mode) if placement in config.center else None
+    """A VectorCentering module if `placement` is enabled (a part of the residual stream: or all of it), else None."""
+    enabled = placement in config.center or (placement in RESIDUAL_PARTS and "residual" in config.center)
+    return VectorCentering(dim, config.centering_mode) if enabled else None
 
 
 class Attention(nn.Module):
@@ -208,13 +220,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block, written for fused residual adds (see the module docstring)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, last: bool):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
-        self.residual_center = _centering(config, "residual", config.dim)
+        self.residual_center = _centering(config, "residual_final" if last else "residual_inner", config.dim)
 
     def forward(self, h: Tensor, delta: Optional[Tensor], center: Optional[Tensor], cos: Tensor, sin: Tensor):
         """Input stream h + delta - center; returns (h, delta, center) whose sum is the output stream."""
@@ -236,7 +248,7 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)  # also the output head (tied)
         self.emb_center = _centering(config, "embeddings", config.dim)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, last=i == config.n_layers - 1) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # RoPE tables for every position: not parameters, not saved (recomputed from the config).
         cos, sin = ops.rope_cache(config.max_seq_len, config.head_dim, config.rope_base)

@@ -181,6 +181,7 @@ class StepReport:
 
     step: int  # optimizer steps completed
     loss: torch.Tensor  # this step's mean loss over the global batch, on the device (reading it waits for it)
+    grad_norm: Optional[torch.Tensor]  # the global gradient norm before clipping (None without clipping)
     row: Optional[dict] = None  # on log steps: the metrics row (val_loss added on evaluation steps)
     stopping: bool = False  # the run stops after this step (a stop was requested)
 
@@ -321,7 +322,7 @@ class Trainer:
                 flag = torch.tensor(float(should_stop()), device=self.device)
                 stop_now = dist.all_reduce(flag, "max").item() > 0
             if not (log_now or eval_now or stop_now):
-                yield StepReport(step, loss)
+                yield StepReport(step, loss, self.grad_norm)
                 continue
 
             bad_step = int(dist.all_reduce(self._first_bad.clone(), "max").item())
@@ -344,7 +345,7 @@ class Trainer:
                 self.val_loss = row["val_loss"] = self.evaluate()
                 if not math.isfinite(self.val_loss):
                     raise NonFiniteLossError(f"the validation loss is {self.val_loss} at step {step}", step)
-            yield StepReport(step, loss, row, stopping=stop_now)
+            yield StepReport(step, loss, self.grad_norm, row, stopping=stop_now)
             if stop_now:
                 return
             # Evaluating, saving and logging are not training time: the throughput clock restarts here.

@@ -12,7 +12,7 @@ import torch
 
 from .. import data
 from ..nn import CENTERING_MODES
-from .plan import ARMS, DEFAULT_MODES, StudyConfig
+from .plan import ARMS, DEFAULT_ARMS, DEFAULT_MODES, StudyConfig
 from .report import build_results
 from .run import StudyError, prepare_text_corpus, run_study
 
@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=d.iters, help=f"optimizer steps per run (default {d.iters})")
     p.add_argument("--seeds", type=int, default=d.seeds, help=f"paired seeds (default {d.seeds})")
     p.add_argument("--seed-offset", type=int, default=0, help="first seed (default 0): seeds are offset..offset+K-1")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)} (default: all; "
-                   "the baseline always runs)")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma list of {', '.join(ARMS)} (default "
+                   f"{','.join(DEFAULT_ARMS)}; the baseline always runs)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
                    help=f"comma list of {', '.join(CENTERING_MODES)} (default {','.join(DEFAULT_MODES)})")
     for name, help_text in (("dim", "model width"), ("n_layers", "blocks"), ("n_heads", "attention heads"),
@@ -54,8 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name),
                        help=f"{help_text} (default {getattr(d, name):g})")
     p.add_argument("--warmup-iters", type=int, default=None, help="linear warmup steps (default iters // 10)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size (default: the data's: its meta.json for a compacted corpus, else 50257)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=d.fused,
+                   help="fastcenter's fused ops (Triton on a GPU, the CPU implementation on a CPU); --no-fused: the "
+                   "eager reference (default: fused)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs at once, each in its own process (default 1). On a CPU, use one per core with "
+                   "--threads 1: two single-thread processes beat one two-thread process several times over")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: torch's choice; 1 per worker with --workers)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rebuild results.json, results.md and the plots from OUT/runs")
     return parser
@@ -69,13 +78,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             build_results(out_dir)
             print(f"rebuilt {out_dir / 'results.json'}, results.md and the plots from {out_dir / 'runs'}")
             return 0
-        fields = {f.name for f in dataclasses.fields(StudyConfig)}
-        try:
-            cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k in fields})
-        except ValueError as e:
-            raise StudyError(str(e)) from e
-        if args.threads:
-            torch.set_num_threads(args.threads)
         if args.data:
             data_dir = pathlib.Path(args.data)
             print(f"data: {data_dir}")
@@ -84,7 +86,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             print("No --data or --text given: using the demo corpus (the Python standard library's own source).")
             data_dir = data.ensure_demo_corpus()
-        run_study(cfg, data_dir, out_dir)
+        fields = {f.name for f in dataclasses.fields(StudyConfig)}
+        given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+        ids = data.token_ids(data_dir)
+        if ids is not None and "vocab_size" not in given:  # a compacted corpus says its vocabulary size
+            given["vocab_size"] = len(ids)
+        try:
+            cfg = StudyConfig(**given)
+        except ValueError as e:
+            raise StudyError(str(e)) from e
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run_study(cfg, data_dir, out_dir, workers=args.workers, threads=args.threads)
     except (StudyError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,8 +9,10 @@ import datetime
 import hashlib
 import json
 import math
+import multiprocessing
 import pathlib
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -19,6 +21,7 @@ import torch
 
 from .. import data
 from ..files import atomic_write_text
+from ..nn import VectorCentering
 from ..training import NonFiniteLossError, Trainer, preserved
 from .plan import ARMS, LEAK_TOLERANCE, RUN_FORMAT, RunSpec, StudyConfig, build_model, file_digest, initial_state, plan_runs, weights_digest
 from .report import build_results, environment
@@ -99,21 +102,28 @@ def train_run(
     log: Callable[[str], None] = print,
     prefix: str = "",
 ) -> dict:
-    """Train one (seed, arm, mode) run with the training core and evaluate it; returns its record."""
+    """Train one (seed, arm, mode) run with the training core and evaluate it; returns its record.
+
+    At every evaluation point it also measures the mechanisms (`measure_mechanisms`), and it keeps the global
+    gradient norm before clipping of every step.
+    """
     t_start = time.perf_counter()
-    on_cuda = device.type == "cuda"
-    model = build_model(cfg, spec, base_state, fused=on_cuda)
+    model = build_model(cfg, spec, base_state)
     base_keys = list(base_state) if base_state is not None else list(initial_state(cfg, spec.seed))
     init_digest = weights_digest(model, base_keys)
     trainer = Trainer(model.train(), cfg.train_config(spec.seed, device), train_tokens=corpus.train,
                       val_tokens=corpus.val, device=device, digest_batches=True)  # fmt: skip
+    probe = data.to_inputs_targets(data.gather_windows(corpus.val, trainer.val_positions[: cfg.batch_size], cfg.seq_len), device)
     eval_steps = set(cfg.eval_steps)
-    step_losses: list[torch.Tensor] = []  # kept on the device: the loop syncs only at log and eval steps
+    step_losses, grad_norms = [], []  # device tensors: the loop syncs only at log and eval steps
     curve = {"step": [], "val_loss": []}
+    mechanisms = {"step": [], "modules": {}}
     diverged_at, t_train = None, 0.0
     try:
         for report in trainer.run(is_eval_step=eval_steps.__contains__):
             step_losses.append(report.loss)
+            if report.grad_norm is not None:
+                grad_norms.append(report.grad_norm)
             row = report.row
             if row is None:
                 continue
@@ -121,10 +131,15 @@ def train_run(
             if "val_loss" in row:
                 curve["step"].append(report.step)
                 curve["val_loss"].append(row["val_loss"])
+                mechanisms["step"].append(report.step)
+                with trainer.precision.autocast():
+                    for name, stats in measure_mechanisms(model, *probe).items():
+                        for key, value in stats.items():
+                            mechanisms["modules"].setdefault(name, {}).setdefault(key, []).append(value)
             if report.step % cfg.log_interval == 0 or report.step == cfg.iters:
                 val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""
                 log(f"{prefix}step {report.step}/{cfg.iters} | loss {row['loss']:.4f}{val} | lr {row['lr']:.2e} | "
-                    f"{t_train / report.step:.2f} s/step")  # fmt: skip
+                    f"grad norm {row['grad_norm']:.3g} | {t_train / report.step:.2f} s/step")  # fmt: skip
     except NonFiniteLossError as e:
         diverged_at = e.step
         log(f"{prefix}{e}: the run diverged; stopping it")
@@ -141,8 +156,8 @@ def train_run(
         "config": cfg.result_fields(),
         "data_digest": corpus.digest,
         "device": device.type,
-        "fused": on_cuda,
-        "autocast": "bfloat16" if on_cuda else None,
+        "ops": ops_name(device, cfg.fused),
+        "autocast": trainer.precision.name,
         "parameters": model.num_params(),
         "environment": environment(),
         "init_digest": init_digest,
@@ -150,7 +165,9 @@ def train_run(
         "steps_done": len(train_losses),
         "diverged_at": diverged_at,
         "train_loss_per_step": [round(v, 5) if math.isfinite(v) else None for v in train_losses],
+        "grad_norm_per_step": [round(float(v), 5) for v in torch.stack(grad_norms).tolist()] if grad_norms else [],
         "curve": curve,
+        "mechanisms": mechanisms,
     }
     t_eval = time.perf_counter()
     if diverged_at is None:
@@ -160,10 +177,8 @@ def train_run(
             "val_loss_train_mode": trainer.evaluate(training=True),
             "train_loss_last10pct": sum(tail) / len(tail),
         }
-        leak_windows = data.gather_windows(corpus.val, trainer.val_positions[: cfg.leak_batch], cfg.seq_len)
-        leak_tokens = data.to_inputs_targets(leak_windows, device)[0]
         with trainer.precision.autocast():
-            record["leak"] = leak_check(model, leak_tokens, seed=spec.seed)
+            record["leak"] = leak_check(model, probe[0][: cfg.leak_batch], seed=spec.seed)
     else:
         record["final"] = {"val_loss": None, "val_loss_train_mode": None, "train_loss_last10pct": None}
         record["leak"] = None
@@ -176,6 +191,34 @@ def train_run(
     }
     record["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return record
+
+
+@torch.no_grad()
+def measure_mechanisms(model, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per centering module, what it does to one batch in training mode (the view training has), the model left
+    exactly as it was: stream_rms, mean_before, mean_after and running_mean (see VectorCentering._record)."""
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, VectorCentering)}
+    if not modules:
+        return {}
+    with preserved(model, training=True) as reset:
+        reset()
+        for m in modules.values():
+            m.track = True
+        try:
+            model(x, y)
+        finally:
+            for m in modules.values():
+                m.track = False
+    out = {name: {key: float(v) for key, v in m.stats.items()} for name, m in modules.items()}
+    for m in modules.values():
+        m.stats = None
+    return out
+
+
+def ops_name(device: torch.device, fused: bool) -> str:
+    if not fused:
+        return "reference"
+    return "triton" if device.type == "cuda" else "cpu"
 
 
 class StudyError(ValueError):
@@ -212,62 +255,108 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run_study(cfg: StudyConfig, data_dir, out_dir, *, log: Callable[[str], None] = print) -> dict:
-    """Run every planned run not already finished under out_dir/runs, then rebuild the results."""
+def run_study(cfg: StudyConfig, data_dir, out_dir, *, workers: int = 1, threads: Optional[int] = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Run every planned run not already finished under out_dir/runs, then rebuild the results.
+
+    workers > 1 runs that many runs at once in separate processes with `threads` torch threads each (default
+    1): on a CPU, two single-thread processes do far more work than one two-thread process at these sizes.
+    Each run writes its record when it ends, so an interruption loses at most the runs in progress.
+    """
     out_dir = pathlib.Path(out_dir)
     try:
         device = resolve_device(cfg.device)
     except ValueError as e:
         raise StudyError(str(e)) from e
+    if workers < 1:
+        raise StudyError(f"--workers must be >= 1, got {workers}")
     corpus = load_corpus(data_dir, cfg)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     finished = {r["run_id"]: r for r in load_runs(out_dir)}
     check_compatible(list(finished.values()), cfg.result_fields(), corpus.digest, out_dir)
     plan = plan_runs(cfg)
+    atomic_write_text(out_dir / "plan.json", json.dumps({"runs": [spec.run_id for spec in plan],
+                                                          "config": cfg.result_fields()}, indent=1) + "\n")  # fmt: skip
     todo = [spec for spec in plan if spec.run_id not in finished]
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
+    parallel = workers > 1 and len(todo) > 1
     log(
         f"centering study: {len(plan)} runs ({cfg.seeds} seeds x [baseline + {len(cfg.arms) - 1} arms x "
         f"{len(cfg.modes)} modes]), {len(plan) - len(todo)} already finished in {out_dir / 'runs'}; "
         f"{cfg.iters} steps of {cfg.tokens_per_step:,} tokens; data {corpus.data_dir} ({len(corpus.train):,} train / "
-        f"{len(corpus.val):,} val tokens); {device.type}"
-        f"{' (fused ops, bf16 autocast)' if device.type == 'cuda' else ' (reference ops, float32)'}, "
-        f"{torch.get_num_threads()} threads"
+        f"{len(corpus.val):,} val tokens, vocabulary {cfg.vocab_size:,}); {device.type}, "
+        f"{ops_name(device, cfg.fused)} ops ({'bf16 autocast' if device.type == 'cuda' else 'float32'}), "
+        + (f"{workers} worker processes x {threads or 1} thread(s)" if parallel else f"{torch.get_num_threads()} threads")
     )
     session = {"started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "runs_planned": len(plan), "runs_to_do": len(todo), "runs_done": 0}
+               "runs_planned": len(plan), "runs_to_do": len(todo), "runs_done": 0,
+               "workers": workers if parallel else 1}  # fmt: skip
     t0 = time.perf_counter()
-    base_states: dict[int, dict] = {}
+
+    def finished_one(spec: RunSpec, record: dict) -> None:
+        session["runs_done"] += 1
+        done = session["runs_done"]
+        elapsed = time.perf_counter() - t0
+        final, leak = record["final"], record["leak"]
+        leak_text = "-" if leak is None else (
+            f"eval {'YES' if leak['eval']['leak'] else 'no'} / train {'YES' if leak['train']['leak'] else 'no'}")
+        result = "DIVERGED" if final["val_loss"] is None else (
+            f"val {final['val_loss']:.4f} (train mode {final['val_loss_train_mode']:.4f})")
+        log(f"{_prefix(spec, plan)}done: {result}, leak {leak_text}, {record['timing']['wall_s']:.0f} s; "
+            f"{done}/{len(todo)} this session, elapsed {_format_seconds(elapsed)}, "
+            f"ETA {_format_seconds(elapsed / done * (len(todo) - done))}")  # fmt: skip
+        build_results(out_dir, log, plots=False)  # partial results stay current
+
     try:
-        for i, spec in enumerate(todo, 1):
-            number = plan.index(spec) + 1
-            prefix = f"[run {number}/{len(plan)}] seed {spec.seed} {spec.arm} {spec.mode}: "
-            if spec.seed not in base_states:
-                base_states = {spec.seed: initial_state(cfg, spec.seed)}  # one seed at a time in memory
-            record = train_run(spec, cfg, corpus, device, base_state=base_states[spec.seed], log=log, prefix=prefix)
-            atomic_write_text(out_dir / "runs" / f"{spec.run_id}.json", json.dumps(record) + "\n")
-            session["runs_done"] += 1
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / i * (len(todo) - i)
-            final = record["final"]
-            leak = record["leak"]
-            leak_text = "-" if leak is None else (
-                f"eval {'YES' if leak['eval']['leak'] else 'no'} / train {'YES' if leak['train']['leak'] else 'no'}")
-            result = "DIVERGED" if final["val_loss"] is None else (
-                f"val {final['val_loss']:.4f} (train mode {final['val_loss_train_mode']:.4f})")
-            log(f"{prefix}done: {result}, leak {leak_text}, {record['timing']['wall_s']:.0f} s; "
-                f"{i}/{len(todo)} this session, elapsed {_format_seconds(elapsed)}, ETA {_format_seconds(eta)}")
-            build_results(out_dir, log, plots=False)  # partial results stay current
+        if parallel:
+            context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                     initargs=(threads or 1,)) as pool:  # fmt: skip
+                futures = {pool.submit(_run_and_save, spec, cfg, str(data_dir), str(out_dir), _prefix(spec, plan)): spec
+                           for spec in todo}  # fmt: skip
+                try:
+                    for future in as_completed(futures):
+                        finished_one(futures[future], future.result())
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+        else:
+            base_states: dict[int, dict] = {}
+            for spec in todo:
+                if spec.seed not in base_states:
+                    base_states = {spec.seed: initial_state(cfg, spec.seed)}  # one seed at a time in memory
+                record = train_run(spec, cfg, corpus, device, base_state=base_states[spec.seed], log=log,
+                                   prefix=_prefix(spec, plan))  # fmt: skip
+                atomic_write_text(out_dir / "runs" / f"{spec.run_id}.json", json.dumps(record) + "\n")
+                finished_one(spec, record)
     finally:
         session["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         session["wall_s"] = time.perf_counter() - t0
         with open(out_dir / "sessions.jsonl", "a") as f:
             f.write(json.dumps(session) + "\n")
     results = build_results(out_dir, log)
-    log(f"wrote {out_dir / 'results.json'}, results.md, loss_curves.png, bars.png")
+    log(f"wrote {out_dir / 'results.json'}, results.md and the plots")
     return results
 
+
+def _prefix(spec: RunSpec, plan: list[RunSpec]) -> str:
+    return f"[run {plan.index(spec) + 1}/{len(plan)}] seed {spec.seed} {spec.arm} {spec.mode}: "
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_and_save(spec: RunSpec, cfg: StudyConfig, data_dir: str, out_dir: str, prefix: str) -> dict:
+    """One run in a worker process: everything from the plan and the data, the record written when done."""
+    device = resolve_device(cfg.device)
+    corpus = load_corpus(data_dir, cfg)
+    record = train_run(spec, cfg, corpus, device, base_state=initial_state(cfg, spec.seed),
+                       log=lambda line: print(line, flush=True), prefix=prefix)  # fmt: skip
+    atomic_write_text(pathlib.Path(out_dir) / "runs" / f"{spec.run_id}.json", json.dumps(record) + "\n")
+    return record
 
 
 def prepare_text_corpus(sources: list[str], out_dir: pathlib.Path, log: Callable[[str], None] = print) -> pathlib.Path:
