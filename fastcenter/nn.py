@@ -93,7 +93,9 @@ class VectorCentering(nn.Module):
     def _update(self, batch_mean: Tensor) -> None:
         self.num_updates += 1
         alpha = (1.0 / self.num_updates.float()).clamp(min=self.momentum)
-        self.running_mean.lerp_(batch_mean.detach().float(), alpha)
+        # In the buffer's dtype: float32 unless the whole module was cast (model.to(torch.bfloat16)).
+        dtype = self.running_mean.dtype
+        self.running_mean.lerp_(batch_mean.detach().to(dtype), alpha.to(dtype))
 
     def center_for(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """The vector (or, for causal, per-token tensor) to subtract from x (+ residual); updates buffers."""

@@ -200,6 +200,17 @@ def test_fused_into_the_norm_equals_centering_then_norm():
     assert_close(x.grad, x2.grad.double(), torch.float32)
 
 
+@pytest.mark.parametrize("mode", CENTERING_MODES)
+def test_a_module_cast_to_bf16_trains_and_keeps_its_statistics_in_its_dtype(mode):
+    # model.to(torch.bfloat16) casts the buffers too (as BatchNorm's): the update must follow their dtype.
+    vc = VectorCentering(8, mode).to(torch.bfloat16).train()
+    x = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    for _ in range(3):
+        vc(x)
+    assert vc.running_mean.dtype == torch.bfloat16 and int(vc.num_updates) == 3
+    assert_close(vc.running_mean, x.double().mean((0, 1)), torch.bfloat16)  # the exact average of 3 equal batches
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         VectorCentering(D, "aggressive")

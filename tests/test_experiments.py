@@ -25,8 +25,8 @@ from fastcenter.experiments import (
     initial_state,
     leak_check,
     plan_runs,
-    verdict_for,
 )
+from fastcenter.experiments.stats import holm, paired, verdict
 from fastcenter.experiments.plan import weights_digest
 from fastcenter.training import preserved
 from fastcenter.model import GPT, GPTConfig
@@ -83,7 +83,7 @@ def study(corpus, tmp_path_factory):
 
 def test_every_planned_run_and_output_is_there(study):
     cfg, out, results = study
-    for name in ("results.json", "results.md", "loss_curves.png", "bars.png"):
+    for name in ("results.json", "results.md", "loss_curves.png", "contrasts.png", "mechanisms.png", "plan.json"):
         assert (out / name).stat().st_size > 0, name
     plan = plan_runs(cfg)
     # Baseline once per seed, every other arm once per mode and seed.
@@ -114,6 +114,37 @@ def test_adaptive_train_mode_loss_equals_eval_mode_and_simple_differs(study):
             assert final["val_loss_train_mode"] == pytest.approx(final["val_loss"], abs=1e-6), r["run_id"]
         else:
             assert abs(final["val_loss_train_mode"] - final["val_loss"]) > 1e-6, r["run_id"]
+
+
+def test_mechanisms_are_measured_at_every_evaluation(study):
+    cfg, _, results = study
+    for r in results["runs"]:
+        mech = r["mechanisms"]
+        assert mech["step"] == cfg.eval_steps and len(r["grad_norm_per_step"]) == cfg.iters
+        assert all(g > 0 and math.isfinite(g) for g in r["grad_norm_per_step"])
+        if r["arm"] == "baseline":
+            assert mech["modules"] == {}
+            continue
+        expected = {"embeddings": {"emb_center"}, "qk+v": {"blocks.0.attn.q_center", "blocks.0.attn.k_center",
+                                                           "blocks.0.attn.v_center"}}[r["arm"]]  # fmt: skip
+        assert set(mech["modules"]) == expected
+        for stats in mech["modules"].values():
+            assert set(stats) == {"stream_rms", "mean_before", "mean_after", "running_mean"}
+            assert all(len(v) == len(cfg.eval_steps) and all(math.isfinite(x) for x in v) for v in stats.values())
+            if r["mode"] == "simple":  # training subtracts the batch mean itself: nothing of it is left
+                assert max(stats["mean_after"]) <= 1e-5 * max(stats["stream_rms"])
+            else:  # adaptive subtracts the running mean of earlier batches: some of this batch's mean stays
+                assert min(stats["mean_after"]) > 0
+
+
+def test_worker_processes_reproduce_the_in_process_runs(study, corpus, tmp_path):
+    cfg, out, _ = study
+    small = StudyConfig(**{**TINY, "seeds": 1, "arms": "baseline,embeddings", "modes": "adaptive"})
+    experiments.run_study(small, corpus, tmp_path / "parallel", workers=2, threads=1, log=lambda s: None)
+    for run_id in ("s0-baseline-none", "s0-embeddings-adaptive"):
+        a = json.loads((out / "runs" / f"{run_id}.json").read_text())
+        b = json.loads((tmp_path / "parallel" / "runs" / f"{run_id}.json").read_text())
+        assert a["train_loss_per_step"] == b["train_loss_per_step"] and a["final"] == b["final"], run_id
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,7 +179,7 @@ def test_batches_digest_is_the_seeded_sampler_stream(study, corpus):
 
 
 def test_every_arm_and_mode_starts_from_the_baseline_weights():
-    cfg = StudyConfig(**{**TINY, "arms": ",".join(ARMS), "modes": ",".join(CENTERING_MODES)})
+    cfg = StudyConfig(**{**TINY, "n_layers": 2, "arms": ",".join(ARMS), "modes": ",".join(CENTERING_MODES)})
     base = initial_state(cfg, seed=5)
     assert all(not torch.equal(base[k], initial_state(cfg, seed=6)[k]) for k in base if k.endswith("qkv.weight"))
     for arm in ARMS:
@@ -177,84 +208,81 @@ def test_every_arm_and_mode_starts_from_the_baseline_weights():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_statistics_are_computed_from_the_runs(study):
+def test_contrasts_are_paired_t_tests_recomputed_from_the_runs(study):
     cfg, _, results = study
     loss = {(r["arm"], r["mode"], r["seed"]): r["final"]["val_loss"] for r in results["runs"]}
-    train_mode = {(r["arm"], r["mode"], r["seed"]): r["final"]["val_loss_train_mode"] for r in results["runs"]}
-    groups = {(g["arm"], g["mode"]): g for g in results["statistics"]["groups"]}
-    assert set(groups) == {(a, m) for a, m, _ in loss}
-    for (arm, mode), g in groups.items():
-        values = np.array([loss[(arm, mode, s)] for s in cfg.seed_list])
-        assert g["val_loss"]["n"] == cfg.seeds
-        assert g["val_loss"]["mean"] == pytest.approx(values.mean(), rel=1e-12)
-        assert g["val_loss"]["std"] == pytest.approx(values.std(ddof=1), rel=1e-9)
-        tm = np.array([train_mode[(arm, mode, s)] for s in cfg.seed_list])
-        assert g["val_loss_train_mode"]["mean"] == pytest.approx(tm.mean(), rel=1e-12)
-        if arm == "baseline":
-            assert "improvement_pct" not in g
-            continue
-        base = np.array([loss[("baseline", BASELINE_MODE, s)] for s in cfg.seed_list])
-        diff = values - base
-        improvement = 100.0 * (base - values) / base  # the seed's sign: positive = better
-        assert g["diff"]["mean"] == pytest.approx(diff.mean(), rel=1e-9, abs=1e-12)
-        assert g["diff"]["std"] == pytest.approx(diff.std(ddof=1), rel=1e-6, abs=1e-12)
-        imp = g["improvement_pct"]
-        assert imp["values"] == pytest.approx(list(improvement), rel=1e-9, abs=1e-12)
-        assert imp["mean"] == pytest.approx(improvement.mean(), rel=1e-9, abs=1e-12)
-        assert imp["se"] == pytest.approx(improvement.std(ddof=1) / math.sqrt(cfg.seeds), rel=1e-6, abs=1e-12)
+    assert results["complete_seeds"] == cfg.seed_list
+    family = {c["label"]: c for c in results["contrasts"]}
+    # Every centered arm in every mode against the baseline; embeddings against each other arm; adaptive
+    # against simple per arm and pooled: the whole family, named before the data.
+    expected = {f"{a} [{m}] - baseline" for a in ("embeddings", "qk+v") for m in cfg.modes}
+    expected |= {f"embeddings - qk+v [{m}]" for m in cfg.modes}
+    expected |= {"embeddings: adaptive - simple", "qk+v: adaptive - simple", "all arms: adaptive - simple"}
+    assert set(family) == expected
+    for mode in cfg.modes:
+        c = family[f"embeddings [{mode}] - baseline"]
+        d = np.array([loss[("embeddings", mode, s)] - loss[("baseline", BASELINE_MODE, s)] for s in cfg.seed_list])
+        assert c["values"] == pytest.approx(list(d), abs=1e-12)
+        se = d.std(ddof=1) / math.sqrt(len(d))
+        assert c["mean"] == pytest.approx(d.mean(), abs=1e-12) and c["se"] == pytest.approx(se, rel=1e-9)
+        half = 12.706204736174707 * se  # t(0.975, 1 degree of freedom)
+        assert c["ci95"] == pytest.approx([d.mean() - half, d.mean() + half], rel=1e-6)
+        t = d.mean() / se
+        # Two seeds: t with 1 degree of freedom is Cauchy, p = 1 - 2 atan(|t|) / pi.
+        assert c["p"] == pytest.approx(1 - 2 * math.atan(abs(t)) / math.pi, rel=1e-6)
+    pooled = family["all arms: adaptive - simple"]
+    per_seed = [np.mean([loss[(a, "adaptive", s)] for a in ("embeddings", "qk+v")])
+                - np.mean([loss[(a, "simple", s)] for a in ("embeddings", "qk+v")]) for s in cfg.seed_list]
+    assert pooled["values"] == pytest.approx(per_seed, abs=1e-12)
+    # Holm over the whole family.
+    assert [c["p_holm"] for c in results["contrasts"]] == pytest.approx(holm([c["p"] for c in results["contrasts"]]))
 
 
-def test_arm_verdicts_follow_the_rule_from_the_statistics(study):
-    _, _, results = study
-    groups = {(g["arm"], g["mode"]): g for g in results["statistics"]["groups"]}
-    claims = {c.id: c for c in experiments.SEED_CLAIMS}
-    arm_verdicts = [v for v in results["verdicts"] if claims[v["claim"]].kind == "arm"]
-    # embeddings and qk+v, each in both modes
-    assert sorted((v["claim"], v["mode"]) for v in arm_verdicts) == sorted(
-        (c, m) for c in ("embeddings", "qk+v") for m in ("adaptive", "simple"))
-    for v in arm_verdicts:
-        claim = claims[v["claim"]]
-        imp = groups[(claim.arm, v["mode"])]["improvement_pct"]
-        assert v["measured_pct"] == imp["mean"] and v["se_pct"] == imp["se"]
-        assert v["verdict"] == verdict_for(imp["mean"], imp["se"], imp["n"], claim.direction, claim.claimed_pct)[0]
-    # The mode claim compares adaptive with simple, per seed averaged over the centered arms.
-    (mode_verdict,) = [v for v in results["verdicts"] if v["claim"] == "adaptive"]
-    assert mode_verdict["mode"] == "adaptive vs simple" and mode_verdict["n"] == 2
+def test_verdicts_follow_the_rule_and_wait_for_complete_seeds(study, tmp_path):
+    cfg, out, results = study
+    by_label = {c["label"]: c for c in results["contrasts"]}
+    for v in results["verdicts"]:
+        if v["claim"] in ("embeddings", "qk+v"):
+            c = by_label[f"{v['claim']} [{v['mode']}] - baseline"]
+            assert v["claimed_nats"] == pytest.approx(-v["claimed_pct"] / 100 * results["baseline_mean"])
+            assert v["verdict"] == verdict(c, +1, v["claimed_nats"])[0]
+    assert "PRELIMINARY" not in (out / "results.md").read_text()
+    # One run missing: the seed is incomplete, the report says so and gives no verdict.
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    (copy / "runs" / "s1-qk_v-simple.json").unlink()
+    partial = experiments.build_results(copy, log=lambda s: None, plots=False)
+    assert partial["complete_seeds"] == [0]
+    md = (copy / "results.md").read_text()
+    assert "PRELIMINARY" in md and "**confirmed**" not in md and "**refuted**" not in md
 
 
-def test_mode_comparisons_per_arm_are_paired_per_seed(study):
-    cfg, _, results = study
-    loss = {(r["arm"], r["mode"], r["seed"]): r["final"]["val_loss"] for r in results["runs"]}
-    comparisons = results["mode_comparisons"]
-    assert sorted((c["arm"], c["other"]) for c in comparisons) == [("embeddings", "simple"), ("qk+v", "simple")]
-    for c in comparisons:
-        expected = [100.0 * (loss[(c["arm"], "simple", s)] - loss[(c["arm"], "adaptive", s)])
-                    / loss[("baseline", BASELINE_MODE, s)] for s in cfg.seed_list]
-        assert c["better_pct"]["values"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    # The adaptive verdict is their mean over the arms, per seed.
-    (verdict,) = [v for v in results["verdicts"] if v["claim"] == "adaptive"]
-    per_seed = np.mean([c["better_pct"]["values"] for c in comparisons], axis=0)
-    assert verdict["measured_pct"] == pytest.approx(per_seed.mean(), rel=1e-9, abs=1e-12)
+def _contrast(values):
+    c = paired(values)
+    c["p_holm"] = c["p"]
+    c["significant"] = c["p"] is not None and c["p"] < 0.05
+    return c
 
 
 @pytest.mark.parametrize(
-    "mean, se, n, direction, claimed, expected, size",
+    "diffs, direction, claimed, expected",
     [
-        (2.0, 0.3, 3, +1, 2.26, "confirmed", "consistent"),  # right sign, > 2 SE, claimed size inside +- 2 SE
-        (0.5, 0.1, 3, +1, 2.26, "confirmed", "smaller (0.22x claimed)"),  # right sign, much smaller than claimed
-        (-1.0, 0.2, 3, +1, 2.26, "refuted", "opposite sign"),  # significant in the opposite direction
-        (0.1, 0.2, 3, +1, 2.26, "refuted", "smaller (0.044x claimed)"),  # within noise, +2.26 outside 0.1 +- 0.4
-        (0.1, 0.2, 3, +1, None, "inconclusive", "-"),  # within noise, direction-only claim
-        (-5.0, 4.0, 3, -1, -11.73, "inconclusive", "consistent"),  # within noise, claimed size not excluded
-        (-12.0, 1.0, 3, -1, -11.73, "confirmed", "consistent"),
-        (-30.0, 1.0, 3, -1, -11.73, "confirmed", "larger (2.6x claimed)"),
-        (3.0, None, 1, +1, 2.26, "inconclusive", "-"),  # one seed: no standard error
+        ([-0.20, -0.22, -0.19, -0.21], +1, -0.2, "confirmed"),  # significantly better, as claimed
+        ([0.20, 0.22, 0.19, 0.21], +1, -0.2, "refuted"),  # significantly worse: the opposite sign
+        ([-0.01, 0.02, -0.02, 0.01], +1, -0.2, "refuted"),  # within noise, and 0.1 (half the claim) excluded
+        ([-0.10, 0.12, -0.15, 0.08], +1, -0.2, "inconclusive"),  # within noise, half the claim not excluded
+        ([-0.01, 0.02, -0.02, 0.01], +1, None, "inconclusive"),  # a claim of direction only
+        ([0.5, 0.6, 0.55, 0.52], -1, 1.15, "confirmed"),  # "residual hurts", and it does
+        ([0.3], +1, -0.2, "not tested"),  # one seed: no interval
     ],
 )
-def test_verdict_rule(mean, se, n, direction, claimed, expected, size):
-    verdict, why = verdict_for(mean, se, n, direction, claimed)
-    assert verdict == expected, why
-    assert experiments.size_for(mean, se, claimed) == size
+def test_verdict_rule(diffs, direction, claimed, expected):
+    assert verdict(_contrast(diffs), direction, claimed)[0] == expected
+
+
+def test_holm_is_step_down_and_monotone():
+    assert holm([0.01, 0.04, 0.03, None, 0.5]) == pytest.approx([0.04, 0.09, 0.09, None, 0.5])
+    assert holm([0.001]) == [0.001] and holm([]) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,8 +373,8 @@ def test_resume_skips_finished_runs_and_reruns_a_missing_one_identically(study, 
     assert new["final"]["val_loss"] == pytest.approx(old["final"]["val_loss"], abs=1e-6)
     # The aggregate is rebuilt from the run files.
     assert len(rebuilt["runs"]) == 10
-    new_groups = {(g["arm"], g["mode"]): g["val_loss"]["mean"] for g in rebuilt["statistics"]["groups"]}
-    old_groups = {(g["arm"], g["mode"]): g["val_loss"]["mean"] for g in results["statistics"]["groups"]}
+    new_groups = {(g["arm"], g["mode"]): g["val_loss"]["mean"] for g in rebuilt["groups"]}
+    old_groups = {(g["arm"], g["mode"]): g["val_loss"]["mean"] for g in results["groups"]}
     assert new_groups == pytest.approx(old_groups, abs=1e-6)
 
 
@@ -363,12 +391,12 @@ def test_report_only_rebuilds_from_the_runs_and_bad_flags_are_one_line_errors(st
     _, out, results = study
     copy = tmp_path / "study"
     shutil.copytree(out, copy)
-    for name in ("results.json", "results.md", "loss_curves.png", "bars.png"):
+    for name in ("results.json", "results.md", "loss_curves.png", "contrasts.png", "mechanisms.png", "plan.json"):
         (copy / name).unlink()
     assert experiments.main(["centering", "--out", str(copy), "--report-only"]) == 0
     rebuilt = json.loads((copy / "results.json").read_text())
-    assert rebuilt["statistics"] == results["statistics"] and rebuilt["verdicts"] == results["verdicts"]
-    assert (copy / "bars.png").exists() and (copy / "loss_curves.png").exists()
+    assert rebuilt["contrasts"] == results["contrasts"] and rebuilt["verdicts"] == results["verdicts"]
+    assert (copy / "contrasts.png").exists() and (copy / "loss_curves.png").exists()
     capsys.readouterr()
     assert experiments.main(["centering", "--out", str(tmp_path / "x"), "--arms", "baseline,bogus"]) == 2
     assert "unknown arm" in capsys.readouterr().err

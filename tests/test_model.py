@@ -59,6 +59,18 @@ def train_a_few_steps(model: GPT, steps: int = 3, B: int = 4, T: int = 16) -> No
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_the_residual_placement_is_its_inner_and_final_parts():
+    def centred_blocks(center):
+        model = GPT(GPTConfig(vocab_size=50, dim=16, n_layers=3, n_heads=2, max_seq_len=8, center=center))
+        return [b.residual_center is not None for b in model.blocks]
+
+    assert centred_blocks("residual") == [True, True, True]
+    assert centred_blocks("residual_inner") == [True, True, False]
+    assert centred_blocks("residual_final") == [False, False, True]
+    assert GPTConfig(center="residual_inner,residual_final").center == ("residual",)  # both are the whole
+    assert GPTConfig(center=["residual", "residual_final"]).center == ("residual",)
+    assert GPTConfig(center="residual_final,v").center == ("residual_final", "v")
+
 def test_seed_model_has_exactly_17062400_parameters():
     config = GPTConfig()
     model = GPT(config)

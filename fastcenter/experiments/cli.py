@@ -78,6 +78,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             build_results(out_dir)
             print(f"rebuilt {out_dir / 'results.json'}, results.md and the plots from {out_dir / 'runs'}")
             return 0
+        fields = {f.name for f in dataclasses.fields(StudyConfig)}
+        given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+        try:
+            cfg = StudyConfig(**given)  # bad flags are refused before any data is touched
+        except ValueError as e:
+            raise StudyError(str(e)) from e
         if args.data:
             data_dir = pathlib.Path(args.data)
             print(f"data: {data_dir}")
@@ -86,15 +92,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             print("No --data or --text given: using the demo corpus (the Python standard library's own source).")
             data_dir = data.ensure_demo_corpus()
-        fields = {f.name for f in dataclasses.fields(StudyConfig)}
-        given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
         ids = data.token_ids(data_dir)
         if ids is not None and "vocab_size" not in given:  # a compacted corpus says its vocabulary size
-            given["vocab_size"] = len(ids)
-        try:
-            cfg = StudyConfig(**given)
-        except ValueError as e:
-            raise StudyError(str(e)) from e
+            cfg = dataclasses.replace(cfg, vocab_size=len(ids))
         if args.threads:
             torch.set_num_threads(args.threads)
         run_study(cfg, data_dir, out_dir, workers=args.workers, threads=args.threads)
