@@ -39,17 +39,11 @@ import numpy as np
 import torch
 
 from fastcenter import checkpoint, data
-from fastcenter.config import UsageError, resolve_configs
+from fastcenter.config import CPU_COMMAND, UsageError, resolve_configs
 from fastcenter.files import RunDirectory, RunDirectoryError
 from fastcenter.model import GPT
 from fastcenter.training import Dist, NonFiniteLossError, Trainer, setup_distributed
 
-# What the README's CPU section runs: a model sized so the loss visibly falls within ~5 minutes on 2 cores.
-CPU_COMMAND = (
-    "python train.py --fused --device cpu --out-dir out-cpu --dim 128 --n-layers 2 --n-heads 4 --seq-len 128 "
-    "--batch-size 8 --grad-accum-steps 1 --max-iters 300 --warmup-iters 30 --eval-interval 100 --eval-iters 4 "
-    "--log-interval 10"
-)
 
 
 def main(argv=None) -> dict:
@@ -228,12 +222,13 @@ class Console:
             print(f"step {row['step']}/{total} | {status} | ETA {format_duration(eta)}", flush=True)
 
     def cpu_projection(self, row: dict, cfg) -> None:
-        """After the first step on a CPU: how long this run would take, and the run that fits a CPU."""
+        """After the first step on a CPU: how long this run would take, and, if that is long, the run that fits."""
         seconds = cfg.max_iters * self.tokens_per_step / row["tokens_per_sec"]
-        self.say(
-            f"note: on this CPU the first step ran at {row['tokens_per_sec']:,.0f} tokens/s: {cfg.max_iters:,} steps "
-            f"would take about {format_duration(seconds)}. A run sized for a CPU (README, \"On a CPU\"):\n    {CPU_COMMAND}"
-        )
+        note = (f"note: on this CPU the first step ran at {row['tokens_per_sec']:,.0f} tokens/s: {cfg.max_iters:,} "
+                f"steps would take about {format_duration(seconds)}.")  # fmt: skip
+        if seconds > 3600:
+            note += f" A run sized for a CPU (README, \"On a CPU\"):\n    {CPU_COMMAND}"
+        self.say(note)
 
     def close(self) -> None:
         if self.bar is not None:

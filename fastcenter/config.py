@@ -22,7 +22,15 @@ from . import checkpoint, data
 from .model import GPTConfig
 from .nn import CENTERING_MODES
 
-__all__ = ["UsageError", "TrainConfig", "build_parser", "resolve_configs", "CHOICES"]
+__all__ = ["UsageError", "TrainConfig", "build_parser", "resolve_configs", "CHOICES", "CPU_COMMAND"]
+
+# The README's run for a machine without a GPU ("On a CPU"; a test keeps the two equal): a model sized so that
+# the loss visibly falls within about five minutes on two cores. train.py suggests it after a first CPU step.
+CPU_COMMAND = (
+    "python train.py --fused --device cpu --out-dir out-cpu --dim 128 --n-layers 2 --n-heads 4 --seq-len 128 "
+    "--batch-size 8 --grad-accum-steps 1 --max-iters 300 --warmup-iters 30 --eval-interval 100 --eval-iters 4 "
+    "--log-interval 10"
+)
 
 
 class UsageError(ValueError):

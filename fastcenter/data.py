@@ -520,7 +520,7 @@ def to_inputs_targets(windows: np.ndarray, device) -> tuple[torch.Tensor, torch.
 # ---------------------------------------------------------------------------------------------------------
 
 
-def main(argv: Iterable[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastcenter.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin / meta.json")
@@ -535,7 +535,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     c = sub.add_parser("check", help="validate token files (format, ids < vocab size)")
     c.add_argument("files", nargs="+")
     c.add_argument("--vocab-size", type=int, default=GPT2_VOCAB_SIZE)
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    return parser
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
 
     try:
         if args.command == "prepare":

@@ -64,7 +64,7 @@ def sample(
     return [enc.decode([t for t in row if t < enc.n_vocab]) for row in rows]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastcenter.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt)")
     parser.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
@@ -74,7 +74,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.seed is not None:
