@@ -1,8 +1,10 @@
-"""Fixtures of the benchmark suite, and the one skip that covers all of it where it cannot run.
+"""Fixtures of the benchmark suite, and the skips that cover the part of it that cannot run here.
 
-Without CUDA (or without pytest-benchmark) every collected case is marked skipped at collection time with one
-reason (bench.environment.skip_reason), so `pytest bench/` exits 0 there and runs no GPU code: the test modules
-import cleanly on a CPU, and no fixture below is ever set up.
+Without CUDA (or without pytest-benchmark) every GPU case is marked skipped at collection time with one reason
+(bench.environment.skip_reason), so `pytest bench/` runs no GPU code there: the test modules import cleanly on a
+CPU, and no GPU fixture below is ever set up. What does run there is the CPU comparison (bench/cpu_test.py,
+`train.py --fused` on the CPU against a plain-PyTorch GPT), which is skipped in turn where a GPU is available
+(bench.environment.cpu_skip_reason). The session ends by saying why each part was skipped (bench.plugin).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from .cases import parse_case_id
-from .environment import collect_environment, dry_run, measure_device_peaks, skip_reason
+from .environment import collect_environment, cpu_skip_reason, dry_run, measure_device_peaks, skip_reason
 from .plugin import (  # noqa: F401 -- the hooks are re-exported so pytest registers them for this directory
     SESSION,
     budget_skip_reason,
@@ -34,13 +36,17 @@ def _in_bench(item) -> bool:
     return BENCH_DIR in pathlib.Path(str(item.fspath)).resolve().parents
 
 
+def _is_cpu_comparison(item) -> bool:
+    return pathlib.Path(str(item.fspath)).name == "cpu_test.py"
+
+
 def pytest_collection_modifyitems(config, items):
-    reason = skip_reason()
-    if reason is not None:
-        skip = pytest.mark.skip(reason=reason)
-        for item in items:
-            if _in_bench(item):
-                item.add_marker(skip)
+    reasons = {True: cpu_skip_reason(), False: skip_reason()}  # keyed by "is the CPU comparison"
+    for item in items:
+        reason = reasons[_is_cpu_comparison(item)] if _in_bench(item) else None
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+    if reasons[False] is not None:
         return
     bench_items = [item for item in items if _in_bench(item)]
     if bench_items:  # a stable sort: within a priority class, the declared order stays
@@ -58,6 +64,8 @@ def within_budget():
 def pytest_report_header(config):
     reason = skip_reason()
     if reason is not None:
+        if cpu_skip_reason() is None:
+            return f"fastcenter bench: {reason}; the CPU comparison (bench/cpu_test.py) runs instead"
         return f"fastcenter bench: {reason}"
     if dry_run():
         return "fastcenter bench: DRY RUN on the CPU (FASTCENTER_BENCH_DRY_RUN=1): checks the harness, measures nothing"

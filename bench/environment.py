@@ -35,12 +35,27 @@ def dry_run() -> bool:
     return os.environ.get("FASTCENTER_BENCH_DRY_RUN", "0") == "1"
 
 
+CPU_ON_GPU_SKIP_REASON = (
+    "the CPU comparison (bench/cpu_test.py) is for machines without a GPU; FASTCENTER_BENCH_CPU=1 runs it here too"
+)
+
+
 def skip_reason() -> str | None:
-    """Why the whole suite cannot run here, or None when it can."""
+    """Why the GPU cases cannot run here, or None when they can."""
     if importlib.util.find_spec("pytest_benchmark") is None:
         return BENCHMARK_PLUGIN_SKIP_REASON
     if not torch.cuda.is_available() and not dry_run():
         return CUDA_SKIP_REASON
+    return None
+
+
+def cpu_skip_reason() -> str | None:
+    """Why the CPU comparison (bench/cpu_test.py) does not run here, or None when it does: it runs where the GPU
+    cases cannot (no CUDA), in a dry run (tiny), and anywhere with FASTCENTER_BENCH_CPU=1."""
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        return BENCHMARK_PLUGIN_SKIP_REASON
+    if torch.cuda.is_available() and not dry_run() and os.environ.get("FASTCENTER_BENCH_CPU", "0") != "1":
+        return CPU_ON_GPU_SKIP_REASON
     return None
 
 

@@ -5,7 +5,9 @@
   their reasons, so `python -m bench.report` can say what was not measured and why.
 - `pytest_runtest_logreport` collects those skips and failures.
 - `pytest_terminal_summary` prints our CUDA-event medians at the end of the run (pytest-benchmark's own table
-  shows host wall-clock times of synchronised calls, which include launch and sync latency).
+  shows host wall-clock times of synchronised calls, which include launch and sync latency), the CPU
+  comparison's summary when it ran (bench/cpu_test.py), and last, why GPU cases were skipped: without a GPU the
+  session says so in its summary, not only under -rs.
 
 Also here, used by bench/conftest.py: the run order of the cases and the time budget.
 
@@ -28,6 +30,7 @@ SESSION: dict = {
     "skipped": [],  # {"id", "nodeid", "reason"}
     "failed": [],  # {"id", "nodeid", "message"}
     "records": [],  # the extra_info records of the cases that ran, in order
+    "cpu": None,  # the CPU comparison's results (bench.cpu.compare), when bench/cpu_test.py ran
     "started": time.time(),
 }
 
@@ -99,24 +102,36 @@ def pytest_runtest_logreport(report):
         SESSION["failed"].append({"id": case.id, "nodeid": report.nodeid, "when": report.when, "message": message})
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table: the session ends with what did not run, and why
 def pytest_terminal_summary(terminalreporter):
     records = SESSION["records"]
-    if not records:
-        return
     write = terminalreporter.write_line
-    terminalreporter.section("fastcenter: CUDA-event medians (python -m bench.report turns the JSON into tables)")
-    peaks = SESSION["peaks"]
-    if peaks:
-        copy, matmul = peaks["copy_gbps"], peaks["matmul_tflops"]
-        write(f"measured ceilings: copy {copy:.0f} GB/s, bf16 matmul {matmul:.0f} TFLOP/s")
-    for r in records:
-        if r["op"] == "train_step":
-            rate = f"{r['tokens_per_s']:,.0f} tok/s"
-        elif r.get("tflops") is not None and r["bound"] == "compute":
-            rate = f"{r['tflops']:.1f} TFLOP/s"
-        else:
-            rate = f"{r['gbps']:.0f} GB/s"
-        write(f"{r['case']:<58} {r['median_ms']:>10.4f} ms  {rate}")
-    if SESSION["skipped"]:
-        write(f"{len(SESSION['skipped'])} case(s) skipped; the report lists each with its reason")
-    write(f"benchmark wall time {time.time() - SESSION['started']:.0f} s")
+    if records:
+        terminalreporter.section("fastcenter: CUDA-event medians (python -m bench.report turns the JSON into tables)")
+        peaks = SESSION["peaks"]
+        if peaks:
+            copy, matmul = peaks["copy_gbps"], peaks["matmul_tflops"]
+            write(f"measured ceilings: copy {copy:.0f} GB/s, bf16 matmul {matmul:.0f} TFLOP/s")
+        for r in records:
+            if r["op"] == "train_step":
+                rate = f"{r['tokens_per_s']:,.0f} tok/s"
+            elif r.get("tflops") is not None and r["bound"] == "compute":
+                rate = f"{r['tflops']:.1f} TFLOP/s"
+            else:
+                rate = f"{r['gbps']:.0f} GB/s"
+            write(f"{r['case']:<58} {r['median_ms']:>10.4f} ms  {rate}")
+        write(f"benchmark wall time {time.time() - SESSION['started']:.0f} s")
+    if SESSION["cpu"] is not None:
+        from .cpu import summary_text
+
+        terminalreporter.section("fastcenter: CPU comparison (python -m bench.cpu records it in bench/results/)")
+        for line in summary_text(SESSION["cpu"]).splitlines():
+            write(line)
+    skipped = SESSION["skipped"]
+    if skipped:
+        terminalreporter.section("fastcenter: GPU cases not run")
+        counts: dict[str, int] = {}
+        for item in skipped:
+            counts[item["reason"]] = counts.get(item["reason"], 0) + 1
+        for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            write(f"{n} GPU benchmark case(s) skipped: {reason}")

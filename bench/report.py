@@ -4,9 +4,10 @@
     python -m bench.report                            # regenerate BENCHMARKS.md from bench/results/ only
 
 Several JSON files (a suite split over several commands) are merged into one results file; they must come from
-one device. BENCHMARKS.md shows the newest results file in full and lists the others. Nothing here measures
-anything: every number in the output comes from a results file, and with no results file BENCHMARKS.md says
-that nothing has been measured.
+one device. BENCHMARKS.md shows the newest results file in full and lists the others. The CPU comparison
+(`python -m bench.cpu`) writes its own results files, bench/results/cpu-*.json; BENCHMARKS.md shows the newest
+in its CPU section. Nothing here measures anything: every number in the output comes from a results file, and
+where there is none BENCHMARKS.md says that nothing has been measured.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pathlib
 import re
 import sys
 
+from . import cpu
 from .cases import DIRECTIONS, OP_SPECS, RECORD_SCHEMA, TRAIN_VARIANTS, parse_case_id
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -154,17 +156,22 @@ def write_results(results: dict, results_dir=RESULTS_DIR) -> pathlib.Path:
     return path
 
 
-def load_results_dir(results_dir=RESULTS_DIR) -> list[tuple[str, dict]]:
-    """(file name, results) of every results file, oldest first."""
+def load_results_dir(results_dir=RESULTS_DIR, schema: str = RESULTS_SCHEMA) -> list[tuple[str, dict]]:
+    """(file name, results) of every results file of this schema (GPU suite by default), oldest first."""
     found = []
     for path in sorted(pathlib.Path(results_dir).glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if data.get("schema") == RESULTS_SCHEMA:
+        if data.get("schema") == schema:
             found.append((path.name, data))
     return sorted(found, key=lambda item: (item[1].get("datetime") or "", item[0]))
+
+
+def load_cpu_results(results_dir=RESULTS_DIR) -> list[tuple[str, dict]]:
+    """(file name, results) of every CPU comparison (`python -m bench.cpu`), oldest first."""
+    return load_results_dir(results_dir, cpu.SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -347,7 +354,8 @@ On a machine with an NVIDIA GPU, from the repository root:
     pytest bench/ --benchmark-only --benchmark-json=/tmp/bench.json
     python -m bench.report /tmp/bench.json    # -> bench/results/<device>-<date>.json and this file
 
-- Without CUDA every case is skipped with one reason, and nothing is written.
+- Without CUDA every GPU case is skipped with one reason, which the session's summary states at its end, and
+  the CPU comparison runs instead (next section); no GPU results file is written.
 - A subset: `-k rms_norm`, `-k "seed and not compile"`, `-k train_step`. A suite split over several commands
   is merged by passing every JSON: `python -m bench.report a.json b.json` (one device per results file).
 - pytest exits non-zero when a case fails; the JSON is still written, so `;` instead of `&&` still gets a report
@@ -361,6 +369,21 @@ On a machine with an NVIDIA GPU, from the repository root:
 - `FASTCENTER_BENCH_DRY_RUN=1` runs the suite's code on the CPU at tiny shapes (checks the harness; measures
   nothing, and the report refuses its JSON).
 - `python -m bench.report` with no argument regenerates this file from bench/results/.
+"""
+
+HOW_TO_RUN_CPU = """\
+### Without a GPU
+
+    python -m bench.cpu                       # seed config, 6 rounds x 4 steps: ~25 minutes on 2 cores
+    python -m bench.cpu --rounds 2 --steps 3  # shorter; --threads N, --work-dir DIR (keeps the logs)
+    pytest bench/ --benchmark-only            # runs the comparison too (2 rounds x 3 steps by default)
+
+`python -m bench.cpu` writes `bench/results/cpu-<cpu>-<date>.json` (every run's per-step rows, peak RSS, CPU
+time, the machine, and the noise around each run) and regenerates this file. Under pytest the same comparison
+is sized by FASTCENTER_BENCH_CPU_SHAPE (seed, or tiny to check the harness), FASTCENTER_BENCH_CPU_ROUNDS,
+FASTCENTER_BENCH_CPU_STEPS and FASTCENTER_BENCH_CPU_THREADS; it prints its summary at the end of the session and
+puts the results in the pytest-benchmark JSON, but writes nothing here. Where a GPU is available it is skipped
+unless FASTCENTER_BENCH_CPU=1. The plain GPT needs about 7 GB of memory at the seed config.
 """
 
 METHOD = """\
@@ -513,8 +536,9 @@ def _targets_section(results: dict | None) -> list[str]:
     return ["## Spec targets", "", intro, ""] + _table(["target", "measured", "status"], rows) + [""]
 
 
-def render_markdown(all_results: list[tuple[str, dict]]) -> str:
-    """BENCHMARKS.md from (file name, results) pairs, oldest first; the newest is shown in full."""
+def render_markdown(all_results: list[tuple[str, dict]], cpu_results: list[tuple[str, dict]] = ()) -> str:
+    """BENCHMARKS.md from (file name, results) pairs of the GPU suite and of the CPU comparison, each oldest
+    first; the newest of each is shown in full."""
     lines = [
         "# fastcenter benchmarks",
         "",
@@ -522,21 +546,36 @@ def render_markdown(all_results: list[tuple[str, dict]]) -> str:
         "",
     ]
     if not all_results:
-        lines += [
-            "**Nothing has been measured yet.** There is no results file in `bench/results/`: the suite needs an "
-            "NVIDIA GPU, and no run on one has been recorded. Every number that appears here will come from such "
-            "a run (see *How to run*); none is estimated or copied from elsewhere.",
-            "",
-        ]
+        if cpu_results:
+            lines += [
+                "**Nothing has been measured on a GPU yet.** There is no GPU results file in `bench/results/`: "
+                "the GPU suite needs an NVIDIA GPU, and no run on one has been recorded, so every GPU target below "
+                "says so. The only measurement so far is the CPU comparison (*On a CPU*). Every number here comes "
+                "from a results file; none is estimated or copied from elsewhere.",
+                "",
+            ]
+        else:
+            lines += [
+                "**Nothing has been measured yet.** There is no results file in `bench/results/`: the suite needs "
+                "an NVIDIA GPU, and no run on one has been recorded. Every number that appears here will come from "
+                "such a run (see *How to run*); none is estimated or copied from elsewhere.",
+                "",
+            ]
         lines += _targets_section(None)
+        lines += _cpu_section(cpu_results)
         lines += _cases_section()
-        lines += [HOW_TO_RUN, METHOD]
+        lines += [HOW_TO_RUN, HOW_TO_RUN_CPU, METHOD]
+        if cpu_results:
+            lines += _all_files(all_results, cpu_results)
         return "\n".join(lines).rstrip() + "\n"
 
     source, results = all_results[-1]
     lines += _run_section(results, source)
     lines += _targets_section(results)
     lines += _train_section(results)
+    from .first_contact import markdown_section  # the first GPU contact's tests and train.py runs, if any
+
+    lines += markdown_section(results)
     op_lines = []
     for name in OP_SPECS:
         op_lines += _op_section(results, name)
@@ -544,11 +583,92 @@ def render_markdown(all_results: list[tuple[str, dict]]) -> str:
         lines += ["## Kernels", "", "Speed-ups are the variant's median time divided into eager's / compile's "
                   "(> 1: faster). Peak MB: new memory at the peak of one call; extra MB: that minus its outputs "
                   "or gradients.", ""] + op_lines
-    other = [f"- `bench/results/{name}`: {r['device']}, {r.get('datetime') or r['date']}, commit "
-             f"{((r.get('environment') or {}).get('git') or {}).get('commit', 'unknown')}" for name, r in all_results]
+    lines += _cpu_section(cpu_results)
     lines += _cases_section()
-    lines += [HOW_TO_RUN, METHOD, "## All results files", "", *other, ""]
+    lines += [HOW_TO_RUN, HOW_TO_RUN_CPU, METHOD, *_all_files(all_results, cpu_results)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _all_files(all_results, cpu_results) -> list[str]:
+    gpu = [f"- `bench/results/{name}`: {r['device']}, {r.get('datetime') or r['date']}, commit "
+           f"{((r.get('environment') or {}).get('git') or {}).get('commit', 'unknown')}" for name, r in all_results]
+    cpu_files = [f"- `bench/results/{name}`: CPU comparison, {r['machine']['cpu_model']}, {r['datetime']}, commit "
+                 f"{(r.get('git') or {}).get('commit', 'unknown')}" for name, r in cpu_results]  # fmt: skip
+    return ["## All results files", "", *gpu, *cpu_files, ""]
+
+
+def _cpu_section(cpu_results) -> list[str]:
+    """The newest CPU comparison: both sides' tokens/s and peak RSS, the paired ratio, the CPU targets, the noise."""
+    lines = ["## On a CPU: train.py --fused against a plain-PyTorch GPT", ""]
+    intro = (
+        "`python -m bench.cpu` runs `train.py --fused` on the CPU (where the fused ops run `fastcenter/cpu.py`: "
+        "the chunked linear cross-entropy never forms the [N, V] logits) and `bench/plain_gpt.py`, a ~100-line "
+        "nanoGPT-style GPT of the same architecture, init and optimizer that forms the full logits and calls "
+        "`F.cross_entropy`. Each run is its own process with the same thread count and synthetic data; the two "
+        "alternate, round after round, the order swapped every round. A run's tokens/s is the median of its "
+        "steps after the first (warm-up); peak RSS is the whole process's (`wait4`). The speed ratio is taken "
+        "per round, from two runs made back to back, which cancels slow changes in the machine's load."
+    )
+    if not cpu_results:
+        rows = [[t, "-", NOT_MEASURED] for t in _CPU_TARGETS]
+        return lines + [intro, "", "No CPU comparison has been recorded yet (see *How to run*).", "",
+                        *_table(["CPU target (SPEC.md, \"Without a GPU\")", "measured", "status"], rows), ""]
+    source, r = cpu_results[-1]
+    s = r["summary"]
+    machine = r["machine"]
+    git = r.get("git") or {}
+    commit = git.get("commit", "unknown") + (" (uncommitted changes)" if git.get("dirty") else "")
+    memory = f", {machine['memory_bytes'] / 1e9:.0f} GB RAM" if machine.get("memory_bytes") else ""
+    about = [
+        ["machine", f"{machine['cpu_model']}, {machine['cpus_available']} of {machine['logical_cpus']} logical "
+                    f"CPUs available{memory}"],
+        ["software", f"torch {machine['torch']} ({machine['torch_cpu_capability']}), Python {machine['python']}"],
+        ["commit", f"{commit}, source sha256 {git.get('source_sha256', '?')}"],
+        ["date (UTC)", r["datetime"]],
+        ["what ran", cpu.describe_settings(r)],
+        ["results file", f"`bench/results/{source}`"],
+    ]  # fmt: skip
+    figures = [
+        [cpu.LABELS[side], cpu._fmt_spread(s[side]["tokens_per_sec"]), cpu._fmt_spread(s[side]["peak_rss_bytes"], 1e-6),
+         str(s[side]["tokens_per_sec"]["n"] if s[side]["tokens_per_sec"] else 0) + (
+             f" ({s[side]['failed']} failed)" if s[side]["failed"] else "")]
+        for side in cpu.SIDES
+    ]  # fmt: skip
+    seed = r["settings"]["shape"] == "seed"
+    t = s["targets"]
+    rss, speed = t["peak_rss"], t["speedup"]
+
+    def status(met):
+        if not seed:
+            return f"not measured at the seed config ({r['settings']['shape']} shape)"
+        return NOT_MEASURED if met is None else _status(met)
+
+    ratio = s["speedup"]
+    rss_text = "-" if rss["measured_bytes"] is None else f"{rss['measured_bytes'] / MB:,.0f} MB (largest run)"
+    targets = [
+        [_CPU_TARGETS[0], rss_text, status(rss["met"])],
+        [_CPU_TARGETS[1], "-" if ratio is None else
+         f"{ratio['median']:.2f}x (median of {ratio['n']} rounds; {ratio['min']:.2f}x-{ratio['max']:.2f}x)",
+         status(speed["met"])],
+    ]  # fmt: skip
+    lines += [intro, ""]
+    lines += _table(["", ""], about) + [""]
+    lines += _table(["", "tokens/s, median [min - max]", "peak RSS MB, median [min - max]", "runs"], figures) + [""]
+    lines += [f"Speed ratio train.py --fused / plain, per round: {cpu._fmt_spread(ratio, fmt='{:.2f}x')}.", ""]
+    lines += _table(["CPU target (SPEC.md, \"Without a GPU\")", "measured", "status"], targets) + [""]
+    lines += [f"**How noisy the machine was.** {cpu.describe_noise(r)[0].upper()}{cpu.describe_noise(r)[1:]}. "
+              "(\"Other processes\" is the machine-wide busy CPU time from /proc/stat while a run lasted, minus "
+              "the run's own, as a share of all the CPUs' time: other agents share this machine.)", ""]  # fmt: skip
+    if len(cpu_results) > 1:
+        lines += ["Earlier CPU comparisons: " + ", ".join(f"`bench/results/{name}`" for name, _ in cpu_results[:-1])
+                  + " (see *All results files*).", ""]  # fmt: skip
+    return lines
+
+
+_CPU_TARGETS = (
+    "Peak RSS of `train.py --fused` on a CPU at the seed config (batch 16 x 512): <= 3 GB",
+    "tokens/s of `train.py --fused` on a CPU: >= 1.1x a plain-PyTorch GPT of the same architecture, side by side",
+)
 
 
 def _cases_section() -> list[str]:
@@ -566,9 +686,14 @@ def _cases_section() -> list[str]:
     return lines
 
 
+def expected_markdown(results_dir=RESULTS_DIR) -> str:
+    """BENCHMARKS.md as the results files in `results_dir` make it."""
+    return render_markdown(load_results_dir(results_dir), load_cpu_results(results_dir))
+
+
 def regenerate_markdown(results_dir=RESULTS_DIR, markdown_path=MARKDOWN_PATH) -> pathlib.Path:
     path = pathlib.Path(markdown_path)
-    path.write_text(render_markdown(load_results_dir(results_dir)))
+    path.write_text(expected_markdown(results_dir))
     return path
 
 

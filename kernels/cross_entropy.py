@@ -78,6 +78,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import max_registers, multiprocessor_count
+
 # Widest vocabulary block a program handles at once, and the programs launched per SM (kept small so the
 # rows in flight stay in L2 between the two passes). Tunables for the GPU benchmark.
 MAX_BLOCK_V = 8192
@@ -175,11 +177,10 @@ def _cross_entropy_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
 def _max_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the CPU interpreter runs programs one after another: few programs, long row loops
+    """PROGRAMS_PER_SM per SM; 4 under the CPU interpreter (it runs programs one after another: few programs,
+    long row loops)."""
+    return PROGRAMS_PER_SM * multiprocessor_count(device) if device.type != "cpu" else 4
 
 
 def _launch_rows(
@@ -195,6 +196,7 @@ def _launch_rows(
     if n_rows == 0:
         return
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(n_cols))
+    num_warps = max(1, min(NUM_WARPS, block_v // 512))  # 16 lanes per thread at the widest block
     n_programs = min(n_rows, _max_programs(logits.device))
     scale_stride = 0 if grad_scale is None or grad_scale.dim() == 0 else grad_scale.stride(0)
     _cross_entropy_kernel[(n_programs,)](
@@ -203,7 +205,7 @@ def _launch_rows(
         ignore_index, label_smoothing, z_loss, 1.0 if softcap is None else softcap,
         COMPUTE_STATS=compute_stats, WRITE_GRAD=write_grad,
         HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block_v,
-        num_warps=max(1, min(NUM_WARPS, block_v // 512)),  # 16 lanes per thread at the widest block
+        num_warps=num_warps, maxnreg=max_registers(num_warps, PROGRAMS_PER_SM),  # two resident programs per SM
     )  # fmt: skip
 
 

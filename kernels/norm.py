@@ -14,24 +14,33 @@ Backward, with n = h * rstd, g = dy * w and an incoming gradient dh_out of the s
 
 The backward runs on a grid of a few programs per SM; each walks its own slab of rows and keeps float32
 partial sums of dw (and dc_vec) in registers, written once as a [programs, D] tile and summed by torch:
-the "small reduction" after the single pass. A row is held whole in registers, so D is limited by
-`fastcenter.ops.norm.MAX_FUSED_NORM_DIM`; D need not be a power of two (lanes beyond D are masked).
+the "small reduction" after the single pass. D need not be a power of two (lanes beyond D are masked).
+
+Row width. The forward holds a whole row in registers up to `fastcenter.ops.norm.MAX_FUSED_NORM_DIM`. The
+single-pass backward holds more per column (h, dy, w and the two partial sums), and past
+WIDEST_SINGLE_PASS columns it spills registers to local memory (measured with `python -m bench.compile`, at
+D = 16384 with 16 warps: 179 to 1088 spill instructions and up to 1.5 KB of stack per thread with Triton 3.9,
+245 to 269 and ~390 bytes with 3.2, on sm_80 and sm_90; none at 8192). Wider rows are
+split: `_norm_bwd_dot_kernel` first computes each row's mean(g * n) in column chunks (one float32 per row),
+then the same backward kernel runs on a 2-D grid of row slabs x column blocks of WIDE_ROW_BLOCK, reading that
+mean instead of reducing the row itself. It reads dy and h twice (5 instead of 3 passes over N x D), only
+for rows wider than WIDEST_SINGLE_PASS.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ._device import max_registers, multiprocessor_count
 
 
 @triton.jit
 def _norm_fwd_kernel(
     X, R, C, W, Y, H, RSTD,
     n_rows, n_cols, eps,
-    stride_x, stride_r, stride_c_row, stride_c_col, stride_y, stride_h,
+    stride_x, stride_r, stride_c_row, stride_c_col, stride_w, stride_y, stride_h,
     HAS_RESIDUAL: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     STORE_HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -52,7 +61,7 @@ def _norm_fwd_kernel(
     rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)  # masked lanes hold 0 and add nothing
     y = h * rstd[:, None]
     if HAS_WEIGHT:
-        y *= tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        y *= tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32)[None, :]
 
     tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     if STORE_HIDDEN:
@@ -61,18 +70,39 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
+def _norm_bwd_dot_kernel(
+    DY, H, W, RSTD, DOT,
+    n_cols, stride_dy, stride_h, stride_w,
+    HAS_WEIGHT: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Wide rows: mean(g * n) = rstd * sum(dy * w * h) / D of one row, in column chunks of BLOCK_D."""
+    row64 = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        mask = cols < n_cols
+        g = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            g *= tl.load(W + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
+        acc += g * tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DOT + row64, tl.sum(acc, axis=0) * tl.load(RSTD + row64) / n_cols)
+
+
+@triton.jit
 def _norm_bwd_kernel(
-    DY, DH_OUT, H, W, RSTD, DX, DW_PARTIAL, DC_PARTIAL,
+    DY, DH_OUT, H, W, RSTD, DOT, DX, DW_PARTIAL, DC_PARTIAL,
     n_rows, n_cols, rows_per_program,
-    stride_dy, stride_dh_out, stride_h, stride_dx,
-    HAS_DH_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, CENTER_IS_VECTOR: tl.constexpr,
+    stride_dy, stride_dh_out, stride_h, stride_w, stride_dx,
+    HAS_DH_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, CENTER_IS_VECTOR: tl.constexpr, ROW_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """Programs (row slab, column block). Without ROW_DOT a column block is the whole row; with it, the row's
+    mean(g * n) comes from DOT (see the module docstring: rows wider than WIDEST_SINGLE_PASS)."""
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < n_cols
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     dw_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dc_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
@@ -91,7 +121,11 @@ def _norm_bwd_kernel(
             g = dy * w
         else:
             g = dy
-        dh = (g - n * (tl.sum(g * n, axis=1) / n_cols)[:, None]) * rstd
+        if ROW_DOT:
+            dot = tl.load(DOT + rows, mask=row_mask, other=0.0)
+        else:
+            dot = tl.sum(g * n, axis=1) / n_cols
+        dh = (g - n * dot[:, None]) * rstd
         if HAS_DH_OUT:
             dh += tl.load(DH_OUT + rows64 * stride_dh_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64 * stride_dx + cols[None, :], dh.to(DX.dtype.element_ty), mask=mask)
@@ -112,24 +146,26 @@ def _norm_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
 def _programs_per_wave(device: torch.device) -> int:
     """Enough programs to fill the GPU a few times over; a handful under the CPU interpreter."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return 4 * multiprocessor_count(device)
 
 
-def _block_shape(n_cols: int, elements_per_program: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps): whole rows, BLOCK_M of them, about `elements_per_program` in a tile."""
-    block_d = triton.next_power_of_2(n_cols)
+# The widest row the single-pass backward holds in registers, and the column block of wider rows (see the
+# module docstring; both checked spill-free by `python -m bench.compile`).
+WIDEST_SINGLE_PASS = 8192
+WIDE_ROW_BLOCK = 4096
+
+
+def _block_shape(block_d: int, elements_per_program: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) for tiles of BLOCK_M rows x block_d columns, about `elements_per_program` in size."""
     block_m = max(1, min(64, elements_per_program // block_d))
     num_warps = max(1, min(16, block_m * block_d // 512))
-    return block_m, block_d, num_warps
+    return block_m, num_warps
 
 
 def norm_forward(x, weight, center, residual, eps: float):
-    """x, residual: [N, D] with unit column stride; center: [D] or [N, D] view (any strides).
+    """x, residual: [N, D] with unit column stride; center: [D] or [N, D] view, weight: [D] (any strides).
 
     Returns (normed [N, D], hidden [N, D] or empty when there is nothing to add or subtract, rstd [N] fp32).
     """
@@ -144,16 +180,23 @@ def norm_forward(x, weight, center, residual, eps: float):
         c_strides = (0, center.stride(0))
     else:
         c_strides = (center.stride(0), center.stride(1))
-    block_m, block_d, num_warps = _block_shape(n_cols, 4096)
+    block_d = triton.next_power_of_2(n_cols)
+    block_m, num_warps = _block_shape(block_d, 4096)
     _norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
         x, residual, center, weight, normed, hidden, rstd,
         n_rows, n_cols, eps,
-        x.stride(0), 0 if residual is None else residual.stride(0), *c_strides,
+        x.stride(0), 0 if residual is None else residual.stride(0), *c_strides, _stride(weight),
         normed.stride(0), hidden.stride(0) if store_hidden else 0,
         HAS_RESIDUAL=residual is not None, HAS_CENTER=center is not None, HAS_WEIGHT=weight is not None,
         STORE_HIDDEN=store_hidden, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        maxnreg=max_registers(num_warps) if block_m == 1 else None,  # one row of >= 4096: see max_registers
     )  # fmt: skip
     return normed, hidden, rstd
+
+
+def _stride(vector) -> int:
+    """The element stride of a [D] vector argument (a weight may be a strided or stride-0 view), 0 if absent."""
+    return 0 if vector is None else vector.stride(0)
 
 
 def _unit_col_stride(t):
@@ -171,7 +214,18 @@ def norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vect
         grad_hidden = _unit_col_stride(grad_hidden)
     grad_h = torch.empty_like(hidden)
 
-    block_m, block_d, num_warps = _block_shape(n_cols, 2048)
+    block_d = triton.next_power_of_2(n_cols)
+    wide = block_d > WIDEST_SINGLE_PASS
+    dot = None
+    if wide:  # a mean(g * n) per row first, then column blocks of the row (see the module docstring)
+        block_d = WIDE_ROW_BLOCK
+        dot = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        _norm_bwd_dot_kernel[(n_rows,)](
+            grad_normed, hidden, weight, rstd, dot,
+            n_cols, grad_normed.stride(0), hidden.stride(0), _stride(weight),
+            HAS_WEIGHT=weight is not None, BLOCK_D=block_d, num_warps=8,
+        )  # fmt: skip
+    block_m, num_warps = _block_shape(block_d, 2048)
     n_tiles = triton.cdiv(n_rows, block_m)
     n_programs = min(n_tiles, _programs_per_wave(hidden.device))
     rows_per_program = triton.cdiv(n_tiles, n_programs) * block_m
@@ -182,12 +236,13 @@ def norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vect
 
     dw_partial = partial() if weight is not None else None
     dc_partial = partial() if center_is_vector else None
-    _norm_bwd_kernel[(n_programs,)](
-        grad_normed, grad_hidden, hidden, weight, rstd, grad_h, dw_partial, dc_partial,
+    _norm_bwd_kernel[(n_programs, triton.cdiv(n_cols, block_d))](
+        grad_normed, grad_hidden, hidden, weight, rstd, dot, grad_h, dw_partial, dc_partial,
         n_rows, n_cols, rows_per_program,
-        grad_normed.stride(0), 0 if grad_hidden is None else grad_hidden.stride(0), hidden.stride(0), grad_h.stride(0),
+        grad_normed.stride(0), 0 if grad_hidden is None else grad_hidden.stride(0), hidden.stride(0), _stride(weight),
+        grad_h.stride(0),
         HAS_DH_OUT=grad_hidden is not None, HAS_WEIGHT=weight is not None, CENTER_IS_VECTOR=center_is_vector,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        ROW_DOT=wide, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
     grad_weight = hidden.new_empty(0) if weight is None else dw_partial.sum(0).to(weight.dtype)
     grad_center = dc_partial.sum(0) if center_is_vector else hidden.new_empty(0, dtype=torch.float32)

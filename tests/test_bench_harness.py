@@ -5,7 +5,10 @@
 - `measure` with a fake clock: warm-up excluded, setup/flush outside the timed region, one sync at the end;
 - memory accounting of views and inputs;
 - the report: a synthetic pytest-benchmark JSON -> results file -> BENCHMARKS.md tables, speed-ups and targets;
-- the suite's one-reason skip without CUDA (subprocess), its run order and time budget;
+- the suite without CUDA (subprocess): every GPU case skipped with one reason, said again at the end of the
+  session, and the CPU comparison run instead (tiny), its raw runs consistent with its summary; its run order
+  and time budget;
+- the CPU comparison's summary (paired ratios, noise, targets), its command line, and its BENCHMARKS.md section;
 - a dry run (subprocess, FASTCENTER_BENCH_DRY_RUN=1) through the GPU code paths on the CPU, whose real
   pytest-benchmark JSON the report then reads (and refuses as a measurement);
 - BENCHMARKS.md being exactly what the generator writes.
@@ -26,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `bench` is a folder of the repository, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import cases, plugin, report  # noqa: E402
+from bench import cases, cpu, plugin, report  # noqa: E402
 from bench.cases import DIRECTIONS, OP_SPECS, Case, op_record, parse_case_id, prepare, train_record  # noqa: E402
 from bench.environment import CUDA_SKIP_REASON, git_info, skip_reason, source_hash  # noqa: E402
 from bench.timing import HostClock, Timing, measure, tensor_bytes  # noqa: E402
@@ -295,26 +298,53 @@ def test_git_info_override_and_source_hash(monkeypatch):
     assert info["source_sha256"] == source_hash() and re.fullmatch(r"[0-9a-f]{16}", info["source_sha256"])
 
 
-def _pytest(args, env=None, cwd=ROOT):
+def _pytest(args, env=None, cwd=ROOT, timeout=120):
     return subprocess.run(
         [sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider"],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
 
 
-def test_bench_suite_skips_with_one_reason_without_cuda():
+def test_bench_suite_without_cuda_skips_gpu_cases_with_one_reason_and_runs_the_cpu_comparison(tmp_path):
+    """`pytest bench/ --benchmark-only` on a machine without a GPU: every GPU case skipped with one reason, which
+    the session's own summary repeats at its end (not only -rs), and the CPU comparison run (tiny here)."""
     pytest.importorskip("pytest_benchmark")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    result = _pytest(["bench/", "--benchmark-only", "-rs"], env=env)
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out
-    reasons = {line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("SKIPPED")}
-    assert reasons == {CUDA_SKIP_REASON}, out
-    assert " skipped" in out and "passed" not in out and "error" not in out.lower()
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "FASTCENTER_BENCH_CPU_SHAPE": "tiny",
+           "FASTCENTER_BENCH_CPU_ROUNDS": "1", "FASTCENTER_BENCH_CPU_STEPS": "2", "FASTCENTER_BENCH_CPU_THREADS": "1"}
+    env.pop("FASTCENTER_BENCH_DRY_RUN", None)
+    result = _pytest(["bench/", "--benchmark-only", "-rs", f"--benchmark-json={out}"], env=env, timeout=600)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-5000:]
+    reasons = {line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("SKIPPED")}
+    assert reasons == {CUDA_SKIP_REASON}, text[-5000:]
+    assert "1 passed" in text and "error" not in text.lower() and "failed" not in text.lower()
+    # The session's summary: the CPU comparison, then (last of fastcenter's sections) why GPU cases did not run.
+    summary = text[text.index("fastcenter: CPU comparison"):]
+    assert "CPU comparison, tiny shape" in summary and "speed ratio fastcenter / plain" in summary
+    assert "targets: not evaluated (the tiny shape is not the seed config)" in summary
+    gpu = summary[summary.index("fastcenter: GPU cases not run"):]
+    assert re.search(rf"\d+ GPU benchmark case\(s\) skipped: {re.escape(CUDA_SKIP_REASON)}", gpu), gpu
+    assert "benchmark: 1 tests" not in gpu  # after pytest-benchmark's table: only -rs's list and the count follow
+
+    # The raw runs behind it, from the benchmark JSON: one per side, rows per step, consistent figures.
+    (bench,) = json.loads(out.read_text())["benchmarks"]
+    results = bench["extra_info"]["cpu_comparison"]
+    assert results["schema"] == cpu.SCHEMA and results["settings"]["shape"] == "tiny"
+    assert sorted(r["side"] for r in results["runs"]) == ["fastcenter", "plain"]
+    for run in results["runs"]:
+        assert run["returncode"] == 0 and not run.get("error")
+        assert [row["step"] for row in run["rows"]] == [1, 2]
+        assert run["tokens_per_sec"] == run["rows"][1]["tokens_per_sec"] > 0  # the first step is left out
+        assert run["peak_rss_bytes"] > 50e6 and run["cpu_user_s"] > 0 and run["wall_s"] > 0
+    assert "--fused" in results["runs"][0]["argv"] or "--fused" in results["runs"][1]["argv"]
+    assert results["summary"] == cpu.summarize(results["runs"])
+    md = report.render_markdown([], [("cpu-tiny.json", results)])
+    assert "not measured at the seed config (tiny shape)" in md
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -536,7 +566,7 @@ def test_markdown_without_results_claims_nothing():
 
 
 def test_benchmarks_md_is_what_the_generator_writes():
-    expected = report.render_markdown(report.load_results_dir(report.RESULTS_DIR))
+    expected = report.render_markdown(report.load_results_dir(report.RESULTS_DIR), report.load_cpu_results())
     assert (ROOT / "BENCHMARKS.md").read_text() == expected, "regenerate with: python -m bench.report"
 
 
@@ -578,3 +608,118 @@ def test_dry_run_goes_through_the_gpu_code_paths_and_the_report_refuses_it(tmp_p
     md = report.render_markdown([("dry.json", report.build_results([(str(out), data)]))])
     assert _cells(_row(md, "fused"))[2] == f"{step['tokens_per_s']:,.0f}"
     _row(md, "seed: N=5 x D=16 x V=37", "forward+backward", "compile")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CPU comparison (bench/cpu.py): summary, command line, report section
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cpu_run(side, round_, tokens_per_sec, peak, other=0.3, steps=4):
+    """One run as bench.cpu.run_one records it: per-step rows whose median after step 1 is tokens_per_sec."""
+    rows = [{"step": 1, "tokens_per_sec": tokens_per_sec / 3, "peak_mem_mb": peak / 2**20}]
+    rows += [{"step": s, "tokens_per_sec": tokens_per_sec * f, "peak_mem_mb": peak / 2**20}
+             for s, f in zip(range(2, steps + 1), (0.9, 1.0, 1.2))]  # fmt: skip
+    return {"side": side, "round": round_, "returncode": 0, "rows": rows, "tokens_per_sec": tokens_per_sec,
+            "peak_rss_bytes": peak, "wall_s": 60.0, "cpu_user_s": 100.0, "cpu_sys_s": 5.0,
+            "noise": {"loadavg_before": 1.0 + round_, "loadavg_after": 2.0 + round_, "other_busy_fraction": other,
+                      "steal_fraction": 0.0}}  # fmt: skip
+
+
+def _cpu_results(runs, shape="seed"):
+    settings = {**vars(cpu.settings_for(shape, rounds=len(runs) // 2)), "threads": 2}
+    return {
+        "schema": cpu.SCHEMA, "datetime": "2026-12-03T10:00:00+00:00", "date": "2026-12-03", "wall_s": 1.0,
+        "machine": {"cpu_model": "Test CPU @ 1 GHz", "logical_cpus": 2, "cpus_available": 2, "threads": 2,
+                    "memory_bytes": 8e9, "platform": "linux", "python": "3.11", "torch": "2.13.0",
+                    "torch_cpu_capability": "AVX512"},
+        "git": {"commit": "abc123", "dirty": False, "source_sha256": "0123456789abcdef"},
+        "settings": settings, "data": {}, "labels": cpu.LABELS, "runs": runs, "summary": cpu.summarize(runs),
+    }  # fmt: skip
+
+
+def test_cpu_summary_pairs_runs_by_round_and_evaluates_the_targets():
+    fast = [uniform(500, 700) for _ in range(3)]
+    slow = [uniform(250, 450) for _ in range(3)]
+    rss = [randint(1500, 2900) * 10**6 for _ in range(3)]
+    others = [uniform(0, 0.9) for _ in range(6)]
+    runs = []
+    for n in range(3):
+        runs.append(_cpu_run("fastcenter", n, fast[n], rss[n], others[2 * n]))
+        runs.append(_cpu_run("plain", n, slow[n], 7e9, others[2 * n + 1]))
+    s = cpu.summarize(runs)
+    assert s["fastcenter"]["tokens_per_sec"]["median"] == pytest.approx(np.median(fast))
+    assert s["plain"]["peak_rss_bytes"]["max"] == 7e9 and s["fastcenter"]["peak_rss_bytes"]["max"] == max(rss)
+    ratios = [f / p for f, p in zip(fast, slow)]  # paired by round, not a ratio of medians
+    assert s["speedup"]["median"] == pytest.approx(np.median(ratios))
+    assert (s["speedup"]["min"], s["speedup"]["max"]) == (pytest.approx(min(ratios)), pytest.approx(max(ratios)))
+    assert s["noise"]["other_busy_fraction"]["max"] == pytest.approx(max(others))
+    assert s["targets"]["peak_rss"]["met"] and s["targets"]["speedup"]["met"] == (np.median(ratios) >= 1.1)
+    # A bigger process, a slower one, a failed run: the targets say so, and a failure is counted, not averaged.
+    runs[0] = {**_cpu_run("fastcenter", 0, 100.0, 4e9), "returncode": -9, "tokens_per_sec": None, "error": "killed"}
+    s = cpu.summarize(runs)
+    assert s["fastcenter"]["failed"] == 1 and s["fastcenter"]["tokens_per_sec"]["n"] == 2
+    assert s["speedup"]["n"] == 2
+    assert cpu.summarize([_cpu_run("fastcenter", 0, 100.0, 4e9), _cpu_run("plain", 0, 200.0, 7e9)])["targets"] == {
+        "peak_rss": {"target_bytes": 3e9, "measured_bytes": 4e9, "met": False},
+        "speedup": {"target": 1.1, "measured": 0.5, "met": False},
+    }
+
+
+def test_cpu_runner_commands_are_the_documented_ones(tmp_path):
+    seed = cpu.settings_for("seed")
+    argv, metrics = cpu.commands(seed, tmp_path / "data", tmp_path / "out")["fastcenter"]
+    assert argv[1:] == ["train.py", "--fused", "--device", "cpu", "--batch-size", "16", "--grad-accum-steps", "1",
+                        "--seq-len", "512", "--max-iters", "4", "--eval-interval", "4", "--eval-iters", "1",
+                        "--log-interval", "1", "--data", str(tmp_path / "data"), "--out-dir",
+                        str(tmp_path / "out" / "fastcenter")]  # fmt: skip
+    assert metrics == tmp_path / "out" / "fastcenter" / "metrics.jsonl"
+    tiny_argv, _ = cpu.commands(cpu.settings_for("tiny"), tmp_path, tmp_path)["fastcenter"]
+    assert tiny_argv[tiny_argv.index("--dim") + 1] == "32"  # shape flags only where they differ from the seed
+    plain, _ = cpu.commands(seed, tmp_path, tmp_path)["plain"]
+    assert plain[1:3] == ["-m", "bench.plain_gpt"] and plain[plain.index("--vocab-size") + 1] == "50257"
+    with pytest.raises(ValueError, match="steps >= 2"):
+        cpu.settings_for("seed", steps=1)
+
+
+def test_cpu_runner_command_line_writes_results_and_the_summary(tmp_path, monkeypatch, capsys):
+    runs = [_cpu_run("fastcenter", 0, 600.0, 2e9), _cpu_run("plain", 0, 300.0, 7e9)]
+    seen = {}
+
+    def fake_compare(settings, work_dir=None, say=print):
+        seen["settings"] = settings
+        return _cpu_results(runs)
+
+    monkeypatch.setattr(cpu, "compare", fake_compare)
+    out = tmp_path / "cpu.json"
+    assert cpu.main(["--rounds", "1", "--steps", "3", "--threads", "1", "--out", str(out)]) == 0
+    assert (seen["settings"].rounds, seen["settings"].steps, seen["settings"].n_threads) == (1, 3, 1)
+    assert json.loads(out.read_text())["summary"] == cpu.summarize(runs)
+    printed = capsys.readouterr().out
+    assert "2.00x" in printed and "peak RSS <= 3 GB: met" in printed and f"wrote {out}" in printed
+    assert "BENCHMARKS.md" not in printed  # results written elsewhere than bench/results/: the markdown stays
+    assert cpu.default_path(_cpu_results(runs), tmp_path).name == "cpu-test-cpu-1-ghz-2026-12-03.json"
+
+
+def test_report_cpu_section_shows_the_newest_comparison_and_keeps_gpu_targets_unmeasured():
+    runs = []
+    for n in range(3):
+        runs += [_cpu_run("fastcenter", n, 600.0 + n, 1.8e9, 0.4), _cpu_run("plain", n, 300.0, 6.9e9, 0.6)]
+    results = _cpu_results(runs)
+    md = report.render_markdown([], [("cpu-old.json", _cpu_results(runs[:2])), ("cpu-new.json", results)])
+    assert "Nothing has been measured on a GPU yet" in md
+    targets = md.split("## Spec targets")[1].split("\n## ")[0]
+    rows = [line for line in targets.splitlines() if line.startswith("| ") and not line.startswith("| target")]
+    assert rows and all(_cells(row)[1:] == ["-", "not yet measured"] for row in rows)
+    section = md.split("## On a CPU")[1].split("\n## ")[0]
+    assert "`bench/results/cpu-new.json`" in section
+    assert "Earlier CPU comparisons: `bench/results/cpu-old.json`" in section
+    assert _cells(_row(section, cpu.LABELS["fastcenter"]))[1:] == ["601 [600 - 602]", "1,800 [1,800 - 1,800]", "3"]
+    assert _cells(_row(section, cpu.LABELS["plain"]))[1:] == ["300 [300 - 300]", "6,900 [6,900 - 6,900]", "3"]
+    rss_row = [line for line in section.splitlines() if line.startswith("| Peak RSS")][0]
+    speed_row = [line for line in section.splitlines() if line.startswith("| tokens/s of")][0]
+    assert _cells(rss_row)[1:] == ["1,800 MB (largest run)", "met"]
+    assert _cells(speed_row)[1:] == ["2.00x (median of 3 rounds; 2.00x-2.01x)", "met"]
+    assert "Other processes used 50%" in section and "How noisy the machine was" in section
+    # Without any CPU results the section says nothing was measured; GPU-less and CPU-less: as before.
+    assert "No CPU comparison has been recorded yet" in report.render_markdown([])

@@ -167,7 +167,7 @@ def test_linear_cross_entropy_all_ignored(reduction):
         assert torch.equal(grad, torch.zeros_like(grad))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_linear_cross_entropy_low_precision(dtype, small_blocks):
     """GEMMs and logits in the input dtype (rounded once, as F.linear); errors relative to the largest value."""
     n, dim, vocab = 21, 32, 200
@@ -315,7 +315,7 @@ def test_cross_entropy_matches_float64(reduction, option_set, small_blocks):
     _check_ce(logits, target, torch.float32, reduction=reduction, **options)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cross_entropy_gpt2_vocabulary_low_precision(dtype):
     logits = (torch.randn(4, 50257, device=DEVICE) * 3).to(dtype)
     target = torch.tensor([0, 50256, -100, 123], device=DEVICE)

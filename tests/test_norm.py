@@ -50,7 +50,7 @@ def _check_against_truth(fn, tensors, grads_out, dtype):
         assert_close(g, t, dtype, scale=scale, msg=f"gradient {i} differs")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "shape", [(4, 7, 96), (37, 200), (1, 1, 256), (2, 3, 1000)], ids=lambda s: "x".join(map(str, s))
 )
@@ -74,7 +74,7 @@ def test_center_rms_norm_matches_float64(dtype, shape, center_kind, with_residua
     _check_against_truth(fn, [x, weight, center, residual], grads_out, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [1, 33, 768, 8192])
 def test_rms_norm_matches_float64_and_torch(dtype, D):
     rows = 3 if D == 8192 else 19
@@ -275,3 +275,38 @@ def test_bad_input_is_refused_by_name(call, exc, words):
     x, w = torch.randn(4, 16, device=DEVICE), torch.randn(16, device=DEVICE)
     with pytest.raises(exc, match=words):
         call(x, w)
+
+
+@pytest.mark.parametrize("center_kind", ["none", "vector", "per_token"])
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no_weight"])
+def test_wide_rows_split_backward(center_kind, with_weight, monkeypatch):
+    """Rows wider than the single-pass backward holds are split into column blocks after a per-row dot pass.
+
+    The thresholds are shrunk so that a small, ragged row (200 = 6 blocks of 32 + 8) takes that path here.
+    """
+    from fastcenter.kernels import norm as norm_kernels
+
+    monkeypatch.setattr(norm_kernels, "WIDEST_SINGLE_PASS", 64)
+    monkeypatch.setattr(norm_kernels, "WIDE_ROW_BLOCK", 32)
+    shape = (3, 7, 200)
+    x, residual = torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE)
+    weight = (1.0 + 0.3 * torch.randn(200, device=DEVICE)) if with_weight else None
+    center = {"none": None, "vector": torch.randn(200, device=DEVICE), "per_token": torch.randn(shape, device=DEVICE)}
+    grads_out = (torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE))
+
+    def fn(x, w, c, r):
+        return (ops if x.dtype != torch.float64 else reference).center_rms_norm(x, w, center=c, residual=r)
+
+    _check_against_truth(fn, [x, weight, center[center_kind], residual], grads_out, torch.float32)
+
+
+def test_widest_fused_row():
+    """D = MAX_FUSED_NORM_DIM: the forward holds the row whole, the backward takes the split path."""
+    D = ops.MAX_FUSED_NORM_DIM
+    x, weight = torch.randn(2, D, device=DEVICE), 1.0 + 0.3 * torch.randn(D, device=DEVICE)
+    grad_out = torch.randn(2, D, device=DEVICE)
+
+    def fn(x, w):
+        return (ops if x.dtype != torch.float64 else reference).rms_norm(x, (D,), w, 1e-6)
+
+    _check_against_truth(fn, [x, weight], (grad_out,), torch.float32)

@@ -20,6 +20,20 @@ launches the forward kernel and returns its outputs plus whatever the backward n
 shapes without running anything; and `register_autograd` on the forward op, whose backward calls the
 backward op. Kernel modules (`fastcenter.kernels.*`) are imported lazily, so `import fastcenter` works
 where Triton is not installed.
+
+Autograd beyond one ordinary backward, the same for every op:
+
+- a backward under create_graph=True (double backward, e.g. a gradient penalty) does not call the backward
+  kernels, which autograd cannot differentiate: it differentiates the reference on the saved inputs instead
+  (`_dispatch.differentiable_backward`), so every higher-order term is there (rope needs no such path: its
+  backward is the same custom op, rotating by the negative angle);
+- inside torch.func transforms (grad, vjp, jvp, vmap) and forward-mode AD, which custom ops do not support,
+  `backend()` picks the reference;
+- torch.compile(fullgraph=True) traces the custom ops through their fake implementations.
+
+Tensor arguments may have any strides (views, stride-0 expansions, offsets); a kernel either honours them or
+the op makes one explicit copy (a last dim that is not unit-stride). tests/test_layouts.py and
+tests/test_autograd.py hold every op to this.
 """
 
 from ._dispatch import BACKENDS, FLOAT_DTYPES, backend, using

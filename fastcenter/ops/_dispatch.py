@@ -9,6 +9,10 @@ Three implementations of every public op exist:
 
 `backend(*tensors)` picks one, in this order:
 
+0. inside a torch.func transform (grad, vjp, jvp, vmap, jacrev, ...) or a forward-mode AD scope
+   (torch.autograd.forward_ad.dual_level): the reference. The custom ops' autograd (register_autograd) does not
+   support these (torch.func raises an error that does not name the op; forward AD silently drops the tangent),
+   and the reference's plain torch ops support all of them, to any order;
 1. a scope opened with `using("reference")` (how `GPTConfig(fused=False)` runs the same model eagerly), or the
    environment variable FASTCENTER_BACKEND=reference: the reference;
 2. CUDA tensors, or TRITON_INTERPRET=1 (the kernels then run on the CPU, slowly: how the tests exercise them):
@@ -21,6 +25,7 @@ Reading the scope and the environment here is cheap, and torch.compile specialis
 from __future__ import annotations
 
 import os
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -71,8 +76,21 @@ class using:
         return False
 
 
+def _transformed() -> bool:
+    """A torch.func transform or a forward-mode AD level is active (rule 0 of the module docstring).
+
+    Not asked while torch.compile traces: Dynamo handles transforms itself, and the query would be one more
+    thing for every torch version's Dynamo to trace.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0
+
+
 def backend(*tensors: Tensor | None) -> str:
     """'triton', 'cpu' or 'reference' for an op on these tensors (see the module docstring)."""
+    if _transformed():
+        return "reference"
     if _SCOPE.forced == "reference" or os.environ.get("FASTCENTER_BACKEND", "auto").lower() == "reference":
         return "reference"
     if _HAVE_TRITON and any(t is not None and t.is_cuda for t in tensors):
@@ -136,3 +154,36 @@ def eager(implementation: str):
     from .. import cpu, reference
 
     return cpu if implementation == "cpu" else reference
+
+
+def differentiable_backward(
+    fn: Callable, inputs: Sequence[Tensor | None], grad_outputs: Sequence[Tensor | None]
+) -> list[Tensor | None]:
+    """The backward of `fn` (a `fastcenter.reference` function of `inputs`) built from differentiable torch ops.
+
+    A custom op's backward runs Triton kernels, which autograd cannot look into: a backward that will itself be
+    differentiated (torch.autograd.grad(..., create_graph=True), e.g. a gradient penalty) would lose every
+    second-order term. Such a backward (grad mode is on inside it exactly when create_graph=True) takes this
+    path instead: `fn` is re-run eagerly on the saved inputs and differentiated with create_graph=True, so the
+    gradients it returns carry their own graph. Slow, and it forms what the fused op avoids (e.g. full logits),
+    but exact. Returns one gradient per input: None for an input that is None or does not require grad.
+    """
+    wrt = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+    result: list[Tensor | None] = [None] * len(inputs)
+    if not wrt:
+        return result
+    with torch.enable_grad():
+        # Differentiate w.r.t. fresh aliases, not the saved tensors themselves: a saved tensor may be an output of
+        # the very op whose backward this is, and autograd.grad would then run that backward again, forever.
+        inputs = [t.view_as(t) if i in wrt else t for i, t in enumerate(inputs)]
+        outputs = fn(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+    grads = [None] * len(wrt)
+    if pairs:
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], [inputs[i] for i in wrt], [g for _, g in pairs], create_graph=True, allow_unused=True
+        )
+    for i, g in zip(wrt, grads):
+        result[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return result

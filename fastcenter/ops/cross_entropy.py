@@ -11,7 +11,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import as_rows, backend, check_float_tensor, check_same_device, checks_enabled, eager, is_int, is_real
+from .. import reference
+from ._dispatch import (
+    as_rows,
+    backend,
+    check_float_tensor,
+    check_same_device,
+    checks_enabled,
+    differentiable_backward,
+    eager,
+    is_int,
+    is_real,
+)
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -129,7 +140,12 @@ def _cross_entropy_backward(ctx, grad_loss, grad_lse):
     if grad_loss is None:
         return (None,) * 7
     logits, target, lse = ctx.saved_tensors
-    grad_logits = _cross_entropy_bwd(grad_loss, logits, target, lse, **ctx.options)
+    if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate again
+        (grad_logits,) = differentiable_backward(
+            lambda z: reference.cross_entropy(z, target, **ctx.options), [logits], [grad_loss]
+        )
+    else:
+        grad_logits = _cross_entropy_bwd(grad_loss, logits, target, lse, **ctx.options)
     return (grad_logits,) + (None,) * 6
 
 
@@ -260,18 +276,16 @@ def _linear_cross_entropy_setup_context(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, reduction, ignore_index, label_smoothing, z_loss, softcap,
      chunk_size, need_grad_input, need_grad_weight, need_grad_bias) = inputs  # fmt: skip
     _, lse, grad_input, grad_weight, grad_bias = output
-    ctx.reduction = reduction
     ctx.needs = dict(need_grad_input=need_grad_input, need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias)
+    ctx.options = _options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+    ctx.chunk_size = chunk_size
     ctx.weight_dtype = linear_weight.dtype
     ctx.bias_dtype = None if linear_bias is None else linear_bias.dtype
-    if reduction == "none":  # per-token grad_output: recompute in the backward from lse
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, lse)
-        ctx.options = dict(
-            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            chunk_size=chunk_size,
-        )  # fmt: skip
-    else:  # finished in the forward: the backward scales them by the scalar grad_output
-        ctx.save_for_backward(grad_input, grad_weight, grad_bias)
+    # The inputs are saved whatever the reduction (references, no copies): "none" recomputes its gradients from
+    # them, and a backward under create_graph=True differentiates the reference on them. For "mean" and "sum"
+    # the gradients finished in the forward are saved too: the ordinary backward only scales them.
+    finished = (grad_input, grad_weight, grad_bias) if reduction != "none" else ()
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, lse, *finished)
     ctx.set_materialize_grads(False)
 
 
@@ -279,13 +293,23 @@ def _linear_cross_entropy_backward(ctx, grad_loss, grad_lse, grad_grad_input, gr
     no_grads = (None,) * 13
     if grad_loss is None:
         return no_grads
-    if ctx.reduction == "none":
-        input, linear_weight, linear_bias, target, lse = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias = _linear_cross_entropy_bwd(
-            grad_loss, input, linear_weight, linear_bias, target, lse, **ctx.options, **ctx.needs
+    input, linear_weight, linear_bias, target, lse, *finished = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True: the gradients finished in the forward are constants to autograd, and scaling them
+        # would silently drop every second-order term. Differentiate the reference instead.
+        grad_input, grad_weight, grad_bias = differentiable_backward(
+            lambda x, w, b: reference.linear_cross_entropy(x, w, target, linear_bias=b, **ctx.options),
+            [input, linear_weight, linear_bias],
+            [grad_loss],
         )
+    elif not finished:  # reduction="none": per-token grad_output, recompute chunk by chunk from lse
+        options = {k: v for k, v in ctx.options.items() if k != "reduction"}
+        grad_input, grad_weight, grad_bias = _linear_cross_entropy_bwd(
+            grad_loss, input, linear_weight, linear_bias, target, lse, chunk_size=ctx.chunk_size, **options,
+            **ctx.needs,
+        )  # fmt: skip
     else:
-        grad_input, grad_weight, grad_bias = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = finished
         # One rounding each: input-dtype x float32 0-dim stays in the input dtype; the float32 accumulators are
         # scaled, then cast once to the parameters' dtypes.
         grad_input = grad_input * grad_loss

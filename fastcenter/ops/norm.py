@@ -13,7 +13,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import as_rows, backend, check_eps, check_float_tensor, check_same_device, eager
+from .. import reference
+from ._dispatch import (
+    as_rows,
+    backend,
+    check_eps,
+    check_float_tensor,
+    check_same_device,
+    differentiable_backward,
+    eager,
+)
 
 # The fused norm holds a whole row in registers; wider rows take the reference (documented in the README).
 MAX_FUSED_NORM_DIM = 16384
@@ -74,6 +83,7 @@ def _norm_setup_context(ctx, inputs, output):
     normed, hidden, rstd = output
     stored = hidden if hidden.numel() > 0 else x  # without residual/centre, hidden is x itself
     ctx.save_for_backward(stored, weight, rstd)
+    ctx.eps = eps
     ctx.center_is_vector = center is not None and center.dim() == 1
     ctx.center_dtype = None if center is None else center.dtype
     ctx.has_residual = residual is not None
@@ -83,15 +93,22 @@ def _norm_setup_context(ctx, inputs, output):
 
 def _norm_backward(ctx, grad_normed, grad_hidden, grad_rstd):
     hidden, weight, rstd = ctx.saved_tensors
-    if grad_normed is None:
-        grad_normed = torch.zeros_like(hidden)
     if grad_hidden is not None and grad_hidden.numel() == 0:
         grad_hidden = None
-    grad_h, grad_weight, grad_center_vec = _norm_bwd(
-        grad_normed, grad_hidden, hidden, weight, rstd, ctx.center_is_vector
-    )
+    if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate again
+        # `hidden` is this op's own output where one was stored, so terms through it come back here as grad_hidden.
+        grad_h, grad_weight = differentiable_backward(
+            lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps), [hidden, weight], [grad_normed, grad_hidden]
+        )
+        grad_center_vec = None if grad_h is None or not ctx.center_is_vector else -grad_h.sum(0, dtype=torch.float32)
+    else:
+        if grad_normed is None:
+            grad_normed = torch.zeros_like(hidden)
+        grad_h, grad_weight, grad_center_vec = _norm_bwd(
+            grad_normed, grad_hidden, hidden, weight, rstd, ctx.center_is_vector
+        )
     grad_center = None
-    if ctx.center_dtype is not None:
+    if ctx.center_dtype is not None and grad_h is not None:
         grad_center = grad_center_vec if ctx.center_is_vector else -grad_h
         grad_center = grad_center.to(ctx.center_dtype)
     grad_residual = grad_h if ctx.has_residual else None

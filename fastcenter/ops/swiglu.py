@@ -12,7 +12,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import as_rows, backend, check_float_tensor, check_same_device, eager
+from .. import reference
+from ._dispatch import (
+    as_rows,
+    backend,
+    check_float_tensor,
+    check_same_device,
+    differentiable_backward,
+    eager,
+)
+
 
 @torch.library.custom_op("fastcenter::swiglu_fwd", mutates_args=())
 def _swiglu_fwd(gate: Tensor, up: Optional[Tensor]) -> Tensor:
@@ -50,6 +59,9 @@ def _swiglu_setup_context(ctx, inputs, output):
 
 def _swiglu_backward(ctx, grad_out):
     gate, up = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate again
+        grad_gate, grad_up = differentiable_backward(reference.swiglu, [gate, up], [grad_out])
+        return grad_gate, grad_up
     grad_gate, grad_up = _swiglu_bwd(grad_out, gate, up)
     return grad_gate, (None if up is None else grad_up)
 

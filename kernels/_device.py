@@ -1,0 +1,49 @@
+"""What the launchers need to know about the device they launch on (shared by the kernel families)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the GPU a launch on `device` runs on; 1 under the CPU interpreter.
+
+    CPU tensors mean the interpreter, which runs programs one after another: one "SM" keeps grids small.
+    "meta" tensors mean the compile-only check (`python -m bench.compile`), whose Triton driver stands in for a
+    GPU that is not there: it is asked, so the launch arguments are those of that GPU.
+    """
+    if device.type == "cuda":
+        return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "cpu":
+        return 1
+    from triton.runtime import driver
+
+    active = driver.active
+    return active.utils.get_device_properties(active.get_current_device())["multiprocessor_count"]
+
+
+# 64 K 32-bit registers per SM, and per thread block, on every GPU we target (sm_80 to sm_90); 255 per thread.
+REGISTERS_PER_SM = 65536
+
+
+def max_registers(num_warps: int, resident_programs: int = 1) -> int:
+    """`maxnreg` for a launch whose programs of `num_warps` warps should fit `resident_programs` to an SM: the
+    most registers per thread that allows (a multiple of 8, at most 255).
+
+    Why a launch states it: without a limit, recent ptxas (12.8+, the one in Triton 3.9's wheel) picks the
+    register count of the highest occupancy it sees fit and spills a value or two to reach it; with the limit
+    the kernel's own residency asks for, it uses what the code needs up to there. `python -m bench.compile`
+    measured, without it: 2 spill instructions (8 bytes of stack) in the norm forward with one row of 4096
+    or 16384 columns per program (32 or 64 registers; sm_80 with Triton 3.2 and 3.9, sm_90 with 3.2), and 2
+    to 8 in the cross-entropy kernel (40 to 64 registers); with it, none. Only those launches state it:
+    elsewhere ptxas's own choice spills nothing, and stating the ceiling there would only raise register
+    counts (e.g. 48 -> 64 for the norm forward at D = 256) and lower occupancy. The interpreter ignores it.
+    """
+    return min(255, REGISTERS_PER_SM // (resident_programs * 32 * num_warps) // 8 * 8)
