@@ -612,6 +612,20 @@ SANITY_REL_ERROR = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e
 RECORD_SCHEMA = "fastcenter-bench/1"
 
 
+def base_record(case: Case, timing: dict, bound: str) -> dict:
+    """What every benchmark record starts with: the schema, the case's identity, what bounds it, its timing."""
+    return {
+        "schema": RECORD_SCHEMA,
+        "case": case.id,
+        "op": case.op,
+        "shape": case.shape,
+        "direction": case.direction,
+        "variant": case.variant,
+        "bound": bound,
+        **timing,
+    }
+
+
 def op_record(case: Case, timing: dict, peaks: dict | None, memory=None, dims=None, **extra) -> dict:
     """The flat, JSON-ready record of one op case: identity, timing, cost model, rates, memory.
 
@@ -623,16 +637,9 @@ def op_record(case: Case, timing: dict, peaks: dict | None, memory=None, dims=No
     nbytes = spec.bytes_moved(dims, elt, case.direction)
     flops = spec.flops(dims, case.direction) if spec.flops else None
     record = {
-        "schema": RECORD_SCHEMA,
-        "case": case.id,
-        "op": case.op,
-        "shape": case.shape,
+        **base_record(case, timing, spec.bound),
         "dims": dict(dims),
         "dtype": str(spec.dtype).replace("torch.", ""),
-        "direction": case.direction,
-        "variant": case.variant,
-        "bound": spec.bound,
-        **timing,
         "bytes": nbytes,
         "gbps": nbytes / seconds / 1e9,
         "flops": flops,
@@ -656,14 +663,7 @@ def train_record(case: Case, timing: dict, *, tokens_per_step: int, flops_per_to
     seconds = timing["median_ms"] * 1e-3
     tokens_per_s = tokens_per_step / seconds
     record = {
-        "schema": RECORD_SCHEMA,
-        "case": case.id,
-        "op": case.op,
-        "shape": case.shape,
-        "direction": case.direction,
-        "variant": case.variant,
-        "bound": "compute",
-        **timing,
+        **base_record(case, timing, "compute"),
         "tokens_per_step": tokens_per_step,
         "tokens_per_s": tokens_per_s,
         "flops_per_token": flops_per_token,

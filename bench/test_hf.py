@@ -32,7 +32,7 @@ import time
 import pytest
 import torch
 
-from bench.cases import RECORD_SCHEMA, Case, case_seed
+from bench.cases import Case, base_record, case_seed
 from bench.environment import bench_device, describe, dry_run
 from bench.plugin import SESSION
 from bench.timing import CudaClock, HostClock, measure, peak_memory
@@ -164,14 +164,7 @@ def test_hf_llama(case: Case, prepared, benchmark, device_peaks):
     flops *= 1 if case.direction == "fwd" else 3
     seconds = timing["median_ms"] * 1e-3
     record = {
-        "schema": RECORD_SCHEMA,
-        "case": case.id,
-        "op": case.op,
-        "shape": case.shape,
-        "direction": case.direction,
-        "variant": case.variant,
-        "bound": "compute",
-        **timing,
+        **base_record(case, timing, "compute"),
         "dims": {**DIMS, "num_hidden_layers": layers, "batch": BATCH, "seq_len": SEQ_LEN},
         "dtype": "bfloat16",
         "tokens_per_call": tokens,

@@ -47,8 +47,8 @@ Limits, each either handled or refused with a message saying why:
   `use_cache=False`.
 - center=("values" or "mlp") with gradient checkpointing raises: the recomputation would update the running
   mean a second time and centre with the updated one. "embeddings" is outside the checkpointed layers.
-- Cast the model (`.to(torch.bfloat16)`) before patching with `center=`: the centering statistics are
-  float32, and VectorCentering cannot update a running mean that a later cast made bf16.
+- Cast the model (`.to(torch.bfloat16)`) before patching with `center=`, so that the centering statistics
+  stay float32 (a later cast makes them bf16, as it does BatchNorm's; they still update, at bf16 precision).
 - Patch after `resize_token_embeddings` (it builds a new embedding module, without the centering hook), and
   patch the PEFT model rather than its base before `get_peft_model` if the values are centred (a hook on the
   base v_proj would centre the base projection without the LoRA update).

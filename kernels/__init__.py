@@ -2,3 +2,26 @@
 
 They import only torch and triton. `fastcenter.ops` wraps them as custom ops with autograd; call those.
 """
+
+if __name__ != "fastcenter.kernels":
+    # This folder was imported under its own name: the repository root is on sys.path (`python -m pytest` or a
+    # script run there). "kernels" is another project's name -- Hugging Face's kernel hub, which transformers
+    # imports -- so step aside: hand the import to the installed package of that name, or fail as if this
+    # folder were not here. fastcenter itself only ever imports it as fastcenter.kernels.
+    def _step_aside() -> None:
+        import importlib.machinery
+        import importlib.util
+        import os
+        import sys
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        others = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+        spec = importlib.machinery.PathFinder.find_spec(__name__, others)
+        if spec is None:
+            del sys.modules[__name__]
+            raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[__name__] = module  # the import statement returns what sys.modules holds after this runs
+        spec.loader.exec_module(module)
+
+    _step_aside()

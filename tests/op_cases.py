@@ -77,19 +77,6 @@ OPS = {
 }  # fmt: skip
 
 
-def _values(op: Op, arg: Arg, device) -> torch.Tensor:
-    if arg.kind == "target":
-        target = torch.randint(0, op.vocab, arg.shape, device=device)
-        target.view(-1)[1] = -100  # one ignored token
-        return target
-    if arg.kind == "table":
-        return torch.rand(arg.shape, device=device) * 2 - 1
-    if arg.name == "weight":
-        return 1.0 + 0.3 * torch.randn(arg.shape, device=device)
-    scale = 0.3 if arg.name == "linear_weight" else 1.0
-    return scale * torch.randn(arg.shape, device=device)
-
-
 def values(op: Op, arg: Arg, device) -> torch.Tensor:
     """Fresh random values for one argument (contiguous)."""
     if arg.kind == "target":
