@@ -45,7 +45,6 @@ from fastcenter.model import GPT
 from fastcenter.training import Dist, NonFiniteLossError, Trainer, setup_distributed
 
 
-
 def main(argv=None) -> dict:
     """Train; returns a summary {"step", "loss", "val_loss", "out_dir", "stopped_by"}."""
     cfg, model_cfg, ckpt, notes = resolve_configs(argv)

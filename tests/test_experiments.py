@@ -9,7 +9,6 @@ import json
 import math
 import random
 import shutil
-import statistics
 
 import numpy as np
 import pytest

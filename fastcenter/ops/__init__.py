@@ -43,6 +43,9 @@ from .rope import rope, rope_cache
 from .swiglu import swiglu
 
 __all__ = [
+    "BACKENDS",
+    "FLOAT_DTYPES",
+    "MAX_FUSED_NORM_DIM",
     "backend",
     "using",
     "rms_norm",
