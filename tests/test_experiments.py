@@ -2,7 +2,8 @@
 
 One study (2 seeds; baseline, embeddings and qk+v; modes adaptive and simple; a 1-layer dim-16 model, 6 steps
 with gradient accumulation) runs once per module through the command line; the tests read what it wrote and
-recompute from the per-run records what the aggregate claims. Reference ops on the CPU, one thread.
+recompute from the per-run records what the aggregate claims. The CPU implementation of the ops (the study's
+own choice on a machine without a GPU; the kernels have their own tests), one thread.
 """
 
 import json
@@ -52,7 +53,17 @@ def cli_args(data_dir, out_dir, **overrides) -> list[str]:
     return args
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "cpu_ops")
+
+
+@pytest.fixture(scope="module")
+def cpu_ops():
+    """The ops' CPU implementation here and in the study's worker processes (which inherit the environment):
+    conftest's TRITON_INTERPRET=1 would run every step of every run through the interpreted kernels, 20x slower."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not torch.cuda.is_available():
+            patch.setenv("TRITON_INTERPRET", "0")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +73,7 @@ def corpus(token_corpus):
 
 
 @pytest.fixture(scope="module")
-def study(corpus, tmp_path_factory):
+def study(corpus, tmp_path_factory, cpu_ops):
     """The tiny study, run once through the command line: (config, out_dir, results.json)."""
     out = tmp_path_factory.mktemp("study")
     threads = torch.get_num_threads()

@@ -339,7 +339,7 @@ def test_patching_twice_is_harmless():
     hf.patch(twice, center=("embeddings",))  # statistics are kept
     assert twice.model.embed_tokens.fastcenter_centering.num_updates.item() == counted == 1
     with pytest.raises(ValueError, match="already centred"):
-        hf.patch(twice, center=("embeddings",), centering_mode="simple")
+        hf.patch(twice, center=("embeddings",), centering_mode="causal")
 
 
 def test_other_models_of_the_family_are_untouched(op_calls):
@@ -390,8 +390,7 @@ def _causal_centered(x: torch.Tensor, prior: float = 8.0) -> torch.Tensor:
 
 
 def test_centering_placements_compute_the_causal_centre():
-    model = hf.patch(tiny_model("llama"), center=hf.CENTER_PLACEMENTS)
-    assert hf.DEFAULT_CENTERING_MODE == "causal"
+    model = hf.patch(tiny_model("llama"), center=hf.CENTER_PLACEMENTS, centering_mode="causal")
     layer = model.model.layers[0]
     modules = {
         "embeddings": (model.model.embed_tokens.fastcenter_centering, HIDDEN),
@@ -400,7 +399,7 @@ def test_centering_placements_compute_the_causal_centre():
     }
     for name, (centering, dim) in modules.items():
         assert isinstance(centering, VectorCentering), name
-        assert (centering.dim, centering.mode) == (dim, hf.DEFAULT_CENTERING_MODE), name
+        assert (centering.dim, centering.mode) == (dim, "causal"), name
 
     seen = {}
 
@@ -427,8 +426,28 @@ def test_centering_placements_compute_the_causal_centre():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_default_centering_subtracts_the_batch_mean_in_training_and_the_running_mean_in_eval():
+    model = hf.patch(tiny_model("mistral"), center=("embeddings",)).train()
+    centering = model.model.embed_tokens.fastcenter_centering
+    assert hf.DEFAULT_CENTERING_MODE == centering.mode == "simple"
+    seen = []
+    model.model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    ids, labels = make_batch()
+    model(input_ids=ids, labels=labels).loss.backward()
+    embeddings = model.model.embed_tokens.weight.detach()[ids].double()
+    batch_mean = embeddings.mean(dim=(0, 1))
+    torch.testing.assert_close(seen[0].double(), embeddings - batch_mean, **FP32)
+    torch.testing.assert_close(centering.running_mean.double(), batch_mean, **FP32)  # the first update is exact
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids[:1])
+    torch.testing.assert_close(seen[1].double(), embeddings[:1] - batch_mean, **FP32)
+    assert centering.num_updates.item() == 1  # eval does not update
+
+
 def test_causal_centering_sees_no_future_token():
-    model = hf.patch(tiny_model("qwen3"), center=hf.CENTER_PLACEMENTS).eval()
+    model = hf.patch(tiny_model("qwen3"), center=hf.CENTER_PLACEMENTS, centering_mode="causal").eval()
     ids, _ = make_batch()
     changed = ids.clone()
     changed[:, 6:] = torch.randint(0, VOCAB, changed[:, 6:].shape)
@@ -447,10 +466,15 @@ def test_generation():
     settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
     expected = reference.generate(prompt, **settings)
     torch.testing.assert_close(patched.generate(prompt, **settings), expected, rtol=0, atol=0)
-    centred = hf.patch(copy.deepcopy(reference), center=("embeddings",)).eval()
+    centred = hf.patch(copy.deepcopy(reference), center=("embeddings",), centering_mode="causal").eval()
     with pytest.raises(NotImplementedError, match="use_cache=False"):
         centred.generate(prompt, **settings)
     assert centred.generate(prompt, use_cache=False, **settings).shape == expected.shape
+    simple = hf.patch(copy.deepcopy(reference).train(), center=("embeddings",))  # the default mode
+    simple(input_ids=torch.randint(0, VOCAB, (2, 7)))  # one training forward: a nonzero running mean
+    simple.eval()
+    cached, uncached = (simple.generate(prompt, use_cache=c, **settings) for c in (True, False))
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
 
 
 def test_gradient_checkpointing(op_calls):

@@ -2,6 +2,7 @@
 repository root (where `python -m pytest` puts it on sys.path) it must not shadow the PyPI package of that
 name (Hugging Face's kernel hub, which transformers imports)."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -16,8 +17,12 @@ def run_at_root(code: str, tmp_path, with_other: bool) -> subprocess.CompletedPr
         (tmp_path / "site" / "kernels" / "__init__.py").write_text('WHO = "the other kernels package"\n')
         env_path = [str(tmp_path / "site")]
     prelude = f"import sys; sys.path[1:1] = {env_path!r}; "  # after '' (the root, as python -c / -m put it)
-    return subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    # -S (no site-packages) where the code needs only the standard library: whether this environment happens to
+    # have PyPI's "kernels" installed (transformers 5 may pull it in) must not decide the outcome.
+    isolated = not code.startswith("import fastcenter")
+    env = {k: v for k, v in os.environ.items() if not (isolated and k == "PYTHONPATH")}
+    return subprocess.run([sys.executable, *(["-S"] if isolated else []), "-c", prelude + code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
 def test_the_repository_folder_steps_aside_for_an_installed_kernels_package(tmp_path):
@@ -25,9 +30,18 @@ def test_the_repository_folder_steps_aside_for_an_installed_kernels_package(tmp_
     assert result.returncode == 0 and result.stdout.strip() == "the other kernels package", result.stderr
 
 
-def test_without_one_import_kernels_fails_as_if_the_folder_were_not_there(tmp_path):
-    result = run_at_root("import kernels", tmp_path, with_other=False)
-    assert result.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in result.stderr
+def test_without_one_import_kernels_gives_an_empty_namespace_that_transformers_reads_as_absent(tmp_path):
+    # transformers' probe: find_spec("kernels"), then (no distribution metadata) import it and call a module
+    # without __file__ and __version__ a namespace package, i.e. not installed. It must neither raise nor see code.
+    code = ("import importlib, importlib.util; assert importlib.util.find_spec('kernels') is not None; "
+            "m = importlib.import_module('kernels'); "
+            "print(getattr(m, '__file__', None), getattr(m, '__version__', None), list(m.__path__), dir(m)); "
+            "import kernels.norm")  # fmt: skip
+    result = run_at_root(code, tmp_path, with_other=False)
+    assert "ModuleNotFoundError: No module named 'kernels.norm'" in result.stderr, result.stderr
+    file, version, path, names = result.stdout.split(" ", 3)
+    assert (file, version, path) == ("None", "None", "[]"), result.stdout
+    assert not [n for n in eval(names) if not n.startswith("__")], names  # nothing of the folder's code
 
 
 def test_fastcenter_kernels_is_the_folder(tmp_path):
