@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import inspect
 import json
 import os
@@ -558,8 +559,13 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             archs_json = {a.capability: dataclasses.asdict(a) for a in archs}
-            json.dump({"versions": versions(), "archs": archs_json, "records": [r.to_json() for r in records]}, f,
-                      indent=1)  # fmt: skip
+            from bench.cpu import machine_info
+            from bench.environment import collect_environment
+
+            run = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "machine": machine_info(torch.get_num_threads()), **collect_environment()}  # fmt: skip
+            json.dump({"versions": versions(), "run": run, "archs": archs_json,
+                       "records": [r.to_json() for r in records]}, f, indent=1)  # fmt: skip
     return 0 if all(r.ok for r in records) else 1
 
 

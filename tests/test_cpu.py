@@ -46,9 +46,13 @@ def _check(ours, truth, inputs, dtype, scale=1.0, loss_float32=False):
     wrt = [(x, x64) for x, x64 in zip(xs, xs64) if x is not None and x.requires_grad]
     grads = torch.autograd.grad(out, [x for x, _ in wrt], [g.to(o.dtype) for g, o in zip(grads_out, out)])
     grads64 = torch.autograd.grad(out64, [x64 for _, x64 in wrt], grads_out)
+    rows = max(o.numel() for o in out)
     for (x, _), g, g64 in zip(wrt, grads, grads64):
         assert g.dtype == x.dtype and g.shape == x.shape, "a gradient has its argument's dtype and shape"
-        assert_close(g, g64, dtype, scale=scale * (4.0 if x.dim() == 1 else 1.0), msg=f"gradient of {tuple(x.shape)}")
+        # A vector argument (a weight, a bias) or one broadcast over rows (a [1, 1, D] centre) gets a gradient
+        # summed over rows: in bf16 a sum of rounded terms that may nearly cancel, so 4x one rounding's tolerance.
+        summed = x.dim() == 1 or x.numel() < rows
+        assert_close(g, g64, dtype, scale=scale * (4.0 if summed else 1.0), msg=f"gradient of {tuple(x.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
