@@ -86,13 +86,13 @@ MIN_TRANSFORMERS_VERSION = "4.57"
 CENTER_PLACEMENTS = ("embeddings", "values", "mlp")
 
 # The centering mode `patch` uses unless told otherwise: the one place to change it.
-# "simple", the mode the centering study found well-behaved (bench/results/centering): in training it subtracts
-# the batch's own mean, so the gradient sees the centering and the mean entering each centring stays bounded; in
-# eval it subtracts the running mean (generation with a key/value cache works). "adaptive" (a stale, detached
-# running mean) let the means run away, and in the modes pilot (bench/results/centering/pilot-modes) so did
-# "momentum", and "causal" in the deeper blocks (its prior is a detached running mean). The price: in training a
-# position's centre averages the whole batch, later tokens included -- BatchNorm's leak, which the study measures
-# and which eval mode does not have. centering_mode="causal" is the leak-free choice.
+# "simple", the mode the centering study found well-behaved (bench/results/centering/cpu-dim256): in training it
+# subtracts the batch's own mean, so the gradient sees the centering and the mean entering each centring stays
+# bounded; in eval it subtracts the running mean (generation with a key/value cache works). "adaptive" (a stale,
+# detached running mean) let the means run away, and in the modes pilot (bench/results/centering/pilot-modes) so
+# did "momentum", and "causal" in the deeper blocks (its prior is a detached running mean). The price: in
+# training a position's centre averages the whole batch, later tokens included -- BatchNorm's leak, which the
+# study measures and which eval mode does not have. centering_mode="causal" is the leak-free choice.
 DEFAULT_CENTERING_MODE = "simple"
 
 _SILU_ACTIVATIONS = ("silu", "swish")
