@@ -291,14 +291,8 @@ def summarize(runs: list[dict]) -> dict:
 def machine_info(threads: int) -> dict:
     import torch
 
-    cpu_model = platform.processor() or "unknown CPU"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from fastcenter.experiments.report import cpu_name
+
     memory = None
     try:
         for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
@@ -307,7 +301,7 @@ def machine_info(threads: int) -> dict:
     except (OSError, ValueError):
         pass
     return {
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_name() or "unknown CPU",
         "logical_cpus": os.cpu_count(),
         "cpus_available": len(os.sched_getaffinity(0)),
         "threads": threads,

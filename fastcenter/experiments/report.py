@@ -27,7 +27,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -47,7 +47,8 @@ def environment() -> dict:
     return env
 
 
-def _cpu_name() -> Optional[str]:
+def cpu_name() -> Optional[str]:
+    """The CPU's model name (Linux's /proc/cpuinfo, else platform.processor()), or None."""
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
