@@ -52,7 +52,10 @@ The cost model, kernel by kernel (all sizes in bytes of the tensors' own dtypes)
   Triton kernels are not counted: they are memory-bound row kernels.
 - aten ops: one kernel each, reading every tensor argument once and writing every output once; an in-place
   or out= argument is written (and read when it is an input too, e.g. `add_`, or addmm's accumulator when
-  beta != 0). Views, allocations (`empty*`), `detach` and other aliasing ops launch nothing and are not
+  beta != 0). Except the ops whose CUDA implementation launches several kernels, costed as it does (those
+  below, `logsumexp`: nine, six passes over its input; `slice_backward`/`select_backward`: zeros, copy_;
+  `scatter_add`: copy, scatter), and `gather`, which reads only the elements it gathers. An op not listed
+  is taken for one kernel, which matters mostly for the eager path. Views, allocations (`empty*`), `detach` and other aliasing ops launch nothing and are not
   counted; nor are composite ops whose parts are counted. An op on empty tensors launches nothing.
 - GEMMs (mm, addmm, bmm and their out=/out_dtype forms): one cuBLAS kernel, 2*M*N*K FLOPs, each operand read
   from HBM once and the output written once (tiles re-read from L2, no split-K workspace).
@@ -388,6 +391,31 @@ def aten_kernels(func, args, kwargs, out, klass: str) -> list[Kernel]:
             Kernel("sort + segment kernels (18)", klass, overload, index_bytes, index_bytes, count=18),
             Kernel("compute_grad_weight", klass, overload, rows + index_bytes // 12, int(1.1 * n * grad.shape[-1] * 4)),
             Kernel("sum_and_scatter", klass, overload, int(1.1 * n * grad.shape[-1] * 4), n * grad.shape[-1] * 4),
+        ]
+    if name == "aten::logsumexp":  # CUDA: amax, |max| == inf -> 0, exp(x - max), sum, log, + max
+        x, small = view_bytes(args[0]), view_bytes(out)
+        return [
+            Kernel("amax", klass, overload, x, small),
+            Kernel("abs, eq, masked_fill_ on the maxima", klass, overload, small, small, count=3),
+            Kernel("sub (x - max)", klass, overload, x + small, x),
+            Kernel("exp", klass, overload, x, x),
+            Kernel("sum", klass, overload, x, small),
+            Kernel("log_, add_", klass, overload, small, small, count=2),
+        ]
+    if name == "aten::gather":  # reads the elements it gathers, not the whole table
+        index = args[2]
+        return [Kernel(overload, klass, overload, view_bytes(index) + view_bytes(out), view_bytes(out))]
+    if name == "aten::scatter_add":  # CUDA: out = self.clone(), then the scatter of src at index
+        self_, index, src = args[0], args[2], args[3]
+        return [
+            Kernel("copy_ (self)", klass, overload, view_bytes(self_), view_bytes(out)),
+            Kernel("scatter_add_", klass, overload, view_bytes(index) + 2 * view_bytes(src), view_bytes(src)),
+        ]
+    if name in ("aten::slice_backward", "aten::select_backward"):  # CUDA: zeros of the input's size, copy_
+        grad = args[0]
+        return [
+            Kernel("zeros", klass, overload, 0, view_bytes(out)),
+            Kernel("copy_", klass, overload, view_bytes(grad), view_bytes(grad)),
         ]
     if _only_aliases(func, args, kwargs, out):
         return []  # a view under another name (e.g. _unsafe_view): no copy

@@ -69,6 +69,15 @@ def test_an_in_place_add_reads_both_operands_and_writes_one():
     assert (k.read, k.written, k.count) == (2 * 30 * 50 * 4, 30 * 50 * 4, 1)
 
 
+def test_logsumexp_costs_the_passes_its_cuda_implementation_makes():
+    x = meta(7, 300, dtype=torch.float32)
+    func = torch.ops.aten.logsumexp.default
+    kernels = step_cost.aten_kernels(func, (x, [1]), {}, func(x, [1]), "LM head + CE")
+    assert sum(k.count for k in kernels) == 9
+    big = 7 * 300 * 4
+    assert sum(k.bytes * k.count for k in kernels) // big == 6  # amax, sub (r+w), exp (r+w), sum
+
+
 def test_views_aliases_and_allocations_launch_nothing():
     x = meta(6, 8)
     for func, args in (
