@@ -827,3 +827,21 @@ def test_kneser_ney_matches_the_formula_written_out(order):
     for context in ([1, 2], [6, 6], [-1, 3], [-1, -1]):
         ctx = np.array([context[3 - order :]] * V, dtype=np.int64).reshape(V, order - 1)
         assert model.probability(ctx, np.arange(V)).sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_every_evaluation_step_is_reported_with_its_regime(corpus, tmp_path):
+    """A horizon-like study (an evaluation at every one of 8 steps): the report carries every step's paired
+    difference and every step's n-gram levels, and an arm/mode pair alone."""
+    out = tmp_path / "horizon"
+    args = cli_args(corpus, out, iters=8, eval_points=8, seeds=1, arms="baseline,v/simple", modes="adaptive")
+    assert experiments.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(r["run_id"] for r in results["runs"]) == ["s0-baseline-none", "s0-v-simple"]
+    (curve,) = results["paired_curves"]
+    assert curve["steps"] == list(range(1, 9)) and results["regime"]["step"] == list(range(1, 9))
+    md = (out / "results.md").read_text()
+    along = md[md.index("## Paired differences along training") :]
+    assert all(f"\n| {step} | " in along for step in range(1, 9))
+    # Fewer tokens seen, a worse count table: the bigram's loss falls as the steps' windows accumulate.
+    bigram = results["regime"]["by_step"]["bigram"]
+    assert bigram[0] > bigram[-1]
