@@ -19,7 +19,8 @@ Each claim gets two verdicts per mode, both adjusted for the m contrasts of the 
     size        inside           the claimed value lies inside the simultaneous interval
                 excluded         it lies outside: the effect is smaller (or larger) than claimed
 A claim of direction only gets no size verdict; "embeddings is the most effective placement" is confirmed when
-embeddings is significantly better than every other arm, reversed when significantly worse than one. Claimed
+embeddings is significantly better than every other arm, reversed when significantly worse than one; "adaptive is
+the recommended mode" gets a direction verdict per arm and for the pool of arms. Claimed
 sizes are the claims' percentages of their own baseline loss, taken as the same share of this study's baseline
 loss (mean over seeds): they are assumed to transfer as relative effects. Where the configuration differs from
 the claims' (the report lists how), every direction verdict holds "at this scale" only: a null here does not
