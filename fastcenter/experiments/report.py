@@ -472,7 +472,7 @@ def plot_results(results: dict, out_dir: pathlib.Path) -> str | None:
     regime = results["regime"]
 
     ncols = max(1, len(modes))
-    fig, axes = plt.subplots(2, ncols, figsize=(5.5 * ncols, 9), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, ncols, figsize=(max(8.0, 5.5 * ncols), 9), squeeze=False, sharex=True)
     for j, mode in enumerate(modes or [BASELINE_MODE]):
         top, bottom = axes[0][j], axes[1][j]
         steps, base_curve = _mean_curve(runs, "baseline", BASELINE_MODE, seeds)
