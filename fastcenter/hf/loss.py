@@ -195,7 +195,7 @@ def _only_sharding_hooks(module) -> bool:
     """Whether every forward (post-)hook of `module` is FSDP2's: those accept a loss for an output (they reshard
     and arm the gather before the backward); any other would see a loss where it expects logits."""
     return all(
-        type(getattr(hook, "__self__", None)).__module__.startswith("torch.distributed.fsdp")
+        (getattr(hook, "__module__", None) or "").startswith("torch.distributed.fsdp")
         for hook in module._forward_hooks.values()
     )
 
