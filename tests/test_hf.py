@@ -377,3 +377,19 @@ def test_compile_fullgraph():
     torch.testing.assert_close(out.loss, eager_out.loss, **FP32)
     for name, param in patched.named_parameters():
         torch.testing.assert_close(param.grad, eager_grads[name], **FP32, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["kernels", "cpu"])
+def test_out_of_range_label(backend, monkeypatch):
+    """A label outside [0, V) that is not ignore_index (transformers raises an IndexError): the fused loss is NaN,
+    never a finite wrong number (fastcenter.ops' contract), and FASTCENTER_CHECKS=1 turns it into a ValueError."""
+    _, patched = pair("qwen2")
+    ids, labels = make_batch()
+    labels[0, 3] = VOCAB + 5
+    if backend == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with torch.no_grad():
+        assert torch.isnan(patched(input_ids=ids, labels=labels).loss)
+        monkeypatch.setenv("FASTCENTER_CHECKS", "1")
+        with pytest.raises(ValueError, match="target"):
+            patched(input_ids=ids, labels=labels)

@@ -21,9 +21,8 @@ from ..nn import CENTERING_MODES, VectorCentering
 CENTER_PLACEMENTS = ("embeddings", "values", "mlp")
 
 # The centering mode `patch` uses unless told otherwise: the one place to change it. "simple" subtracts the
-# batch's own mean in training (the gradient sees it) and the running mean in eval; it is the mode the centering
-# study found well-behaved (bench/results/centering/cpu-dim256/README.md, bench/results/centering/pilot-modes).
-# Like BatchNorm it reads the whole batch in training, later tokens included; "causal" is the leak-free mode.
+# batch's own mean in training and the running mean in eval. Why this mode: the centering study's results,
+# bench/results/centering/cpu-dim256/results.md and bench/results/centering/pilot-modes/README.md.
 DEFAULT_CENTERING_MODE = "simple"
 
 CHILD = "fastcenter_bias"
