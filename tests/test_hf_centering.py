@@ -112,6 +112,40 @@ def test_causal_centering_sees_no_future_token():
     assert not torch.equal(a[:, 6:], b[:, 6:])
 
 
+@pytest.mark.parametrize("model_type", ["phi3", "olmo2", "qwen3_moe"])
+def test_every_placement_of_the_new_families_is_what_flows_on(model_type):
+    """Each placement the family has (Phi-3's packed MLP, OLMo 2's, the mixture of experts' values and its dense
+    MLP): what the next module receives is the centering's output, which in training (mode "simple") has zero
+    mean over the batch; and the loss and gradients stay finite."""
+    model = hf.patch(tiny_model(model_type), center=hf.families.family(model_type).placements)
+    seen, received = {}, {}
+    for name, module in _centering_modules(model).items():
+        module.register_forward_hook(lambda m, args, out, name=name: seen.update({name: out}))
+    layer = model.model.layers[-1]
+    model.model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: received.update(embeddings=args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True,
+    )
+    if hasattr(layer.mlp, "down_proj"):
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: received.update(mlp=args[0]))
+    if hasattr(layer.self_attn, "v_proj"):
+        layer.self_attn.v_proj.register_forward_hook(lambda m, args, out: received.update(values=out))
+    ids, labels = make_batch()
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    last = len(model.model.layers) - 1
+    names = {"embeddings": "model.embed_tokens.fastcenter_bias", "mlp": f"model.layers.{last}.mlp.fastcenter_bias",
+             "values": f"model.layers.{last}.self_attn.v_proj.fastcenter_bias"}  # fmt: skip
+    for placement, name in names.items():
+        if placement not in hf.families.family(model_type).placements:
+            assert name not in seen
+            continue
+        assert torch.equal(received[placement], seen[name]), placement
+        mean = seen[name].double().mean(dim=(0, 1))
+        assert mean.abs().max() < 1e-5 * seen[name].abs().max(), placement
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A refused patch changes nothing.
 # ---------------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def patch(
     linear_cross_entropy: bool = True,
     center=(),
     centering_mode: str | None = None,
-    eval_logits: bool = True,
+    eval_logits: bool | None = None,
 ):
     """Swap fastcenter's ops (and, with `center`, vector centering) into a transformers causal LM in place.
 
@@ -58,10 +58,10 @@ def patch(
     center: placements from CENTER_PLACEMENTS ("embeddings", "values", "mlp"; None or () for none) that get a
         `fastcenter.nn.VectorCentering(dim, centering_mode)`, on the model's device, float32 statistics.
     centering_mode: one of fastcenter.nn.CENTERING_MODES, only with `center`; default DEFAULT_CENTERING_MODE.
-    eval_logits: in eval mode a forward with labels forms the logits (True: transformers' behaviour, what
-        Trainer.evaluate's compute_metrics reads) or computes the fused loss only (False: Trainer.evaluate
-        without compute_metrics, i.e. prediction_loss_only, and loss-only evaluation loops). `return_logits=`
-        in a call overrides it.
+    eval_logits: in eval mode a forward with labels forms the logits (True, the default: transformers'
+        behaviour, what Trainer.evaluate's compute_metrics reads) or computes the fused loss only (False:
+        Trainer.evaluate without compute_metrics, i.e. prediction_loss_only, and loss-only evaluation loops).
+        `return_logits=` in a call overrides it; None keeps what an earlier patch set.
 
     Errors (each before anything changes): TypeError for a model that is not a module or a malformed `center`;
     ValueError for a model type other than the supported ones (naming them), a model that is not a causal LM,
@@ -78,7 +78,7 @@ def patch(
     )
 
 
-def _patch(model, ops_flags: dict, center: tuple, centering_mode, eval_logits: bool, *, before_loading: bool):
+def _patch(model, ops_flags: dict, center: tuple, centering_mode, eval_logits, *, before_loading: bool):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     transformers = families.require_transformers()
@@ -120,7 +120,8 @@ def _patch(model, ops_flags: dict, center: tuple, centering_mode, eval_logits: b
     if ops_flags["linear_cross_entropy"]:
         state["linear_cross_entropy"] = True
         layers.swap_class(base.lm_head, nn.Linear, layers.FusedLossHead)
-    state["eval_logits"] = eval_logits
+    if eval_logits is not None:
+        state["eval_logits"] = eval_logits
     centering.apply(base, state, center, mode, targets)
     if ops_flags["swiglu"] and not silu:
         warnings.warn(
@@ -140,7 +141,7 @@ def patch_model_type(
     linear_cross_entropy: bool = True,
     center=(),
     centering_mode: str | None = None,
-    eval_logits: bool = True,
+    eval_logits: bool | None = None,
 ) -> None:
     """Patch every causal LM of `model_type` constructed from now on (from_pretrained, from_config, or the class
     itself): its `__init__` ends with `patch(self, ...)`, before any weights are loaded (the swaps keep every
