@@ -126,19 +126,28 @@ def test_logits_only_when_asked():
         torch.testing.assert_close(evaluated.logits, reference(input_ids=ids, labels=labels).logits, **FP32)
 
 
-def test_tuple_output_keeps_transformers_positions():
-    """return_dict=False: transformers' tuple is (loss, logits, cache, ...). Without logits, their place holds None,
-    so out[1] is never the cache and out[2] is the cache as in transformers' tuple."""
-    reference, patched = pair("llama")
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+def test_tuple_output_keeps_transformers_positions(model_type):
+    """return_dict=False: transformers' tuple holds its non-None fields in order, (loss, logits, cache, ...), or
+    (loss, aux_loss, logits, cache, router_logits) for a mixture of experts. Without logits, their place holds
+    None, so no later field (the cache) moves into it."""
+    reference, patched = pair(model_type)
     ids, labels = make_batch()
+    inputs = dict(input_ids=ids, labels=labels, return_dict=False, use_cache=True)
+    if model_type == "qwen3_moe":
+        inputs["output_router_logits"] = True
     with torch.no_grad():
-        expected = reference(input_ids=ids, labels=labels, return_dict=False, use_cache=True)
-        got = patched(input_ids=ids, labels=labels, return_dict=False, use_cache=True)
+        expected, got = reference(**inputs), patched(**inputs)
     assert isinstance(got, tuple) and len(got) == len(expected)
-    torch.testing.assert_close(got[0], expected[0], **FP32)
-    assert got[1] is None
-    assert type(got[2]) is type(expected[2])  # the cache, where transformers has it
-    assert got[2].get_seq_length() == expected[2].get_seq_length() == SEQ
+    for index, (want, have) in enumerate(zip(expected, got)):
+        if torch.is_tensor(want) and want.dim() == 3 and want.shape[-1] == VOCAB:  # the logits
+            assert have is None, index
+        elif torch.is_tensor(want):
+            torch.testing.assert_close(have, want, **FP32)
+        elif isinstance(want, tuple):  # the router logits per layer
+            torch.testing.assert_close(have, want, **FP32)
+        else:  # the cache
+            assert type(have) is type(want) and have.get_seq_length() == want.get_seq_length() == SEQ, index
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,7 @@ def new_state(model, family) -> dict:
         "parameters": parameters,
         "slice_logits_to_keep": _slice_logits_to_keep(),
         "output_class": output_class,
+        "output_order": tuple(f.name for f in dataclasses.fields(output_class)),
         "output_fields": frozenset(f.name for f in dataclasses.fields(output_class)) - {"loss", "logits", "aux_loss"},
         "load_balancing_loss": family.modeling.load_balancing_loss_func if family.experts else None,
         "linear_cross_entropy": False,
@@ -169,8 +170,12 @@ def _fused_loss_forward(self, named: dict, head):
         extra["aux_loss"] = aux_loss
     rest = {key: value for key, value in outputs.items() if key in state["output_fields"]}
     output = state["output_class"](loss=loss, logits=None, **rest, **extra)
-    # transformers' tuple is (loss, logits, ...): the logits' place stays, holding None as `.logits` does.
-    return output if return_dict else (loss, None) + output.to_tuple()[1:]
+    if return_dict:
+        return output
+    # transformers' tuple holds the fields that are not None, in order: the logits' place stays, holding None
+    # as `.logits` does, so that no later field moves into it.
+    values = (getattr(output, key) for key in state["output_order"])
+    return tuple(value for key, value in zip(state["output_order"], values) if value is not None or key == "logits")
 
 
 # ---------------------------------------------------------------------------------------------------------
