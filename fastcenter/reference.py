@@ -1,9 +1,11 @@
 """The eager PyTorch meaning of every op in `fastcenter.ops`, one function for one function.
 
 This file is the specification in code: plain float32 math, no fusion, no tricks, and it imports nothing
-else of ours. `fastcenter.ops` runs these when the Triton kernels cannot (no GPU and no interpreter, or
-`FASTCENTER_BACKEND=reference`), and the tests hold every fused kernel against them (and against float64
-versions of the same formulas). Inputs are validated by `fastcenter.ops`; these functions assume sane input.
+else of ours. `fastcenter.ops` runs these under `ops.using("reference")` or `FASTCENTER_BACKEND=reference`,
+inside torch.func transforms, for a backward that will be differentiated again, and where the Triton kernels do
+not take an input (see fastcenter/ops/_dispatch.py); the tests hold the Triton kernels and the CPU
+implementation against them (and against float64 versions of the same formulas). Inputs are validated by
+`fastcenter.ops`; these functions assume sane input.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ def linear_cross_entropy(
     """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) with the logits formed in full.
 
     `input` is [N, D] or [B, T, D] with `target` [N] or [B, T]; "none" returns the per-token loss in the
-    target's shape. `chunk_size` only bounds memory in the fused op; the meaning is the same.
+    target's shape. `chunk_size` only bounds memory in `fastcenter.ops`; the meaning is the same.
     """
     bias = None if linear_bias is None else _f32(linear_bias)
     logits = F.linear(_f32(input), _f32(linear_weight), bias)

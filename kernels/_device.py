@@ -39,11 +39,10 @@ def max_registers(num_warps: int, resident_programs: int = 1) -> int:
 
     Why a launch states it: without a limit, recent ptxas (12.8+, the one in Triton 3.9's wheel) picks the
     register count of the highest occupancy it sees fit and spills a value or two to reach it; with the limit
-    the kernel's own residency asks for, it uses what the code needs up to there. `python -m bench.compile`
-    measured, without it: 2 spill instructions (8 bytes of stack) in the norm forward with one row of 4096
-    or 16384 columns per program (32 or 64 registers; sm_80 with Triton 3.2 and 3.9, sm_90 with 3.2), and 2
-    to 8 in the cross-entropy kernel (40 to 64 registers); with it, none. Only those launches state it:
-    elsewhere ptxas's own choice spills nothing, and stating the ceiling there would only raise register
-    counts (e.g. 48 -> 64 for the norm forward at D = 256) and lower occupancy. The interpreter ignores it.
+    the kernel's own residency asks for, it uses what the code needs up to there. Without it, the norm forward
+    with one row of 4096 or more columns per program and the cross-entropy kernel spill a few registers; with
+    it, none (`python -m bench.compile` checks every launch plan; bench/results/compile/ holds its records).
+    Only those launches state it: elsewhere ptxas's own choice spills nothing, and stating the ceiling there
+    would only raise register counts and lower occupancy. The interpreter ignores it.
     """
     return min(255, REGISTERS_PER_SM // (resident_programs * 32 * num_warps) // 8 * 8)

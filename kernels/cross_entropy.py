@@ -14,9 +14,9 @@ number; the eager reference, through torch.where, leaves that row's gradient at 
 
 One kernel, `_cross_entropy_kernel`, does both halves with constexpr flags: COMPUTE_STATS runs pass 1 over the
 row (lse, loss), WRITE_GRAD runs pass 2 (reads the row again, writes dl scaled by a per-row or scalar factor;
-without COMPUTE_STATS it reads a saved lse). The row is 50257 wide at the seed shape, far too wide for
+without COMPUTE_STATS it reads a saved lse). The row is 50257 wide at the default shape, far too wide for
 registers, so both passes loop over BLOCK_V-wide blocks. Each program walks rows with a stride of the grid
-size, and the grid is kept to a couple of programs per SM, so the rows in flight (~264 x 100 KB at the seed
+size, and the grid is kept to a couple of programs per SM, so the rows in flight (~264 x 100 KB at the default
 shape on an H100) fit in L2 and the second pass re-reads the row from L2, not HBM.
 
 cross_entropy(logits, target): forward = pass 1 only (loss, lse; the logits are saved, nothing N x V is
@@ -47,7 +47,7 @@ Memory beyond inputs and gradients: the chunk buffer C x V_pad (V_pad = V rounde
 is 128-byte aligned for cuBLAS and the kernel), the float32 dW accumulator when the weight is not float32
 (V x D x 4), and the compute-dtype copy of W when it is float32 (V x D x 2).
 
-Expected cost at the seed shape, written before any measurement (N = 8192, D = 256, V = 50257, bf16, H100 at
+Expected cost at the default shape, a model written before any measurement (N = 8192, D = 256, V = 50257, bf16, H100 at
 ~3.3 TB/s and ~800 TFLOP/s; L = N * V * 2 B = 823 MB = one pass over all chunk logits = 0.25 ms; one GEMM
 = 2 N D V = 0.21 TFLOP = 0.26 ms of compute; each GEMM has arithmetic intensity ~D = 256 FLOP/B, at the
 ridge, so each costs about max(compute, bytes)):
@@ -184,9 +184,20 @@ def _max_programs(device: torch.device) -> int:
 
 
 def _launch_rows(
-    logits, grad, target, loss, lse, grad_scale, *, compute_stats, write_grad, ignore_index, label_smoothing,
-    z_loss, softcap,
-):  # fmt: skip
+    logits,
+    grad,
+    target,
+    loss,
+    lse,
+    grad_scale,
+    *,
+    compute_stats,
+    write_grad,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+):
     """Run `_cross_entropy_kernel` over the rows of `logits` [R, V] (unit column stride, any row stride).
 
     target [R] int64. compute_stats: write loss [R] and lse [R] (float32); else read lse. write_grad: write
@@ -227,22 +238,42 @@ def cross_entropy_forward(logits, target, *, reduction, ignore_index, label_smoo
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss_rows)
     _launch_rows(
-        logits, None, target, loss_rows, lse, None, compute_stats=True, write_grad=False,
-        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-    )  # fmt: skip
+        logits,
+        None,
+        target,
+        loss_rows,
+        lse,
+        None,
+        compute_stats=True,
+        write_grad=False,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
     return _reduce(loss_rows, _mean_scale(target, ignore_index, reduction), reduction), lse
 
 
 def cross_entropy_backward(
     grad_loss, logits, target, lse, *, reduction, ignore_index, label_smoothing, z_loss, softcap
-):  # fmt: skip
+):
     """Gradient of the loss w.r.t. logits [N, V], in the logits' dtype (a new buffer)."""
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_scale = _per_row_scale(grad_loss, target, ignore_index, reduction)
     _launch_rows(
-        logits, grad_logits, target, None, lse, grad_scale, compute_stats=False, write_grad=True,
-        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-    )  # fmt: skip
+        logits,
+        grad_logits,
+        target,
+        None,
+        lse,
+        grad_scale,
+        compute_stats=False,
+        write_grad=True,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
     return grad_logits
 
 
@@ -318,7 +349,7 @@ def _add_matmul(acc, a, b, *, first: bool) -> None:
 
 
 def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: the power of two whose logits fill about CHUNK_BYTES (1024 at the seed shape, bf16)."""
+    """Rows per chunk: the power of two whose logits fill about CHUNK_BYTES (1024 at the default shape, bf16)."""
     padded = -(-vocab // ROW_ALIGN) * ROW_ALIGN
     rows = max(1, CHUNK_BYTES // (padded * torch.finfo(dtype).bits // 8))
     rows = max(128, 1 << (rows.bit_length() - 1))
@@ -332,9 +363,25 @@ def _chunk_buffer(rows: int, vocab: int, dtype, device):
 
 
 def _chunked_pass(
-    x, weight, bias, target, *, lse, loss_rows, grad_scale, compute_stats, write_grad, need_grad_input,
-    need_grad_weight, need_grad_bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-):  # fmt: skip
+    x,
+    weight,
+    bias,
+    target,
+    *,
+    lse,
+    loss_rows,
+    grad_scale,
+    compute_stats,
+    write_grad,
+    need_grad_input,
+    need_grad_weight,
+    need_grad_bias,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_size,
+):
     """The chunk loop shared by forward and backward. Returns (grad_input, float32 dW, float32 db) or empties.
 
     Per chunk: logits = x_c @ W.T (+ b) into the buffer; the row kernel (pass 1 and/or pass 2, the gradient
@@ -360,12 +407,19 @@ def _chunked_pass(
         logits = buffer[: end - start]
         _matmul_into(logits, x_c, w.t(), b)
         _launch_rows(
-            logits, logits if write_grad else None, target[start:end],
-            loss_rows[start:end] if compute_stats else None, lse[start:end],
+            logits,
+            logits if write_grad else None,
+            target[start:end],
+            loss_rows[start:end] if compute_stats else None,
+            lse[start:end],
             grad_scale if grad_scale is None or grad_scale.dim() == 0 else grad_scale[start:end],
-            compute_stats=compute_stats, write_grad=write_grad, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        )  # fmt: skip
+            compute_stats=compute_stats,
+            write_grad=write_grad,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+        )
         if not write_grad:
             continue
         grad_logits = logits  # overwritten in place by pass 2
@@ -379,9 +433,21 @@ def _chunked_pass(
 
 
 def linear_cross_entropy_forward(
-    x, weight, bias, target, *, reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-    need_grad_input, need_grad_weight, need_grad_bias,
-):  # fmt: skip
+    x,
+    weight,
+    bias,
+    target,
+    *,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_size,
+    need_grad_input,
+    need_grad_weight,
+    need_grad_bias,
+):
     """x [N, D] (unit column stride), weight [V, D], bias [V] or None, target [N] int64.
 
     Returns (loss float32: 0-dim or [N] for "none", lse [N] float32, grad_input [N, D] in x's dtype,
@@ -395,30 +461,68 @@ def linear_cross_entropy_forward(
     lse = torch.empty_like(loss_rows)
     scale = _mean_scale(target, ignore_index, reduction)
     grad_input, grad_weight, grad_bias = _chunked_pass(
-        x, weight, bias, target, lse=lse, loss_rows=loss_rows, grad_scale=scale, compute_stats=True,
-        write_grad=grads_now, need_grad_input=grads_now and need_grad_input,
-        need_grad_weight=grads_now and need_grad_weight, need_grad_bias=grads_now and need_grad_bias,
-        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        x,
+        weight,
+        bias,
+        target,
+        lse=lse,
+        loss_rows=loss_rows,
+        grad_scale=scale,
+        compute_stats=True,
+        write_grad=grads_now,
+        need_grad_input=grads_now and need_grad_input,
+        need_grad_weight=grads_now and need_grad_weight,
+        need_grad_bias=grads_now and need_grad_bias,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
         chunk_size=chunk_size,
-    )  # fmt: skip
+    )
     return _reduce(loss_rows, scale, reduction), lse, grad_input, grad_weight, grad_bias
 
 
 def linear_cross_entropy_backward(
-    grad_loss, x, weight, bias, target, lse, *, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-    need_grad_input, need_grad_weight, need_grad_bias,
-):  # fmt: skip
+    grad_loss,
+    x,
+    weight,
+    bias,
+    target,
+    lse,
+    *,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_size,
+    need_grad_input,
+    need_grad_weight,
+    need_grad_bias,
+):
     """Gradients for reduction="none" (per-token grad_loss [N]): recompute each chunk's logits, then pass 2.
 
     Returns (grad_input in x's dtype, grad_weight in weight's dtype, grad_bias in bias's dtype), empty where
     not asked for.
     """
     grad_input, grad_weight, grad_bias = _chunked_pass(
-        x, weight, bias, target, lse=lse, loss_rows=None, grad_scale=grad_loss.to(torch.float32).reshape(-1),
-        compute_stats=False, write_grad=True, need_grad_input=need_grad_input,
-        need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
-    )  # fmt: skip
+        x,
+        weight,
+        bias,
+        target,
+        lse=lse,
+        loss_rows=None,
+        grad_scale=grad_loss.to(torch.float32).reshape(-1),
+        compute_stats=False,
+        write_grad=True,
+        need_grad_input=need_grad_input,
+        need_grad_weight=need_grad_weight,
+        need_grad_bias=need_grad_bias,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        chunk_size=chunk_size,
+    )
     grad_weight = grad_weight.to(weight.dtype)  # empty when not asked for: the cast is free
     if bias is not None:
         grad_bias = grad_bias.to(bias.dtype)

@@ -18,12 +18,11 @@ the "small reduction" after the single pass. D need not be a power of two (lanes
 
 Row width. The forward holds a whole row in registers up to `fastcenter.ops.norm.MAX_FUSED_NORM_DIM`. The
 single-pass backward holds more per column (h, dy, w and the two partial sums), and past
-WIDEST_SINGLE_PASS columns it spills registers to local memory (measured with `python -m bench.compile`, at
-D = 16384 with 16 warps: 179 to 1088 spill instructions and up to 1.5 KB of stack per thread with Triton 3.9,
-245 to 269 and ~390 bytes with 3.2, on sm_80 and sm_90; none at 8192). Wider rows are
-split: `_norm_bwd_dot_kernel` first computes each row's mean(g * n) in column chunks (one float32 per row),
-then the same backward kernel runs on a 2-D grid of row slabs x column blocks of WIDE_ROW_BLOCK, reading that
-mean instead of reducing the row itself. It reads dy and h twice (5 instead of 3 passes over N x D), only
+WIDEST_SINGLE_PASS columns it spills registers to local memory (`python -m bench.compile` shows it, and checks
+that no launch plan spills; bench/results/compile/ holds its records). Wider rows are split:
+`_norm_bwd_dot_kernel` first computes each row's mean(g * n) in column chunks (one float32 per row), then the
+same backward kernel runs on a 2-D grid of row slabs x column blocks of WIDE_ROW_BLOCK, reading that mean
+instead of reducing the row itself. It reads dy and h twice (5 instead of 3 passes over N x D), only
 for rows wider than WIDEST_SINGLE_PASS.
 """
 

@@ -24,7 +24,7 @@ three flops per element, so it is memory bound):
 * BLOCK_HALF = next power of two >= Dh/2, so a program always holds whole heads (no loop over Dh).
 * A tile holds about 4096 elements of q or k (8 KiB in bf16): BLOCK_H takes as many heads as fit, capped
   at the smaller head count, so that with grouped-query attention the k programs are not mostly masked;
-  BLOCK_T fills the rest of the tile with tokens. At the seed shape (8192 tokens, 4 + 4 heads of 64) that is
+  BLOCK_T fills the rest of the tile with tokens. At the default shape (8192 tokens, 4 + 4 heads of 64) that is
   16 tokens x 4 heads per program and 2 x 512 programs, several per SM of an H100; for q and k of 65536
   tokens x 32 heads of 128 it is one token x 32 heads per program and 2 x 65536 programs.
 * num_warps = tile / 512, at most 8 (16 for very wide heads): 16 elements per thread, i.e. each thread moves

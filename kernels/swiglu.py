@@ -18,7 +18,7 @@ Block sizes (chosen in `_block_shape`, for bandwidth: per element the forward mo
 * Tiles of [BLOCK_M rows, BLOCK_N columns], about 4096 elements (8 KiB per stream in bf16). BLOCK_N covers
   the whole row up to 1024 columns; wider rows are split into column blocks of 1024 (or of 512/256/128 when
   one of those divides H exactly, so that the last block is not mostly masked). BLOCK_M fills the rest.
-  At the seed shape (8192 x 1024) that is 4 rows per program and 2048 programs; at 65536 x 4096 it is
+  At the default shape (8192 x 1024) that is 4 rows per program and 2048 programs; at 65536 x 4096 it is
   4 rows x 1024 columns and 65536 programs: many programs per SM of an H100 in both cases.
 * num_warps = tile / 512, at most 8: 16 elements per thread, two 16-byte vectors per stream in bf16, and
   16-24 KiB of loads per program in flight, which with several resident programs per SM is enough outstanding
