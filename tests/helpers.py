@@ -1,4 +1,4 @@
-"""Shared test utilities: per-dtype tolerances and a comparison against a float64 truth."""
+"""Shared test utilities: per-dtype tolerances, comparisons against a float64 truth, a synthetic corpus."""
 
 import torch
 
@@ -18,9 +18,50 @@ def assert_close(actual, expected, dtype=None, scale: float = 1.0, msg: str = ""
     """
     tol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=tol["rtol"] * scale, atol=tol["atol"] * scale,
+        actual.double(),
+        expected.double(),
+        rtol=tol["rtol"] * scale,
+        atol=tol["atol"] * scale,
         msg=lambda default: f"{msg}\n{default}" if msg else default,
     )
+
+
+def leaves(tensors, dtype=None):
+    """Fresh leaves (requiring grad where floating) of the given tensors, optionally cast; None stays None."""
+    out = []
+    for t in tensors:
+        if t is None or not t.is_floating_point():
+            out.append(t)
+        else:
+            out.append((t if dtype is None else t.to(dtype)).detach().clone().requires_grad_())
+    return out
+
+
+def check_against_float64(ours, truth, inputs, dtype, scale=1.0, loss_float32=False):
+    """ours(*inputs in dtype) against truth(*the same values in float64): outputs, and the gradient of every
+    floating input for grad_outputs that are not all ones. Outputs keep the input's dtype (losses: float32 when
+    `loss_float32`); each gradient has its argument's dtype and shape."""
+    xs = leaves(inputs, dtype)
+    xs64 = leaves([None if t is None else (t.double() if t.is_floating_point() else t) for t in xs])
+    out, out64 = ours(*xs), truth(*xs64)
+    out, out64 = (out if isinstance(out, tuple) else (out,)), (out64 if isinstance(out64, tuple) else (out64,))
+    for o, o64 in zip(out, out64):
+        if loss_float32:
+            assert o.dtype == torch.float32, "losses are float32 whatever the input dtype"
+        else:
+            assert o.dtype == dtype, "outputs keep the input's dtype"
+        assert_close(o, o64, dtype, msg="output")
+    grads_out = [torch.randn(o.shape, dtype=torch.float64, device=o.device) for o in out64]
+    wrt = [(x, x64) for x, x64 in zip(xs, xs64) if x is not None and x.requires_grad]
+    grads = torch.autograd.grad(out, [x for x, _ in wrt], [g.to(o.dtype) for g, o in zip(grads_out, out)])
+    grads64 = torch.autograd.grad(out64, [x64 for _, x64 in wrt], grads_out)
+    rows = max(o.numel() for o in out)
+    for (x, _), g, g64 in zip(wrt, grads, grads64):
+        assert g.dtype == x.dtype and g.shape == x.shape, "a gradient has its argument's dtype and shape"
+        # A vector argument (a weight, a bias) or one broadcast over rows (a [1, 1, D] centre) gets a gradient
+        # summed over rows: in bf16 a sum of rounded terms that may nearly cancel, so 4x one rounding's tolerance.
+        summed = x.dim() == 1 or x.numel() < rows
+        assert_close(g, g64, dtype, scale=scale * (4.0 if summed else 1.0), msg=f"gradient of {tuple(x.shape)}")
 
 
 def write_synthetic_corpus(out_dir, *, train_tokens: int = 60_000, val_tokens: int = 12_000, seed: int = 0):

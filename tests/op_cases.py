@@ -34,47 +34,59 @@ class Op:
         return [a.name for a in self.args if a.kind == "float"]
 
 
-
 D, V = 40, 50  # a row width that is not a power of two; a vocabulary that is not either
 LCE_OPTIONS = dict(chunk_size=3, label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+
+ROPE_ARGS = [Arg("q", (2, 5, 3, 16)), Arg("k", (2, 5, 2, 16)), Arg("cos", (6, 8), "table"), Arg("sin", (6, 8), "table")]
+LCE_ARGS = [
+    Arg("input", (2, 4, 16)),
+    Arg("linear_weight", (V, 16)),
+    Arg("target", (2, 4), "target"),
+    Arg("linear_bias", (V,)),
+]
+
+
+def _lce(**options):
+    def call(m, input, linear_weight, target, linear_bias):
+        return (m.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, **options),)
+
+    return call
+
 
 OPS = {
     op.name: op
     for op in [
-        Op("rms_norm", [Arg("input", (2, 3, D)), Arg("weight", (D,))],
-           lambda m, input, weight: (m.rms_norm(input, (D,), weight, 1e-5),)),
-        Op("center_rms_norm",
-           [Arg("input", (2, 3, D)), Arg("weight", (D,)), Arg("center", (D,)), Arg("residual", (2, 3, D))],
-           lambda m, input, weight, center, residual: m.center_rms_norm(
-               input, weight, center=center, residual=residual, eps=1e-5)),
-        Op("center_rms_norm_per_token_center",
-           [Arg("input", (2, 3, D)), Arg("weight", (D,)), Arg("center", (2, 3, D))],
-           lambda m, input, weight, center: m.center_rms_norm(input, weight, center=center, eps=1e-5)),
-        Op("rope", [Arg("q", (2, 5, 3, 16)), Arg("k", (2, 5, 2, 16)), Arg("cos", (6, 8), "table"),
-                    Arg("sin", (6, 8), "table")],
-           lambda m, q, k, cos, sin: m.rope(q, k, cos, sin)),
-        Op("rope_interleaved", [Arg("q", (2, 5, 3, 16)), Arg("k", (2, 5, 2, 16)), Arg("cos", (6, 8), "table"),
-                                Arg("sin", (6, 8), "table")],
-           lambda m, q, k, cos, sin: m.rope(q, k, cos, sin, interleaved=True)),
+        Op(
+            "rms_norm",
+            [Arg("input", (2, 3, D)), Arg("weight", (D,))],
+            lambda m, input, weight: (m.rms_norm(input, (D,), weight, 1e-5),),
+        ),
+        Op(
+            "center_rms_norm",
+            [Arg("input", (2, 3, D)), Arg("weight", (D,)), Arg("center", (D,)), Arg("residual", (2, 3, D))],
+            lambda m, input, weight, center, residual: m.center_rms_norm(
+                input, weight, center=center, residual=residual, eps=1e-5
+            ),
+        ),
+        Op(
+            "center_rms_norm_per_token_center",
+            [Arg("input", (2, 3, D)), Arg("weight", (D,)), Arg("center", (2, 3, D))],
+            lambda m, input, weight, center: m.center_rms_norm(input, weight, center=center, eps=1e-5),
+        ),
+        Op("rope", ROPE_ARGS, lambda m, q, k, cos, sin: m.rope(q, k, cos, sin)),
+        Op("rope_interleaved", ROPE_ARGS, lambda m, q, k, cos, sin: m.rope(q, k, cos, sin, interleaved=True)),
         Op("swiglu", [Arg("gate", (3, 4, 24)), Arg("up", (3, 4, 24))], lambda m, gate, up: (m.swiglu(gate, up),)),
         Op("swiglu_packed", [Arg("packed", (3, 4, 48))], lambda m, packed: (m.swiglu(packed),)),
-        Op("cross_entropy", [Arg("input", (7, V)), Arg("target", (7,), "target")],
-           lambda m, input, target: (m.cross_entropy(input, target, reduction="none", label_smoothing=0.1),),
-           vocab=V),
-        Op("linear_cross_entropy",
-           [Arg("input", (2, 4, 16)), Arg("linear_weight", (V, 16)), Arg("target", (2, 4), "target"),
-            Arg("linear_bias", (V,))],
-           lambda m, input, linear_weight, target, linear_bias: (m.linear_cross_entropy(
-               input, linear_weight, target, linear_bias=linear_bias, **LCE_OPTIONS),),
-           vocab=V),
-        Op("linear_cross_entropy_none",
-           [Arg("input", (2, 4, 16)), Arg("linear_weight", (V, 16)), Arg("target", (2, 4), "target"),
-            Arg("linear_bias", (V,))],
-           lambda m, input, linear_weight, target, linear_bias: (m.linear_cross_entropy(
-               input, linear_weight, target, linear_bias=linear_bias, reduction="none", **LCE_OPTIONS),),
-           vocab=V),
+        Op(
+            "cross_entropy",
+            [Arg("input", (7, V)), Arg("target", (7,), "target")],
+            lambda m, input, target: (m.cross_entropy(input, target, reduction="none", label_smoothing=0.1),),
+            vocab=V,
+        ),
+        Op("linear_cross_entropy", LCE_ARGS, _lce(**LCE_OPTIONS), vocab=V),
+        Op("linear_cross_entropy_none", LCE_ARGS, _lce(reduction="none", **LCE_OPTIONS), vocab=V),
     ]
-}  # fmt: skip
+}
 
 
 def values(op: Op, arg: Arg, device) -> torch.Tensor:

@@ -1,9 +1,13 @@
-"""cross_entropy and the chunked linear_cross_entropy against a float64 truth (forward and all gradients).
+"""cross_entropy and the chunked linear_cross_entropy against a float64 truth (forward and all gradients): the
+Triton kernels (through `fastcenter.ops`), then the CPU implementation (`cpu_cross_entropy`,
+`cpu_linear_cross_entropy` of fastcenter/ops/cross_entropy.py).
 
 The truth is `fastcenter.reference` evaluated in float64 on the same (already rounded) input values. Shapes are
 small but awkward for the interpreter: vocabularies that are not powers of two, ragged last chunks, several
-vocabulary blocks per row (MAX_BLOCK_V is shrunk where V is small), V = 50257 where it matters.
+vocabulary blocks per row (MAX_BLOCK_V is shrunk where V is small), GPT-2's vocabulary where it matters.
 """
+
+import importlib
 
 import pytest
 import torch
@@ -12,10 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from conftest import DEVICE
-from helpers import assert_close
+from helpers import TOLERANCES, assert_close, check_against_float64, leaves
+from op_cases import BACKENDS, select_backend
 
 from fastcenter import ops, reference
+from fastcenter.data import GPT2_VOCAB_SIZE
 from fastcenter.kernels import cross_entropy as ce
+
+ce_ops = importlib.import_module("fastcenter.ops.cross_entropy")  # the module: `fastcenter.ops.cross_entropy` is the op
 
 OPTION_SETS = {
     "plain": dict(),
@@ -31,9 +39,11 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(ce, "MAX_BLOCK_V", 64)
 
 
-def _targets(n, vocab, ignore_index=-100, n_ignored=2, device=DEVICE):
-    target = torch.randint(0, vocab, (n,), device=device)
-    target[torch.randperm(n, device=device)[:n_ignored]] = ignore_index
+def _targets(shape, vocab, ignore_index=-100, n_ignored=2, device=DEVICE):
+    """Random class ids of `shape` (an int: one dim) with `n_ignored` of them set to ignore_index."""
+    target = torch.randint(0, vocab, (shape,) if isinstance(shape, int) else shape, device=device)
+    flat = target.view(-1)
+    flat[torch.randperm(flat.numel(), device=device)[:n_ignored]] = ignore_index
     return target
 
 
@@ -129,14 +139,14 @@ def test_linear_cross_entropy_seq_len_one_and_strided_input(small_blocks):
 
 
 def test_linear_cross_entropy_gpt2_vocabulary():
-    """V = 50257 (not a power of two): the padded lanes of the last block are masked after the softcap."""
-    n, dim, vocab = 5, 8, 50257
+    """GPT-2's V (not a power of two): the padded lanes of the last block are masked after the softcap."""
+    n, dim, vocab = 5, 8, GPT2_VOCAB_SIZE
     x = torch.randn(n, dim, device=DEVICE)
     w = torch.randn(vocab, dim, device=DEVICE)
     b = torch.randn(vocab, device=DEVICE)
     target = torch.randint(0, vocab, (n,), device=DEVICE)
     target[0] = vocab - 1  # the last real lane, in the ragged last block
-    # Each input-gradient element is a 50257-term float32 dot product: allow for that longer accumulation.
+    # Each input-gradient element is a V-term float32 dot product: allow for that longer accumulation.
     _check_lce(
         x, w, b, target, scale=4.0, reduction="mean", chunk_size=2, label_smoothing=0.1, z_loss=1e-3, softcap=2.0
     )
@@ -176,8 +186,19 @@ def test_linear_cross_entropy_low_precision(dtype, small_blocks):
     b = torch.randn(vocab, device=DEVICE).to(dtype)
     target = _targets(n, vocab)
     for reduction in ("mean", "none"):
-        _check_lce(x, w, b, target, dtype, scale=2.0, relative=True, reduction=reduction, chunk_size=8,
-                   label_smoothing=0.1, softcap=4.0)  # fmt: skip
+        _check_lce(
+            x,
+            w,
+            b,
+            target,
+            dtype,
+            scale=2.0,
+            relative=True,
+            reduction=reduction,
+            chunk_size=8,
+            label_smoothing=0.1,
+            softcap=4.0,
+        )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -192,8 +213,9 @@ def test_linear_cross_entropy_float32_master_weights(reduction, small_blocks):
     loss, (grad_x, grad_w, grad_b), g = _loss_and_grads(fn, tensors)
     assert (grad_x.dtype, grad_w.dtype, grad_b.dtype) == (torch.bfloat16, torch.float32, torch.float32)
     # The truth uses the weight as the GEMMs see it: rounded to bf16 once.
-    truth_loss, truth_grads = _lce_truth(x, w.to(torch.bfloat16), b.to(torch.bfloat16), target, g,
-                                         reduction=reduction, z_loss=1e-3)  # fmt: skip
+    truth_loss, truth_grads = _lce_truth(
+        x, w.to(torch.bfloat16), b.to(torch.bfloat16), target, g, reduction=reduction, z_loss=1e-3
+    )
     _compare(loss, truth_loss, torch.bfloat16, 1.0, True, "loss")
     for ours, truth in zip((grad_x, grad_w, grad_b), truth_grads):
         _compare(ours, truth, torch.bfloat16, 1.0, True, "gradient")
@@ -235,9 +257,10 @@ def test_linear_cross_entropy_gradient_accumulation_with_tied_weights():
 
 
 def test_default_chunk_size():
-    assert ce.default_chunk_size(8192, 50257, torch.bfloat16) == 1024  # the seed shape: 103 MB of bf16 logits
-    assert ce.default_chunk_size(8192, 50257, torch.float32) == 512
-    assert ce.default_chunk_size(100, 50257, torch.bfloat16) == 100
+    V = GPT2_VOCAB_SIZE
+    assert ce.default_chunk_size(8192, V, torch.bfloat16) == 1024  # the default shape: 103 MB of bf16 logits
+    assert ce.default_chunk_size(8192, V, torch.float32) == 512
+    assert ce.default_chunk_size(100, V, torch.bfloat16) == 100
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -317,8 +340,8 @@ def test_cross_entropy_matches_float64(reduction, option_set, small_blocks):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cross_entropy_gpt2_vocabulary_low_precision(dtype):
-    logits = (torch.randn(4, 50257, device=DEVICE) * 3).to(dtype)
-    target = torch.tensor([0, 50256, -100, 123], device=DEVICE)
+    logits = (torch.randn(4, GPT2_VOCAB_SIZE, device=DEVICE) * 3).to(dtype)
+    target = torch.tensor([0, GPT2_VOCAB_SIZE - 1, -100, 123], device=DEVICE)
     _check_ce(logits, target, dtype, relative=True, reduction="none", softcap=10.0, label_smoothing=0.1)
 
 
@@ -443,3 +466,170 @@ def test_torch_compile_fullgraph_traces_both_ops(reduction):
     assert_close(compiled_loss, eager_loss.double(), torch.float32)
     for a, e in zip(compiled_grads, eager_grads):
         assert_close(a, e.double(), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CPU implementation, in float32 and bfloat16.
+# ---------------------------------------------------------------------------------------------------------
+
+CPU_DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+def test_cpu_cross_entropy(dtype, reduction, option_set):
+    o = dict(OPTION_SETS[option_set], reduction=reduction)
+    logits = torch.randn(13, 101) * 4
+    target = _targets(13, 101, o.get("ignore_index", -100), device="cpu")
+    check_against_float64(
+        lambda z: ce_ops.cpu_cross_entropy(z, target, **o),
+        lambda z: reference.cross_entropy(z, target, **o),
+        [logits],
+        dtype,
+        loss_float32=True,
+    )
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+def test_cpu_linear_cross_entropy(dtype, reduction, option_set):
+    """[B, T, D] input, a bias, ragged chunks (chunk_size 4 over 2 x 9 rows), every option and reduction."""
+    o = dict(OPTION_SETS[option_set], reduction=reduction)
+    x, w, b = torch.randn(2, 9, 24), torch.randn(67, 24) * 0.3, torch.randn(67)
+    target = _targets((2, 9), 67, o.get("ignore_index", -100), device="cpu")
+
+    def ours(x, w, b):
+        return ce_ops.cpu_linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=4, **o)
+
+    def truth(x, w, b):
+        return reference.linear_cross_entropy(x, w, target, linear_bias=b, **o)
+
+    check_against_float64(ours, truth, [x, w, b], dtype, scale=2.0, loss_float32=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_linear_cross_entropy_at_the_gpt2_vocabulary(reduction):
+    """GPT-2's V with the default chunking; a few rows keep it fast."""
+    x, w = torch.randn(6, 16), torch.randn(GPT2_VOCAB_SIZE, 16) * 0.5
+    target = torch.tensor([0, GPT2_VOCAB_SIZE - 1, 17, -100, 31337, GPT2_VOCAB_SIZE - 1])
+    check_against_float64(
+        lambda x, w: ce_ops.cpu_linear_cross_entropy(x, w, target, reduction=reduction, z_loss=1e-4),
+        lambda x, w: reference.linear_cross_entropy(x, w, target, reduction=reduction, z_loss=1e-4),
+        [x, w],
+        torch.float32,
+        scale=2.0,
+        loss_float32=True,
+    )
+
+
+def test_cpu_linear_cross_entropy_with_float32_master_weights_under_a_bf16_input():
+    """The usual mixed case: bf16 activations, float32 weight; the weight's gradient comes back in float32."""
+    x, w = leaves([torch.randn(10, 32).bfloat16(), torch.randn(45, 32) * 0.2])
+    target = torch.randint(0, 45, (10,))
+    loss = ce_ops.cpu_linear_cross_entropy(x, w, target, chunk_size=3)
+    grad_x, grad_w = torch.autograd.grad(loss, [x, w])
+    assert loss.dtype == grad_w.dtype == torch.float32 and grad_x.dtype == torch.bfloat16
+    x64, w64 = leaves([x.double(), w.double()])
+    truth = reference.linear_cross_entropy(x64, w64, target)
+    assert_close(loss, truth, torch.float32)
+    for got, want in zip((grad_x, grad_w), torch.autograd.grad(truth, [x64, w64])):
+        assert_close(got, want, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the op computes in float32 under autocast as well
+        assert_close(ce_ops.cpu_linear_cross_entropy(x, w, target), truth, torch.float32)
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cpu_all_ignored_gives_zero_loss_and_zero_gradients(op, reduction):
+    x, w = leaves([torch.randn(5, 8), torch.randn(11, 8)])
+    target = torch.full((5,), -100)
+    if op == "cross_entropy":
+        loss = ce_ops.cpu_cross_entropy(x @ w.T, target, reduction=reduction)
+    else:
+        loss = ce_ops.cpu_linear_cross_entropy(x, w, target, reduction=reduction, chunk_size=2)
+    assert not loss.isnan().any() and not loss.any()
+    grads = torch.autograd.grad(loss.sum(), [x, w])
+    assert all(not g.isnan().any() and not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_cpu_a_target_out_of_range_makes_the_loss_nan(op):
+    """As the reference: that token's loss is NaN (so is the mean), the gradients of the others stay right."""
+    x, w = torch.randn(6, 8), torch.randn(11, 8)
+    target = torch.tensor([1, 2, 11, 4, -100, 0])  # 11 is outside [0, 11)
+    if op == "cross_entropy":
+        per_token, mean = (
+            ce_ops.cpu_cross_entropy(x @ w.T, target, reduction="none"),
+            ce_ops.cpu_cross_entropy(x @ w.T, target),
+        )
+    else:
+        per_token = ce_ops.cpu_linear_cross_entropy(x, w, target, reduction="none")
+        mean = ce_ops.cpu_linear_cross_entropy(x, w, target)
+    assert per_token[2].isnan() and per_token[[0, 1, 3, 4, 5]].isfinite().all() and per_token[4] == 0
+    assert mean.isnan()
+    xs, xs64 = leaves([x, w]), leaves([x.double(), w.double()])
+    if op == "linear_cross_entropy":
+        ours = ce_ops.cpu_linear_cross_entropy(*xs, target, reduction="sum")
+        truth = reference.linear_cross_entropy(*xs64, target, reduction="sum")
+    else:
+        ours = ce_ops.cpu_cross_entropy(xs[0] @ xs[1].T, target, reduction="sum")
+        truth = reference.cross_entropy(xs64[0] @ xs64[1].T, target, reduction="sum")
+    for got, want in zip(torch.autograd.grad(ours, xs), torch.autograd.grad(truth, xs64)):
+        assert_close(got, want, torch.float32, scale=2.0)
+
+
+def test_cpu_linear_cross_entropy_is_the_same_for_every_chunking():
+    x, w, target = torch.randn(23, 16), torch.randn(40, 16), torch.randint(0, 40, (23,))
+    losses = []
+    for chunk_size in (1, 5, 23, None, 1000):
+        xs = leaves([x, w])
+        loss = ce_ops.cpu_linear_cross_entropy(*xs, target, chunk_size=chunk_size, label_smoothing=0.1)
+        losses.append((loss.detach(), *torch.autograd.grad(loss, xs)))
+    for other in losses[1:]:
+        for a, b in zip(losses[0], other):
+            torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_linear_cross_entropy_never_forms_the_logits(reduction):
+    """Every tensor created in the forward and backward holds at most chunk_size x V elements (or W's V x D)."""
+    N, D, V, chunk = 300, 4, 997, 16
+    x, w = leaves([torch.randn(N, D), torch.randn(V, D)])
+    target = torch.randint(0, V, (N,))
+    with LargestAllocation() as seen:
+        loss = ce_ops.cpu_linear_cross_entropy(x, w, target, reduction=reduction, chunk_size=chunk, softcap=5.0)
+        torch.autograd.grad(loss.sum() if reduction == "none" else loss, [x, w])
+    assert seen.largest <= chunk * V * 4 < N * V * 4
+
+
+def test_cpu_tensors_without_the_interpreter_run_the_cpu_implementation(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("FASTCENTER_BACKEND", raising=False)
+    calls = []
+    real = ce_ops.cpu_linear_cross_entropy
+    monkeypatch.setattr(ce_ops, "cpu_linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w, target = torch.randn(4, 8), torch.randn(9, 8), torch.randint(0, 9, (4,))
+    loss = ops.linear_cross_entropy(x, w, target)
+    assert calls and ops.backend(x) == "cpu"
+    assert_close(loss, reference.linear_cross_entropy(x.double(), w.double(), target), torch.float32)
+    with ops.using("reference"):
+        ops.linear_cross_entropy(x, w, target)
+    assert len(calls) == 1, "using('reference') bypasses the CPU implementation"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every backend: class weights.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_weights_are_refused_on_every_backend(backend, monkeypatch):
+    device = select_backend(backend, monkeypatch)
+    x, w, target = torch.randn(2, 3, device=device), torch.randn(4, 3, device=device), torch.tensor([0, 1])
+    target = target.to(device)
+    with pytest.raises(NotImplementedError, match="weight"):
+        ops.linear_cross_entropy(x, w, target, weight=torch.ones(4, device=device))
+    with pytest.raises(NotImplementedError, match="weight"):
+        ops.cross_entropy(x @ w.T, target, torch.ones(4, device=device))

@@ -1,12 +1,16 @@
-"""rms_norm and center_rms_norm: fused kernels against a float64 truth, forward and gradients."""
+"""rms_norm and center_rms_norm against a float64 truth, forward and gradients: the Triton kernels (through
+`fastcenter.ops`), then the CPU implementation (`cpu_rms_norm`, `cpu_center_rms_norm` of fastcenter/ops/norm.py)."""
 
+import importlib
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
-from helpers import assert_close
+from helpers import assert_close, check_against_float64, leaves
 
 from fastcenter import ops, reference
+
+norm_ops = importlib.import_module("fastcenter.ops.norm")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -102,8 +106,16 @@ def test_rms_norm_matches_float64_and_torch(dtype, D):
 def test_rms_norm_without_weight_and_default_eps():
     x = torch.randn(5, 3, 40, device=DEVICE)
     grad_out = torch.randn_like(x)
-    _check_against_truth(lambda x: ops.rms_norm(x, 40) if x.dtype != torch.float64 else
-                         F.rms_norm(x, (40,), eps=torch.finfo(torch.float32).eps), [x], (grad_out,), torch.float32)
+    _check_against_truth(
+        lambda x: (
+            ops.rms_norm(x, 40)
+            if x.dtype != torch.float64
+            else F.rms_norm(x, (40,), eps=torch.finfo(torch.float32).eps)
+        ),
+        [x],
+        (grad_out,),
+        torch.float32,
+    )
 
 
 def test_rms_norm_over_several_dims_falls_back_to_reference():
@@ -151,7 +163,9 @@ def test_mixed_dtypes_residual_stream_fp32_branch_bf16():
     assert_close(grads[3], true_grads[3], torch.bfloat16)
 
 
-@pytest.mark.parametrize("center_shape", [(1, 1, 48), (5, 48), (3, 5, 1)], ids=["leading_ones", "per_position", "per_token_scalar"])
+@pytest.mark.parametrize(
+    "center_shape", [(1, 1, 48), (5, 48), (3, 5, 1)], ids=["leading_ones", "per_position", "per_token_scalar"]
+)
 def test_broadcast_centres(center_shape):
     x = torch.randn(3, 5, 48, device=DEVICE)
     center = torch.randn(center_shape, device=DEVICE)
@@ -211,8 +225,13 @@ def test_compiled_fullgraph_matches_eager():
         n, h = ops.center_rms_norm(x, w1, center=c, residual=r)
         return ops.rms_norm(n * 2.0 + h, (x.shape[-1],), w2).sum(-1)
 
-    args = [torch.randn(2, 6, 40, device=DEVICE), torch.randn(2, 6, 40, device=DEVICE),
-            torch.randn(40, device=DEVICE), torch.randn(40, device=DEVICE), torch.randn(40, device=DEVICE)]
+    args = [
+        torch.randn(2, 6, 40, device=DEVICE),
+        torch.randn(2, 6, 40, device=DEVICE),
+        torch.randn(40, device=DEVICE),
+        torch.randn(40, device=DEVICE),
+        torch.randn(40, device=DEVICE),
+    ]
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
     compiled = torch.compile(block, fullgraph=True, backend=backend)
     eager_args = [_leaf(a) for a in args]
@@ -310,3 +329,70 @@ def test_widest_fused_row():
         return (ops if x.dtype != torch.float64 else reference).rms_norm(x, (D,), w, 1e-6)
 
     _check_against_truth(fn, [x, weight], (grad_out,), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CPU implementation, in float32 and bfloat16.
+# ---------------------------------------------------------------------------------------------------------
+
+CPU_DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("normalized", [1, 2])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_cpu_rms_norm(dtype, normalized, with_weight):
+    x = torch.randn(3, 5, 7, 24) * 3
+    shape = tuple(x.shape[-normalized:])
+    w = torch.randn(shape) if with_weight else None
+    check_against_float64(
+        lambda x, w: norm_ops.cpu_rms_norm(x, shape, w, 1e-5),
+        lambda x, w: reference.rms_norm(x, shape, w, 1e-5),
+        [x, w],
+        dtype,
+    )
+
+
+CPU_CENTERS = {
+    "none": None,
+    "vector": lambda x: torch.randn(x.shape[-1]),
+    "per_token": lambda x: torch.randn(x.shape),
+    "per_position": lambda x: torch.randn(x.shape[1], x.shape[2]),  # [T, D], broadcast over the batch
+    "keepdim": lambda x: torch.randn(1, 1, x.shape[-1]),
+}
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("center", list(CPU_CENTERS))
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_cpu_center_rms_norm(dtype, center, with_residual):
+    x = torch.randn(2, 9, 40)
+    c = None if CPU_CENTERS[center] is None else CPU_CENTERS[center](x)
+    r = torch.randn(x.shape) if with_residual else None
+    w = torch.rand(40) + 0.5
+
+    def ours(x, w, c, r):
+        return norm_ops.cpu_center_rms_norm(x, w, center=c, residual=r, eps=1e-6)
+
+    def truth(x, w, c, r):
+        return reference.center_rms_norm(x, w, center=c, residual=r, eps=1e-6)
+
+    check_against_float64(ours, truth, [x, w, c, r], dtype)
+
+
+@pytest.mark.parametrize("which", ["normed", "hidden"])
+def test_cpu_center_rms_norm_with_one_output_used(which):
+    """An output that does not reach the loss gives no gradient (None), not a missing term or an error."""
+    x, r, w = leaves([torch.randn(4, 16), torch.randn(4, 16), torch.randn(16)])
+    x64, r64, w64 = leaves([x.double(), r.double(), w.double()])
+    pick = 0 if which == "normed" else 1
+    out = norm_ops.cpu_center_rms_norm(x, w, residual=r)[pick]
+    out64 = reference.center_rms_norm(x64, w64, residual=r64)[pick]
+    g = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, [x, r, w], g.float(), allow_unused=True)
+    grads64 = torch.autograd.grad(out64, [x64, r64, w64], g, allow_unused=True)
+    for got, want in zip(grads, grads64):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            assert_close(got, want, torch.float32)

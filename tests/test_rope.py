@@ -1,17 +1,21 @@
-"""rope and rope_cache: the fused kernel against an independent float64 complex-number truth, forward and gradients.
+"""rope and rope_cache: the Triton kernel against an independent float64 complex-number truth, forward and
+gradients; and the CPU implementation (`cpu_rope` of fastcenter/ops/rope.py) against the float64 reference.
 
 The truth views each pair as a complex number x1 + i x2 and multiplies it by exp(i theta), theta = t * base**(-2i/Dh)
 formed in float64 from log(base) (not from rope_cache), so neither the tables nor the kernel's formula is trusted.
 """
 
+import importlib
 import math
 
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import assert_close
+from helpers import assert_close, check_against_float64
 
 from fastcenter import ops, reference
+
+rope_ops = importlib.import_module("fastcenter.ops.rope")  # the module: `fastcenter.ops.rope` is the op
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -86,7 +90,7 @@ def test_rope_cache_rejects_bad_arguments(kwargs, message):
 # rope: values and gradients
 # ---------------------------------------------------------------------------------------------------------
 
-# (B, T, Hq, Hk, Dh): the seed's head dim, an odd T, T = 1, grouped-query heads, Dh/2 not a power of two.
+# (B, T, Hq, Hk, Dh): the default model's head dim, an odd T, T = 1, grouped-query heads, Dh/2 not a power of two.
 SHAPES = [(2, 7, 3, 2, 64), (2, 1, 2, 2, 64), (3, 13, 5, 1, 40), (1, 9, 2, 4, 6)]
 
 
@@ -324,3 +328,24 @@ def test_reference_backend_gives_the_same_answer(monkeypatch, interleaved):
         assert_close(a, b.double(), torch.bfloat16)
     expected = reference.rope(q.double(), k.double(), cos, sin, interleaved=interleaved)
     assert_close(ref_outs[0], expected[0], torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_cpu_rope_on_views_of_a_packed_projection(dtype, interleaved):
+    """The CPU implementation: q and k are strided views of one qkv tensor, with fewer key heads; the tables
+    are longer than T."""
+    B, T, Hq, Hk, Dh = 2, 7, 3, 1, 10
+    qkv = torch.randn(B, T, (Hq + 2 * Hk) * Dh)
+    cos, sin = reference.rope_cache(T + 5, Dh)
+
+    def split(qkv):
+        q, k, _ = qkv.split([Hq * Dh, Hk * Dh, Hk * Dh], dim=-1)
+        return q.view(B, T, Hq, Dh), k.view(B, T, Hk, Dh)
+
+    check_against_float64(
+        lambda t: rope_ops.cpu_rope(*split(t), cos, sin, interleaved=interleaved),
+        lambda t: reference.rope(*split(t), cos, sin, interleaved=interleaved),
+        [qkv],
+        dtype,
+    )

@@ -1,12 +1,16 @@
-"""swiglu: the fused kernels against float64 F.silu(gate) * up, forward and gradients, both input forms."""
+"""swiglu: the Triton kernels against float64 F.silu(gate) * up, forward and gradients, both input forms; and the
+CPU implementation (`cpu_swiglu` of fastcenter/ops/swiglu.py) against the float64 reference."""
 
+import importlib
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
-from helpers import assert_close
+from helpers import assert_close, check_against_float64
 
-from fastcenter import ops
+from fastcenter import ops, reference
+
+swiglu_ops = importlib.import_module("fastcenter.ops.swiglu")  # the module: `fastcenter.ops.swiglu` is the op
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -211,3 +215,11 @@ def test_reference_backend_gives_the_same_answer(monkeypatch, packed):
     for a, b in zip(fused, run()):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert_close(a, b.double(), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [True, False])
+def test_cpu_swiglu(dtype, packed):
+    gate = torch.randn(3, 5, 22) * 3
+    inputs = [gate] if packed else [gate, torch.randn(gate.shape)]
+    check_against_float64(swiglu_ops.cpu_swiglu, reference.swiglu, inputs, dtype)

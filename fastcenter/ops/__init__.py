@@ -1,4 +1,4 @@
-"""fastcenter.ops: the public fused ops, drop-in for the eager PyTorch ops they replace.
+"""fastcenter.ops: the public ops, drop-in for the eager PyTorch ops they replace.
 
     rms_norm, center_rms_norm   ops/norm.py           kernels/norm.py
     rope_cache, rope            ops/rope.py           kernels/rope.py
@@ -7,12 +7,15 @@
     linear_cross_entropy
 
 One op family reads in two files: its kernels (the math in the module docstring, the Triton kernels and their
-launchers) and its op here. Every public function does three things, in this order:
+launchers) and its module here (the public ops, their custom ops and autograd, and the family's CPU
+implementation). Every public function does three things, in this order:
 
 1. validate its arguments, reading only tensor metadata (shapes, dtypes, devices), so no host sync;
-2. ask `backend()` (ops/_dispatch.py, the one place that decides) which implementation runs: the Triton
-   kernels, the CPU implementation (`fastcenter.cpu`) or the reference (`fastcenter.reference`);
-3. call a `torch.library` custom op wrapping the kernels, or the eager function of the same name.
+2. ask `backend()` (ops/_dispatch.py, the one place that decides) which implementation runs: "triton",
+   "cpu" or "reference";
+3. call the function of its family that implements that choice: a `torch.library` custom op wrapping the
+   kernels, the family's CPU implementation (`cpu_<op>`: eager PyTorch built for speed and bounded memory), or
+   the op's function in `fastcenter.reference` (the readable specification).
 
 The registration pattern, followed by every op family: a forward custom op (`fastcenter::<op>_fwd`) that
 launches the forward kernel and returns its outputs plus whatever the backward needs; a backward custom op

@@ -1,10 +1,11 @@
-"""The one place that decides which implementation an op runs, and the argument checks every op shares.
+"""The one place that decides which implementation an op runs, and what every op family shares.
 
 Three implementations of every public op exist:
 
-    "triton"     the fused Triton kernels, wrapped as torch.library custom ops (fastcenter.ops.<family>)
-    "cpu"        an eager PyTorch implementation built for speed and bounded memory on the CPU
-                 (fastcenter.cpu: e.g. the linear cross-entropy in chunks, its gradient formed in the forward)
+    "triton"     the fused Triton kernels (kernels/<family>.py), wrapped as torch.library custom ops in
+                 fastcenter/ops/<family>.py
+    "cpu"        eager PyTorch built for speed and bounded memory on the CPU, in the same fastcenter/ops/<family>.py
+                 (e.g. the linear cross-entropy in chunks, its gradient formed in the forward)
     "reference"  fastcenter.reference, the plain readable specification of every op
 
 `backend(*tensors)` picks one, in this order:
@@ -19,7 +20,11 @@ Three implementations of every public op exist:
    the Triton kernels;
 3. otherwise (CPU tensors): the CPU implementation.
 
-Reading the scope and the environment here is cheap, and torch.compile specialises on both at trace time.
+Each public op asks once and calls the function of its family that implements that choice. Reading the scope
+and the environment here is cheap, and torch.compile specialises on both at trace time.
+
+Also here, shared by the families: the argument checks (metadata only, so no host sync), `as_rows`,
+`math_dtype` (the CPU implementations' arithmetic dtype) and `differentiable_backward`.
 """
 
 from __future__ import annotations
@@ -148,12 +153,13 @@ def as_rows(t: Tensor, width: int) -> Tensor:
     return t.reshape(-1, width)
 
 
-def eager(implementation: str):
-    """The eager module to run for a backend that is not (or cannot be) the Triton one: `fastcenter.cpu` for
-    "cpu", else `fastcenter.reference` (also where a Triton op cannot take an input, e.g. too wide a row)."""
-    from .. import cpu, reference
-
-    return cpu if implementation == "cpu" else reference
+def math_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The CPU implementations' arithmetic dtype: float32, or float64 when an input is float64 (the tests call
+    them in float64 to hold their analytic backwards to torch.autograd.gradcheck)."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def differentiable_backward(
@@ -165,8 +171,9 @@ def differentiable_backward(
     differentiated (torch.autograd.grad(..., create_graph=True), e.g. a gradient penalty) would lose every
     second-order term. Such a backward (grad mode is on inside it exactly when create_graph=True) takes this
     path instead: `fn` is re-run eagerly on the saved inputs and differentiated with create_graph=True, so the
-    gradients it returns carry their own graph. Slow, and it forms what the fused op avoids (e.g. full logits),
-    but exact. Returns one gradient per input: None for an input that is None or does not require grad.
+    gradients it returns carry their own graph. Slow, and it forms what the Triton and CPU implementations avoid
+    (e.g. full logits), but exact. Returns one gradient per input: None for an input that is None or does not
+    require grad.
     """
     wrt = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
     result: list[Tensor | None] = [None] * len(inputs)

@@ -1,13 +1,16 @@
-"""rms_norm and center_rms_norm: argument checks, dispatch, and the custom ops around kernels/norm.py.
+"""rms_norm and center_rms_norm: argument checks, dispatch, the custom ops around kernels/norm.py, and the CPU
+implementation.
 
 The math (forward and backward) is written once, in the docstring of `fastcenter.kernels.norm`. Both public
 ops share one pair of custom ops: a forward (`fastcenter::norm_fwd`, returning what the backward needs) and a
 backward (`fastcenter::norm_bwd`), each with a fake implementation for torch.compile, tied together by
-`register_autograd`.
+`register_autograd`. The CPU implementation is two autograd Functions with the same analytic backward in eager
+PyTorch; they save the input (or the `hidden` they return) and the weight.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -21,11 +24,100 @@ from ._dispatch import (
     check_float_tensor,
     check_same_device,
     differentiable_backward,
-    eager,
+    math_dtype,
 )
 
-# The fused norm holds a whole row in registers; wider rows take the reference (documented in the README).
+# The Triton norm holds a whole row in registers; wider rows take the reference (documented in the README).
 MAX_FUSED_NORM_DIM = 16384
+
+
+def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+    """Drop-in for `torch.nn.functional.rms_norm`. The Triton kernel normalises over the last dim only; other
+    shapes take the CPU implementation on CPU tensors and the reference elsewhere."""
+    check_float_tensor("input", input)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
+        isinstance(s, int) for s in normalized_shape
+    ):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+    normalized_shape = tuple(normalized_shape)
+    if len(normalized_shape) == 0 or tuple(input.shape[-len(normalized_shape) :]) != normalized_shape:
+        raise ValueError(
+            f"normalized_shape {normalized_shape} must match the trailing dims of input {tuple(input.shape)}"
+        )
+    if weight is not None:
+        check_float_tensor("weight", weight)
+        if tuple(weight.shape) != normalized_shape:
+            raise ValueError(f"weight must have shape {normalized_shape}, got {tuple(weight.shape)}")
+    check_same_device(input=input, weight=weight)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    check_eps(eps)
+    implementation = backend(input, weight)
+    fusable = len(normalized_shape) == 1 and normalized_shape[0] <= MAX_FUSED_NORM_DIM and input.numel() > 0
+    if implementation == "triton" and fusable:
+        return _triton_norm(input, weight, None, None, eps)[0]
+    if implementation == "cpu":
+        return cpu_rms_norm(input, normalized_shape, weight, eps)
+    return reference.rms_norm(input, normalized_shape, weight, eps)
+
+
+def center_rms_norm(
+    input: Tensor,
+    weight: Tensor | None,
+    *,
+    center: Tensor | None = None,
+    residual: Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Fused (residual add) + centering + RMSNorm over the last dim. Returns (normed, hidden).
+
+    hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * weight.
+    `center` broadcasts to `input`: a [D] vector or a per-token tensor. Outputs are in input's dtype; residual,
+    center and weight may be any float dtype (read and computed in float32).
+    """
+    check_float_tensor("input", input)
+    D = input.shape[-1]
+    _check_norm_weight(weight, D)
+    if residual is not None:
+        check_float_tensor("residual", residual)
+        if residual.shape != input.shape:
+            raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+    if center is not None:
+        check_float_tensor("center", center)
+        try:
+            torch.broadcast_shapes(center.shape, input.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"center must broadcast to input's shape {tuple(input.shape)}, got {tuple(center.shape)}"
+            ) from None
+        if center.dim() > input.dim() or torch.broadcast_shapes(center.shape, input.shape) != input.shape:
+            raise ValueError(
+                f"center must broadcast to input's shape {tuple(input.shape)} without enlarging it, "
+                f"got {tuple(center.shape)}"
+            )
+    check_same_device(input=input, weight=weight, center=center, residual=residual)
+    check_eps(eps)
+    implementation = backend(input, weight, center, residual)
+    if implementation == "triton" and D <= MAX_FUSED_NORM_DIM and input.numel() > 0:
+        return _triton_norm(input, weight, center, residual, eps)
+    if implementation == "cpu":
+        return cpu_center_rms_norm(input, weight, center=center, residual=residual, eps=eps)
+    return reference.center_rms_norm(input, weight, center=center, residual=residual, eps=eps)
+
+
+def _check_norm_weight(weight, width: int) -> None:
+    if weight is None:
+        return
+    check_float_tensor("weight", weight)
+    if tuple(weight.shape) != (width,):
+        raise ValueError(f"weight must have shape ({width},) to match the last dim of input, got {tuple(weight.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton: the custom ops around kernels/norm.py
+# ---------------------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("fastcenter::norm_fwd", mutates_args=())
@@ -78,7 +170,7 @@ def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector):
     return torch.empty_like(hidden), grad_weight, grad_center
 
 
-def _norm_setup_context(ctx, inputs, output):
+def _triton_setup_context(ctx, inputs, output):
     x, weight, center, residual, eps = inputs
     normed, hidden, rstd = output
     stored = hidden if hidden.numel() > 0 else x  # without residual/centre, hidden is x itself
@@ -91,7 +183,7 @@ def _norm_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _norm_backward(ctx, grad_normed, grad_hidden, grad_rstd):
+def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
     hidden, weight, rstd = ctx.saved_tensors
     if grad_hidden is not None and grad_hidden.numel() == 0:
         grad_hidden = None
@@ -117,10 +209,10 @@ def _norm_backward(ctx, grad_normed, grad_hidden, grad_rstd):
     return grad_h, grad_weight, grad_center, grad_residual, None
 
 
-_norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context)
+_norm_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
-def _fused_norm(input: Tensor, weight, center, residual, eps: float) -> tuple[Tensor, Tensor]:
+def _triton_norm(input: Tensor, weight, center, residual, eps: float) -> tuple[Tensor, Tensor]:
     """Reshape to rows, run the custom op, reshape back. Returns (normed, hidden-or-input)."""
     D = input.shape[-1]
     x2d = as_rows(input, D)
@@ -137,44 +229,20 @@ def _fused_norm(input: Tensor, weight, center, residual, eps: float) -> tuple[Te
     return normed, hidden
 
 
-def _check_norm_weight(weight, width: int) -> None:
-    if weight is None:
-        return
-    check_float_tensor("weight", weight)
-    if tuple(weight.shape) != (width,):
-        raise ValueError(f"weight must have shape ({width},) to match the last dim of input, got {tuple(weight.shape)}")
+# ---------------------------------------------------------------------------------------------------------
+# CPU: eager PyTorch with analytic backwards (math in float32, or float64 for float64 inputs)
+# ---------------------------------------------------------------------------------------------------------
 
 
-def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
-    """Drop-in for `torch.nn.functional.rms_norm`; fused when normalising over the last dim only."""
-    check_float_tensor("input", input)
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
-        isinstance(s, int) for s in normalized_shape
-    ):
-        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
-    normalized_shape = tuple(normalized_shape)
-    if len(normalized_shape) == 0 or tuple(input.shape[-len(normalized_shape) :]) != normalized_shape:
-        raise ValueError(
-            f"normalized_shape {normalized_shape} must match the trailing dims of input {tuple(input.shape)}"
-        )
-    if weight is not None:
-        check_float_tensor("weight", weight)
-        if tuple(weight.shape) != normalized_shape:
-            raise ValueError(f"weight must have shape {normalized_shape}, got {tuple(weight.shape)}")
-    check_same_device(input=input, weight=weight)
+def cpu_rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+    """`torch.nn.functional.rms_norm` (see fastcenter.reference.rms_norm), over any trailing dims."""
     if eps is None:
         eps = torch.finfo(input.dtype).eps
-    check_eps(eps)
-    implementation = backend(input, weight)
-    fusable = len(normalized_shape) == 1 and normalized_shape[0] <= MAX_FUSED_NORM_DIM and input.numel() > 0
-    if implementation != "triton" or not fusable:
-        return eager(implementation).rms_norm(input, normalized_shape, weight, eps)
-    return _fused_norm(input, weight, None, None, eps)[0]
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    return _CPURMSNorm.apply(input, weight, dims, float(eps))
 
 
-def center_rms_norm(
+def cpu_center_rms_norm(
     input: Tensor,
     weight: Tensor | None,
     *,
@@ -182,37 +250,115 @@ def center_rms_norm(
     residual: Tensor | None = None,
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
-    """Fused (residual add) + centering + RMSNorm over the last dim. Returns (normed, hidden).
+    """(normed, hidden), hidden = input (+ residual) (- center) (see fastcenter.reference.center_rms_norm)."""
+    if residual is None and center is None:  # hidden is the input itself: returned as it is (as the reference)
+        return _CPURMSNorm.apply(input, weight, (-1,), float(eps)), input
+    return _CPUCenterRMSNorm.apply(input, weight, center, residual, float(eps))
 
-    hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * weight.
-    `center` broadcasts to `input`: a [D] vector or a per-token tensor. Outputs are in input's dtype; residual,
-    center and weight may be any float dtype (read and computed in float32).
+
+def _rstd(h: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+    """rsqrt(mean(h**2) + eps) over `dims`, kept for broadcasting (a norm: one pass, no [N, D] temporary)."""
+    count = math.prod([h.shape[d] for d in dims])  # (lists, not generators: torch.compile traces these)
+    mean_square = torch.linalg.vector_norm(h, 2, dims, keepdim=True).square_().div_(max(count, 1))
+    return mean_square.add_(eps).rsqrt_()
+
+
+def _normalize(h: Tensor, weight: Tensor | None, dims: tuple[int, ...], eps: float) -> Tensor:
+    """h * rsqrt(mean(h**2) + eps) * weight, in h's (math) dtype."""
+    out = h * _rstd(h, dims, eps)
+    if weight is not None:
+        out.mul_(weight.to(h.dtype))
+    return out
+
+
+def _normalize_backward(grad_out: Tensor, h: Tensor, weight: Tensor | None, dims, eps: float):
+    """(grad of h, grad of weight in the math dtype) for y = h * r * w, r = rsqrt(mean(h**2) + eps):
+
+    dn = dy * w;  dh = r * (dn - h * r**2 * mean(dn * h));  dw = sum over rows of dy * h * r.
     """
-    check_float_tensor("input", input)
-    D = input.shape[-1]
-    _check_norm_weight(weight, D)
-    if residual is not None:
-        check_float_tensor("residual", residual)
-        if residual.shape != input.shape:
-            raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
-    if center is not None:
-        check_float_tensor("center", center)
-        try:
-            torch.broadcast_shapes(center.shape, input.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"center must broadcast to input's shape {tuple(input.shape)}, got {tuple(center.shape)}"
-            ) from None
-        if center.dim() > input.dim() or torch.broadcast_shapes(center.shape, input.shape) != input.shape:
-            raise ValueError(
-                f"center must broadcast to input's shape {tuple(input.shape)} without enlarging it, "
-                f"got {tuple(center.shape)}"
+    r = _rstd(h, dims, eps)
+    dn = grad_out if weight is None else grad_out * weight.to(h.dtype)
+    row_term = (dn * h).mean(dims, keepdim=True).mul_(r.square()).neg_()
+    grad_h = torch.addcmul(dn, h, row_term).mul_(r)
+    grad_weight = None if weight is None else (grad_out * (h * r)).sum_to_size(weight.shape)
+    return grad_h, grad_weight
+
+
+class _CPURMSNorm(torch.autograd.Function):
+    """y = x * rsqrt(mean(x**2) + eps) * weight over the trailing `len(dims)` dims; saves x and weight."""
+
+    @staticmethod
+    def forward(input, weight, dims, eps):
+        dtype = math_dtype(input, weight)
+        return _normalize(input.to(dtype), weight, dims, eps).to(input.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, ctx.dims, ctx.eps = inputs
+        ctx.save_for_backward(input, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate again
+            normalized_shape = input.shape[len(input.shape) - len(ctx.dims) :]
+            grad_input, grad_weight = differentiable_backward(
+                lambda x, w: reference.rms_norm(x, normalized_shape, w, ctx.eps), [input, weight], [grad_out]
             )
-    check_same_device(input=input, weight=weight, center=center, residual=residual)
-    check_eps(eps)
-    implementation = backend(input, weight, center, residual)
-    if implementation != "triton" or D > MAX_FUSED_NORM_DIM or input.numel() == 0:
-        return eager(implementation).center_rms_norm(input, weight, center=center, residual=residual, eps=eps)
-    return _fused_norm(input, weight, center, residual, eps)
+            return grad_input, grad_weight, None, None
+        dtype = math_dtype(input, weight)
+        grad_h, grad_weight = _normalize_backward(grad_out.to(dtype), input.to(dtype), weight, ctx.dims, ctx.eps)
+        grad_weight = None if weight is None else grad_weight.to(weight.dtype)
+        return grad_h.to(input.dtype), grad_weight, None, None
 
 
+class _CPUCenterRMSNorm(torch.autograd.Function):
+    """(normed, hidden) with hidden = input (+ residual) (- center); saves `hidden` (its own output) and weight.
+
+    Used only when there is a residual or a centre: otherwise hidden is the input itself (see cpu_center_rms_norm).
+    """
+
+    @staticmethod
+    def forward(input, weight, center, residual, eps):
+        dtype = math_dtype(input, weight, center, residual)
+        hidden = input.to(dtype)
+        if residual is not None:
+            hidden = hidden + residual.to(dtype)
+        if center is not None:
+            hidden = hidden - center.to(dtype)
+        normed = _normalize(hidden, weight, (-1,), eps)
+        return normed.to(input.dtype), hidden.to(input.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, center, residual, ctx.eps = inputs
+        ctx.save_for_backward(output[1], weight)
+        ctx.center_shape = None if center is None else center.shape
+        ctx.dtypes = tuple([None if t is None else t.dtype for t in (input, center, residual)])
+        ctx.set_materialize_grads(False)  # an unused output (often `hidden`) arrives as None, not zeros
+
+    @staticmethod
+    def backward(ctx, grad_normed, grad_hidden):
+        hidden, weight = ctx.saved_tensors
+        input_dtype, center_dtype, residual_dtype = ctx.dtypes
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference; terms through the saved
+            # `hidden` (this op's own output) come back to this node as grad_hidden.
+            grad_h, grad_weight = differentiable_backward(
+                lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps), [hidden, weight], [grad_normed, grad_hidden]
+            )
+            if grad_h is None:
+                grad_h = grad_hidden
+        else:
+            dtype = math_dtype(hidden, weight)
+            grad_h, grad_weight = None, None
+            if grad_normed is not None:
+                h = hidden.to(dtype)
+                grad_h, grad_weight = _normalize_backward(grad_normed.to(dtype), h, weight, (-1,), ctx.eps)
+                grad_weight = None if weight is None else grad_weight.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_h = grad_hidden.to(dtype) if grad_h is None else grad_h.add_(grad_hidden)
+        if grad_h is None:  # neither output reached the loss
+            return None, None, None, None, None
+        grad_center = None if center_dtype is None else (-grad_h).sum_to_size(ctx.center_shape).to(center_dtype)
+        grad_residual = None if residual_dtype is None else grad_h.to(residual_dtype)
+        return grad_h.to(input_dtype), grad_weight, grad_center, grad_residual, None

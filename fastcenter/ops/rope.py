@@ -1,8 +1,9 @@
-"""rope_cache and rope: argument checks, dispatch, and the custom op around kernels/rope.py.
+"""rope_cache and rope: argument checks, dispatch, the custom op around kernels/rope.py, and the CPU
+implementation.
 
 The math is written once, in the docstring of `fastcenter.kernels.rope`. One custom op rotates q and k
 together; its backward is the same op rotating the output gradients by the negative angle (so it is
-differentiable again).
+differentiable again). The CPU implementation is an autograd Function doing the same in eager PyTorch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._dispatch import backend, check_float_tensor, check_same_device, eager, is_int, is_real
+from ._dispatch import backend, check_float_tensor, check_same_device, is_int, is_real, math_dtype
+
 
 def rope_cache(seq_len: int, head_dim: int, base: float = 10000.0, device=None) -> tuple[Tensor, Tensor]:
     """cos, sin tables [seq_len, head_dim // 2] in float32 for `rope`."""
@@ -22,38 +24,6 @@ def rope_cache(seq_len: int, head_dim: int, base: float = 10000.0, device=None) 
     if not is_real(base) or not base > 1:
         raise ValueError(f"base must be a float > 1, got {base!r}")
     return reference.rope_cache(seq_len, head_dim, float(base), device)
-
-
-@torch.library.custom_op("fastcenter::rope_rotate", mutates_args=())
-def _rope_rotate(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
-) -> tuple[Tensor, Tensor]:
-    """q [B, T, Hq, Dh], k [B, T, Hk, Dh] (any strides) rotated by cos/sin [>= T, Dh/2], or by the negative
-    angle when `inverse`. Returns new contiguous tensors."""
-    from ..kernels import rope as rope_kernels
-
-    return rope_kernels.rope_rotate(q, k, cos, sin, interleaved, inverse)
-
-
-@_rope_rotate.register_fake
-def _(q, k, cos, sin, interleaved, inverse):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
-
-
-def _rope_setup_context(ctx, inputs, output):
-    _, _, cos, sin, interleaved, inverse = inputs
-    ctx.save_for_backward(cos, sin)  # the tables only: a rotation needs nothing of q and k to be undone
-    ctx.interleaved = interleaved
-    ctx.inverse = inverse
-
-
-def _rope_backward(ctx, grad_q_out, grad_k_out):
-    cos, sin = ctx.saved_tensors
-    grad_q, grad_k = _rope_rotate(grad_q_out, grad_k_out, cos, sin, ctx.interleaved, not ctx.inverse)
-    return grad_q, grad_k, None, None, None, None
-
-
-_rope_rotate.register_autograd(_rope_backward, setup_context=_rope_setup_context)
 
 
 def _check_rope_args(q, k, cos, sin, interleaved) -> None:
@@ -102,8 +72,103 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = 
     """
     _check_rope_args(q, k, cos, sin, interleaved)
     implementation = backend(q, k, cos, sin)
-    if implementation != "triton" or q.numel() == 0 or k.numel() == 0:
-        return eager(implementation).rope(q, k, cos, sin, interleaved=interleaved)
-    return _rope_rotate(q, k, cos, sin, interleaved, False)
+    if implementation == "triton" and q.numel() > 0 and k.numel() > 0:
+        return _rope_rotate(q, k, cos, sin, interleaved, False)
+    if implementation == "cpu":
+        return cpu_rope(q, k, cos, sin, interleaved=interleaved)
+    return reference.rope(q, k, cos, sin, interleaved=interleaved)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Triton: the custom op around kernels/rope.py
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastcenter::rope_rotate", mutates_args=())
+def _rope_rotate(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
+) -> tuple[Tensor, Tensor]:
+    """q [B, T, Hq, Dh], k [B, T, Hk, Dh] (any strides) rotated by cos/sin [>= T, Dh/2], or by the negative
+    angle when `inverse`. Returns new contiguous tensors."""
+    from ..kernels import rope as rope_kernels
+
+    return rope_kernels.rope_rotate(q, k, cos, sin, interleaved, inverse)
+
+
+@_rope_rotate.register_fake
+def _(q, k, cos, sin, interleaved, inverse):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _rope_setup_context(ctx, inputs, output):
+    _, _, cos, sin, interleaved, inverse = inputs
+    ctx.save_for_backward(cos, sin)  # the tables only: a rotation needs nothing of q and k to be undone
+    ctx.interleaved = interleaved
+    ctx.inverse = inverse
+
+
+def _rope_backward(ctx, grad_q_out, grad_k_out):
+    cos, sin = ctx.saved_tensors
+    grad_q, grad_k = _rope_rotate(grad_q_out, grad_k_out, cos, sin, ctx.interleaved, not ctx.inverse)
+    return grad_q, grad_k, None, None, None, None
+
+
+_rope_rotate.register_autograd(_rope_backward, setup_context=_rope_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU: eager PyTorch; the backward is the rotation by the negative angle
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cpu_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of q [B, T, Hq, Dh] and k [B, T, Hk, Dh] (see fastcenter.reference.rope)."""
+    return _CPURope.apply(q, k, cos, sin, interleaved)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """Each pair (x1, x2) of the last dim of x [B, T, H, Dh] turned by its angle: (x1 c - x2 s, x2 c + x1 s).
+
+    cos, sin: [T, Dh/2] in the math dtype (pass -sin to turn back). A new contiguous tensor in x's dtype: x times
+    the cosines, then the sine terms added into each half in place (no temporaries the size of x)."""
+    c, s = cos[:, None, :], sin[:, None, :]  # broadcast over batch and heads
+    if interleaved:  # pairs (2i, 2i+1), GPT-J / original Llama
+        out = x * torch.stack((c, c), dim=-1).flatten(-2)
+        (x1, x2), (y1, y2) = (x[..., 0::2], x[..., 1::2]), (out[..., 0::2], out[..., 1::2])
+    else:  # pairs (i, i + Dh/2), GPT-NeoX / Llama-HF
+        half = x.shape[-1] // 2
+        out = x * torch.cat((c, c), dim=-1)
+        (x1, x2), (y1, y2) = (x[..., :half], x[..., half:]), (out[..., :half], out[..., half:])
+    y1.addcmul_(x2, s, value=-1)
+    y2.addcmul_(x1, s)
+    return out.to(x.dtype)
+
+
+class _CPURope(torch.autograd.Function):
+    """q, k rotated by the tables; saves only the tables: the backward turns the gradients back."""
+
+    @staticmethod
+    def forward(q, k, cos, sin, interleaved):
+        dtype = math_dtype(q, k)
+        T = q.shape[1]
+        cos, sin = cos[:T].to(dtype), sin[:T].to(dtype)
+        return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, cos, sin, ctx.interleaved = inputs
+        ctx.save_for_backward(cos, sin)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        if grad_q is None and grad_k is None:
+            return None, None, None, None, None
+        T = (grad_q if grad_q is not None else grad_k).shape[1]
+        # The inverse rotation is itself a rotation (built from differentiable ops), so this backward is
+        # exact under create_graph=True as it stands.
+        dtype = math_dtype(grad_q, grad_k)
+        cos, neg_sin = cos[:T].to(dtype), -sin[:T].to(dtype)
+        grads = [None if g is None else _rotate(g, cos, neg_sin, ctx.interleaved) for g in (grad_q, grad_k)]
+        return grads[0], grads[1], None, None, None

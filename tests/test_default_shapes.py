@@ -1,8 +1,8 @@
-"""On a GPU: every op at the shapes it really runs at (the seed model's training step, the benchmarks' large
+"""On a GPU: every op at the shapes it really runs at (the default model's training step, the benchmarks' large
 shapes, the widest fused row), in bfloat16, compiled, against the float64 reference.
 
 The other test files use small shapes, which the CPU interpreter can afford; they never reach the block shapes,
-chunk sizes and split paths of real shapes (a 1024-row logits chunk over V = 50257 in blocks of 8192, the
+chunk sizes and split paths of real shapes (a 1024-row logits chunk over GPT-2's vocabulary in blocks of 8192, the
 wide-row backward of the norm, 16-token x 4-head rope tiles). Interpreted, these shapes would take hours: the
 file is skipped without CUDA. `python -m bench.first_contact` runs it on a GPU's first contact.
 """
@@ -13,11 +13,13 @@ from conftest import ON_GPU
 from helpers import assert_close
 
 from fastcenter import ops, reference
+from fastcenter.data import GPT2_VOCAB_SIZE
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="real shapes need a GPU (interpreted they would take hours)")
 
 BF16 = torch.bfloat16
-SEED = dict(batch=16, seq=512, dim=256, heads=4, head_dim=64, hidden=1024, vocab=50257)
+# The default model's training step (fastcenter.model.GPTConfig, train.py's defaults).
+DEFAULT = dict(batch=16, seq=512, dim=256, heads=4, head_dim=64, hidden=1024, vocab=GPT2_VOCAB_SIZE)
 
 
 def _relative_close(actual, expected, what, scale=2.0):
@@ -48,11 +50,20 @@ def _randn(*shape, dtype=BF16, scale=1.0):
 
 def test_model_norms_fp32_stream_bf16_residual():
     """The model's center_rms_norm under autocast: float32 stream, bf16 branch output, float32 weight."""
-    n, d = SEED["batch"] * SEED["seq"], SEED["dim"]
-    x, r, w, c = _randn(n, d, dtype=torch.float32), _randn(n, d), 1 + _randn(d, dtype=torch.float32, scale=0.1), _randn(d)
+    n, d = DEFAULT["batch"] * DEFAULT["seq"], DEFAULT["dim"]
+    x, r, w, c = (
+        _randn(n, d, dtype=torch.float32),
+        _randn(n, d),
+        1 + _randn(d, dtype=torch.float32, scale=0.1),
+        _randn(d),
+    )
     grads = [torch.randn(n, d, device="cuda"), torch.randn(n, d, device="cuda")]
-    _check(lambda x, r, w, c: ops.center_rms_norm(x, w, residual=r, center=c),
-           lambda x, r, w, c: reference.center_rms_norm(x, w, residual=r, center=c), [x, r, w, c], grads)  # fmt: skip
+    _check(
+        lambda x, r, w, c: ops.center_rms_norm(x, w, residual=r, center=c),
+        lambda x, r, w, c: reference.center_rms_norm(x, w, residual=r, center=c),
+        [x, r, w, c],
+        grads,
+    )
 
 
 @pytest.mark.parametrize("d", [4096, 8192, ops.MAX_FUSED_NORM_DIM])
@@ -60,40 +71,51 @@ def test_wide_norms_bf16(d):
     n = 65536 * 4096 // d // 8  # 32k x 4096 down to 2k x 16384: the wide-row backward split at 16384
     x, r, w = _randn(n, d), _randn(n, d), 1 + _randn(d, scale=0.1)
     grads = [torch.randn(n, d, device="cuda"), torch.randn(n, d, device="cuda")]
-    _check(lambda x, r, w: ops.center_rms_norm(x, w, residual=r),
-           lambda x, r, w: reference.center_rms_norm(x, w, residual=r), [x, r, w], grads)  # fmt: skip
+    _check(
+        lambda x, r, w: ops.center_rms_norm(x, w, residual=r),
+        lambda x, r, w: reference.center_rms_norm(x, w, residual=r),
+        [x, r, w],
+        grads,
+    )
 
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half_split", "interleaved"])
-def test_rope_seed_views_of_packed_qkv(interleaved):
-    b, t, h, dh = SEED["batch"], SEED["seq"], SEED["heads"], SEED["head_dim"]
+def test_rope_default_views_of_packed_qkv(interleaved):
+    b, t, h, dh = DEFAULT["batch"], DEFAULT["seq"], DEFAULT["heads"], DEFAULT["head_dim"]
     qkv = _randn(b, t, 3, h, dh)
     cos, sin = ops.rope_cache(t, dh, device="cuda")
     grads = [torch.randn(b, t, h, dh, device="cuda") for _ in range(2)]
-    _check(lambda q, k: ops.rope(q, k, cos, sin, interleaved=interleaved),
-           lambda q, k: reference.rope(q, k, cos.double(), sin.double(), interleaved=interleaved),
-           [qkv[:, :, 0], qkv[:, :, 1]], grads)  # fmt: skip
+    _check(
+        lambda q, k: ops.rope(q, k, cos, sin, interleaved=interleaved),
+        lambda q, k: reference.rope(q, k, cos.double(), sin.double(), interleaved=interleaved),
+        [qkv[:, :, 0], qkv[:, :, 1]],
+        grads,
+    )
 
 
-@pytest.mark.parametrize("n, hidden", [(8192, 1024), (65536, 4096)], ids=["seed", "large"])
+@pytest.mark.parametrize("n, hidden", [(8192, 1024), (65536, 4096)], ids=["default", "large"])
 def test_swiglu_packed(n, hidden):
     packed = _randn(n, 2 * hidden, scale=2.0)
     _check(ops.swiglu, reference.swiglu, [packed], [torch.randn(n, hidden, device="cuda")])
 
 
-def test_cross_entropy_seed_logits():
-    n, v = SEED["batch"] * SEED["seq"], SEED["vocab"]
+def test_cross_entropy_default_logits():
+    n, v = DEFAULT["batch"] * DEFAULT["seq"], DEFAULT["vocab"]
     logits, target = _randn(n, v, scale=3.0), torch.randint(0, v, (n,), device="cuda")
     target[::7] = -100
     options = dict(label_smoothing=0.1, softcap=30.0, z_loss=1e-4)
-    _check(lambda z, t: ops.cross_entropy(z, t, **options), lambda z, t: reference.cross_entropy(z, t, **options),
-           [logits, target], [torch.tensor(0.7, device="cuda")])  # fmt: skip
+    _check(
+        lambda z, t: ops.cross_entropy(z, t, **options),
+        lambda z, t: reference.cross_entropy(z, t, **options),
+        [logits, target],
+        [torch.tensor(0.7, device="cuda")],
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_cross_entropy_seed_bf16_input_fp32_weight(reduction):
+def test_linear_cross_entropy_default_bf16_input_fp32_weight(reduction):
     """The model's loss: bf16 hidden states, the float32 tied embedding as the head, default chunking."""
-    n, d, v = SEED["batch"] * SEED["seq"], SEED["dim"], SEED["vocab"]
+    n, d, v = DEFAULT["batch"] * DEFAULT["seq"], DEFAULT["dim"], DEFAULT["vocab"]
     x, w, target = _randn(n, d), _randn(v, d, dtype=torch.float32, scale=0.02), torch.randint(0, v, (n,), device="cuda")
     target[::5] = -100
     g = torch.tensor(0.7, device="cuda") if reduction == "mean" else torch.randn(n, device="cuda")
