@@ -271,6 +271,27 @@ def test_dispatch_rules(monkeypatch):
     assert ops.backend(cpu) == "triton"
     monkeypatch.setenv("FASTCENTER_BACKEND", "reference")
     assert ops.backend(cpu) == "reference"
+    for unset in ("", "auto", " AUTO "):  # the default, spelled out or left empty
+        monkeypatch.setenv("FASTCENTER_BACKEND", unset)
+        assert ops.backend(cpu) == "triton"
+
+
+@pytest.mark.parametrize(
+    "variable, value", [("FASTCENTER_BACKEND", "refernce"), ("FASTCENTER_BACKEND", "cpu"), ("FASTCENTER_CHECKS", "yes")]
+)
+def test_an_unknown_environment_value_is_an_error_naming_the_variable(variable, value, monkeypatch):
+    """Never silently ignored: check_environment() (what a program calls first) and every op raise ValueError
+    naming the variable, the value and the values it takes."""
+    monkeypatch.setenv(variable, value)
+    words = f"{variable}='{value}' is not one of"
+    with pytest.raises(ValueError, match=words):
+        ops.check_environment()
+    with pytest.raises(ValueError, match=words):
+        ops.rms_norm(torch.randn(2, 8, device=DEVICE), 8)
+    with pytest.raises(ValueError, match=words):
+        ops.cross_entropy(torch.randn(2, 8, device=DEVICE), torch.tensor([1, 2], device=DEVICE))
+    monkeypatch.setenv(variable, "reference" if variable == "FASTCENTER_BACKEND" else "1")
+    ops.check_environment()
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ the op makes one explicit copy (a last dim that is not unit-stride). tests/test_
 tests/test_autograd.py hold every op to this.
 """
 
-from ._dispatch import BACKENDS, FLOAT_DTYPES, backend, using
+from ._dispatch import BACKENDS, FLOAT_DTYPES, backend, check_environment, using
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .norm import MAX_FUSED_NORM_DIM, center_rms_norm, rms_norm
 from .rope import rope, rope_cache
@@ -50,6 +50,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "MAX_FUSED_NORM_DIM",
     "backend",
+    "check_environment",
     "using",
     "rms_norm",
     "center_rms_norm",

@@ -21,7 +21,8 @@ Three implementations of every public op exist:
 3. otherwise (CPU tensors): the CPU implementation.
 
 Each public op asks once and calls the function of its family that implements that choice. Reading the scope
-and the environment here is cheap, and torch.compile specialises on both at trace time.
+and the environment here is cheap, and torch.compile specialises on both at trace time. An environment
+variable of ours with a value it does not know is an error (`check_environment`), never silently ignored.
 
 Also here, shared by the families: the argument checks (metadata only, so no host sync), `as_rows`,
 `math_dtype` (the CPU implementations' arithmetic dtype) and `differentiable_backward`.
@@ -92,11 +93,39 @@ def _transformed() -> bool:
     return torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0
 
 
+# The environment variables of ours and the values each takes (case-insensitive; "" is the same as unset).
+ENVIRONMENT = {
+    "FASTCENTER_BACKEND": ("auto", "reference"),  # "reference" forces the reference; "auto": backend() decides
+    "FASTCENTER_CHECKS": ("0", "1"),  # "1" adds host-side value checks (a sync) where an op has them
+}
+
+
+def _environment(name: str) -> str:
+    """The value of one of our environment variables, normalised; ValueError for a value it does not take."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    allowed = ENVIRONMENT[name]
+    if value == "":
+        return allowed[0]
+    if value not in allowed:
+        choices = " or ".join(repr(a) for a in allowed)
+        raise ValueError(f"environment variable {name}={raw!r} is not one of {choices} (or unset)")
+    return value
+
+
+def check_environment() -> None:
+    """Raise ValueError, naming the variable and the values it takes, if FASTCENTER_BACKEND or FASTCENTER_CHECKS
+    holds a value fastcenter does not know. The ops check this at every call; a program can call it first, to
+    report a mistyped variable before any work (train.py does)."""
+    for name in ENVIRONMENT:
+        _environment(name)
+
+
 def backend(*tensors: Tensor | None) -> str:
     """'triton', 'cpu' or 'reference' for an op on these tensors (see the module docstring)."""
-    if _transformed():
-        return "reference"
-    if _SCOPE.forced == "reference" or os.environ.get("FASTCENTER_BACKEND", "auto").lower() == "reference":
+    check_environment()  # first: a value it does not know is an error at every op, in any scope
+    forced = _environment("FASTCENTER_BACKEND")
+    if _transformed() or _SCOPE.forced == "reference" or forced == "reference":
         return "reference"
     if _HAVE_TRITON and any(t is not None and t.is_cuda for t in tensors):
         return "triton"
@@ -108,7 +137,7 @@ def backend(*tensors: Tensor | None) -> str:
 
 
 def checks_enabled() -> bool:
-    return os.environ.get("FASTCENTER_CHECKS", "0") == "1"
+    return _environment("FASTCENTER_CHECKS") == "1"
 
 
 # ---------------------------------------------------------------------------------------------------------
