@@ -12,6 +12,9 @@ Backward, with n = h * rstd, g = dy * w and an incoming gradient dh_out of the s
     dw     = sum over rows of dy * n
     dc_vec = -sum over rows of dh                          for a [D] centre vector
 
+dx and dr are equal but are two tensors when both are asked for: the kernel stores dh into each (dr in the
+residual's dtype), so that autograd may keep each as a leaf's .grad and add into it on its own.
+
 The backward runs on a grid of a few programs per SM; each walks its own slab of rows and keeps float32
 partial sums of dw (and dc_vec) in registers, written once as a [programs, D] tile and summed by torch:
 the "small reduction" after the single pass. D need not be a power of two (lanes beyond D are masked).
@@ -89,14 +92,15 @@ def _norm_bwd_dot_kernel(
 
 @triton.jit
 def _norm_bwd_kernel(
-    DY, DH_OUT, H, W, RSTD, DOT, DX, DW_PARTIAL, DC_PARTIAL,
+    DY, DH_OUT, H, W, RSTD, DOT, DX, DR, DW_PARTIAL, DC_PARTIAL,
     n_rows, n_cols, rows_per_program,
-    stride_dy, stride_dh_out, stride_h, stride_w, stride_dx,
+    stride_dy, stride_dh_out, stride_h, stride_w, stride_dx, stride_dr,
     HAS_DH_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, CENTER_IS_VECTOR: tl.constexpr, ROW_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    STORE_DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Programs (row slab, column block). Without ROW_DOT a column block is the whole row; with it, the row's
-    mean(g * n) comes from DOT (see the module docstring: rows wider than WIDEST_SINGLE_PASS)."""
+    mean(g * n) comes from DOT (see the module docstring: rows wider than WIDEST_SINGLE_PASS). With STORE_DR, dh
+    is stored twice: into DX and into DR, the residual's own gradient (in its dtype)."""
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < n_cols
@@ -128,6 +132,8 @@ def _norm_bwd_kernel(
         if HAS_DH_OUT:
             dh += tl.load(DH_OUT + rows64 * stride_dh_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64 * stride_dx + cols[None, :], dh.to(DX.dtype.element_ty), mask=mask)
+        if STORE_DR:
+            tl.store(DR + rows64 * stride_dr + cols[None, :], dh.to(DR.dtype.element_ty), mask=mask)
 
         if HAS_WEIGHT:
             dw_acc += tl.sum(dy * n, axis=0)
@@ -202,16 +208,20 @@ def _unit_col_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector: bool):
-    """Returns (grad of h [N, D] in h's dtype, grad of weight, float32 grad of a [D] centre).
+def norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector: bool, residual_grad_dtype=None):
+    """Returns (grad of h [N, D] in h's dtype, grad of weight, float32 grad of a [D] centre, grad of the residual).
 
-    An absent weight or centre gets an empty tensor (custom ops cannot return None).
+    The residual's gradient equals h's; with `residual_grad_dtype` the kernel also writes it into a tensor of its
+    own, in that dtype (an input's gradient must not share storage with another's). An absent weight, centre or
+    residual gradient gets an empty tensor (custom ops cannot return None).
     """
     n_rows, n_cols = hidden.shape
     grad_normed = _unit_col_stride(grad_normed)
     if grad_hidden is not None:
         grad_hidden = _unit_col_stride(grad_hidden)
     grad_h = torch.empty_like(hidden)
+    store_dr = residual_grad_dtype is not None
+    grad_residual = torch.empty(hidden.shape if store_dr else 0, dtype=residual_grad_dtype, device=hidden.device)
 
     block_d = triton.next_power_of_2(n_cols)
     wide = block_d > WIDEST_SINGLE_PASS
@@ -236,13 +246,14 @@ def norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vect
     dw_partial = partial() if weight is not None else None
     dc_partial = partial() if center_is_vector else None
     _norm_bwd_kernel[(n_programs, triton.cdiv(n_cols, block_d))](
-        grad_normed, grad_hidden, hidden, weight, rstd, dot, grad_h, dw_partial, dc_partial,
+        grad_normed, grad_hidden, hidden, weight, rstd, dot, grad_h, grad_residual if store_dr else None,
+        dw_partial, dc_partial,
         n_rows, n_cols, rows_per_program,
         grad_normed.stride(0), 0 if grad_hidden is None else grad_hidden.stride(0), hidden.stride(0), _stride(weight),
-        grad_h.stride(0),
+        grad_h.stride(0), grad_residual.stride(0) if store_dr else 0,
         HAS_DH_OUT=grad_hidden is not None, HAS_WEIGHT=weight is not None, CENTER_IS_VECTOR=center_is_vector,
-        ROW_DOT=wide, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        ROW_DOT=wide, STORE_DR=store_dr, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
     grad_weight = hidden.new_empty(0) if weight is None else dw_partial.sum(0).to(weight.dtype)
     grad_center = dc_partial.sum(0) if center_is_vector else hidden.new_empty(0, dtype=torch.float32)
-    return grad_h, grad_weight, grad_center
+    return grad_h, grad_weight, grad_center, grad_residual

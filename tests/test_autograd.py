@@ -6,6 +6,7 @@
 * torch.func: grad, vjp, jvp, vmap, and per-sample gradients (vmap of grad); forward-mode AD (dual tensors);
 * torch.compile(fullgraph=True) of a function using every op, forward and backward;
 * the ordinary backward still runs the kernels (the eager path is only for create_graph=True);
+* gradient accumulation into leaves: every input's gradient is a tensor of its own (no two share storage);
 * the CPU implementation in float64: gradcheck and gradgradcheck, inputs never modified, no host synchronisation.
 
 The bug that motivated this file: linear_cross_entropy finishes its gradients in the forward and its backward
@@ -386,6 +387,57 @@ def test_linear_cross_entropy_tied_weight_double_backward():
         "penalty grad",
         SECOND_ORDER_SCALE,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradient accumulation into leaves: each input's gradient owns its storage.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_accumulated_gradients_of_leaves_own_their_storage(op_name, backend, monkeypatch):
+    """Two backward passes into leaf inputs (micro-batches accumulating .grad) give twice one pass's gradient,
+    computed independently; no two inputs' .grad share storage; an in-place edit of one leaves the others alone.
+
+    The bug that motivated this: center_rms_norm's Triton backward handed one tensor to both input and residual.
+    Autograd steals a gradient into a leaf's .grad when no other tensor object refers to it; the op's internal
+    reshape made two views of that tensor, each stolen by one leaf (pytorch/pytorch#34082), so the second pass
+    added into shared storage and counted twice."""
+    op = OPS[op_name]
+    device = select_backend(backend, monkeypatch)
+    tensors = _inputs(op, device)
+    names = op.differentiable
+    grads_out = [g.float() for g in _grads_outs(op.call(reference, **_as_float64(tensors)), device)]
+    fresh = {n: (t.detach().clone().requires_grad_() if n in names else t) for n, t in tensors.items()}
+    once = torch.autograd.grad(op.call(ops, **fresh), [fresh[n] for n in names], grads_out)
+    for _ in range(2):
+        torch.autograd.backward(op.call(ops, **tensors), grads_out)
+    grads = [tensors[n].grad for n in names]
+    for name, grad, single in zip(names, grads, once):
+        torch.testing.assert_close(grad, 2 * single, **TOLERANCES[torch.float32], msg=f"accumulated grad of {name}")
+    storages = [g.untyped_storage().data_ptr() for g in grads]
+    assert len(set(storages)) == len(storages), f"{names}: gradients that share storage"
+    for i, name in enumerate(names):
+        before = [g.clone() for g in grads]
+        grads[i].add_(1.0)
+        for j, other in enumerate(names):
+            if j != i:
+                assert torch.equal(grads[j], before[j]), f"editing {name}.grad changed {other}.grad"
+
+
+def test_a_residual_that_is_a_view_of_a_leaf_gets_a_gradient_of_its_own(monkeypatch):
+    """center_rms_norm on the Triton and CPU implementations: input and residual are views of leaves (as a model's
+    reshaped activations are), the case where autograd cannot tell two views of one gradient apart."""
+    for backend in ("triton", "cpu"):
+        device = select_backend(backend, monkeypatch)
+        x, r = (torch.randn(6, 40, device=device, requires_grad=True) for _ in range(2))
+        weight = torch.randn(40, device=device)
+        for _ in range(2):
+            normed, hidden = ops.center_rms_norm(x.view(2, 3, 40), weight, residual=r.view(2, 3, 40))
+            (normed.sum() + hidden.sum()).backward()
+        assert x.grad.untyped_storage().data_ptr() != r.grad.untyped_storage().data_ptr(), backend
+        torch.testing.assert_close(x.grad, r.grad, msg=backend)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -152,22 +152,28 @@ def _norm_bwd(
     weight: Optional[Tensor],
     rstd: Tensor,
     center_is_vector: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (grad of hidden in total, grad of weight, float32 grad of a [D] centre = -column sums).
+    residual_grad_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (grad of hidden in total, grad of weight, float32 grad of a [D] centre = -column sums, and, when
+    residual_grad_dtype is given, the residual's gradient: the same values in a tensor of its own, in that dtype).
 
-    Custom ops cannot return None: an absent weight or centre gives an empty tensor in its place.
+    Custom ops cannot return None: an absent weight, centre or residual gradient gives an empty tensor in its place.
     """
     from ..kernels import norm
 
-    return norm.norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector)
+    return norm.norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual_grad_dtype)
 
 
 @_norm_bwd.register_fake
-def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector):
+def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual_grad_dtype):
     D = hidden.shape[-1]
     grad_weight = hidden.new_empty(0) if weight is None else torch.empty_like(weight)
     grad_center = hidden.new_empty(D if center_is_vector else 0, dtype=torch.float32)
-    return torch.empty_like(hidden), grad_weight, grad_center
+    if residual_grad_dtype is None:
+        grad_residual = hidden.new_empty(0)
+    else:
+        grad_residual = hidden.new_empty(hidden.shape, dtype=residual_grad_dtype)
+    return torch.empty_like(hidden), grad_weight, grad_center, grad_residual
 
 
 def _triton_setup_context(ctx, inputs, output):
@@ -178,32 +184,42 @@ def _triton_setup_context(ctx, inputs, output):
     ctx.eps = eps
     ctx.center_is_vector = center is not None and center.dim() == 1
     ctx.center_dtype = None if center is None else center.dtype
-    ctx.has_residual = residual is not None
+    ctx.residual_dtype = None if residual is None else residual.dtype
     # Unused outputs (often `hidden`) then arrive as None instead of a tensor of zeros to add.
     ctx.set_materialize_grads(False)
 
 
 def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
     hidden, weight, rstd = ctx.saved_tensors
+    need_input, _, _, need_residual, _ = ctx.needs_input_grad
     if grad_hidden is not None and grad_hidden.numel() == 0:
         grad_hidden = None
+    # input and residual have the same gradient, but each gets a tensor of its own: autograd may keep a gradient
+    # as a leaf's .grad (and add later micro-batches into it in place), so two inputs must never share storage.
+    # The kernel writes the residual's copy in the same pass, in the residual's dtype.
+    own_residual_grad = ctx.residual_dtype is not None and need_residual and need_input
     if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate again
         # `hidden` is this op's own output where one was stored, so terms through it come back here as grad_hidden.
         grad_h, grad_weight = differentiable_backward(
             lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps), [hidden, weight], [grad_normed, grad_hidden]
         )
         grad_center_vec = None if grad_h is None or not ctx.center_is_vector else -grad_h.sum(0, dtype=torch.float32)
+        grad_residual = grad_h.clone() if own_residual_grad and grad_h is not None else grad_h
     else:
         if grad_normed is None:
             grad_normed = torch.zeros_like(hidden)
-        grad_h, grad_weight, grad_center_vec = _norm_bwd(
-            grad_normed, grad_hidden, hidden, weight, rstd, ctx.center_is_vector
+        residual_grad_dtype = ctx.residual_dtype if own_residual_grad else None
+        grad_h, grad_weight, grad_center_vec, grad_residual = _norm_bwd(
+            grad_normed, grad_hidden, hidden, weight, rstd, ctx.center_is_vector, residual_grad_dtype
         )
+        if not own_residual_grad:
+            grad_residual = grad_h
     grad_center = None
     if ctx.center_dtype is not None and grad_h is not None:
         grad_center = grad_center_vec if ctx.center_is_vector else -grad_h
         grad_center = grad_center.to(ctx.center_dtype)
-    grad_residual = grad_h if ctx.has_residual else None
+    if ctx.residual_dtype is None:
+        grad_residual = None
     if weight is None:
         grad_weight = None
     return grad_h, grad_weight, grad_center, grad_residual, None
@@ -360,5 +376,9 @@ class _CPUCenterRMSNorm(torch.autograd.Function):
         if grad_h is None:  # neither output reached the loss
             return None, None, None, None, None
         grad_center = None if center_dtype is None else (-grad_h).sum_to_size(ctx.center_shape).to(center_dtype)
+        grad_input = grad_h.to(input_dtype) if ctx.needs_input_grad[0] else None
         grad_residual = None if residual_dtype is None else grad_h.to(residual_dtype)
-        return grad_h.to(input_dtype), grad_weight, grad_center, grad_residual, None
+        if grad_residual is grad_input and grad_input is not None:
+            # One gradient for two inputs: each gets a tensor of its own (see _triton_backward).
+            grad_residual = grad_residual.clone()
+        return grad_input, grad_weight, grad_center, grad_residual, None
