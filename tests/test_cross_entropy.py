@@ -1,6 +1,7 @@
 """cross_entropy and the chunked linear_cross_entropy against a float64 truth (forward and all gradients): the
 Triton kernels (through `fastcenter.ops`), then the CPU implementation (`cpu_cross_entropy`,
-`cpu_linear_cross_entropy` of fastcenter/ops/cross_entropy.py).
+`cpu_linear_cross_entropy` of fastcenter/ops/cross_entropy.py), then what every backend does with out-of-range
+targets.
 
 The truth is `fastcenter.reference` evaluated in float64 on the same (already rounded) input values. Shapes are
 small but awkward for the interpreter: vocabularies that are not powers of two, ragged last chunks, several
@@ -554,32 +555,6 @@ def test_cpu_all_ignored_gives_zero_loss_and_zero_gradients(op, reduction):
     assert all(not g.isnan().any() and not g.any() for g in grads)
 
 
-@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
-def test_cpu_a_target_out_of_range_makes_the_loss_nan(op):
-    """As the reference: that token's loss is NaN (so is the mean), the gradients of the others stay right."""
-    x, w = torch.randn(6, 8), torch.randn(11, 8)
-    target = torch.tensor([1, 2, 11, 4, -100, 0])  # 11 is outside [0, 11)
-    if op == "cross_entropy":
-        per_token, mean = (
-            ce_ops.cpu_cross_entropy(x @ w.T, target, reduction="none"),
-            ce_ops.cpu_cross_entropy(x @ w.T, target),
-        )
-    else:
-        per_token = ce_ops.cpu_linear_cross_entropy(x, w, target, reduction="none")
-        mean = ce_ops.cpu_linear_cross_entropy(x, w, target)
-    assert per_token[2].isnan() and per_token[[0, 1, 3, 4, 5]].isfinite().all() and per_token[4] == 0
-    assert mean.isnan()
-    xs, xs64 = leaves([x, w]), leaves([x.double(), w.double()])
-    if op == "linear_cross_entropy":
-        ours = ce_ops.cpu_linear_cross_entropy(*xs, target, reduction="sum")
-        truth = reference.linear_cross_entropy(*xs64, target, reduction="sum")
-    else:
-        ours = ce_ops.cpu_cross_entropy(xs[0] @ xs[1].T, target, reduction="sum")
-        truth = reference.cross_entropy(xs64[0] @ xs64[1].T, target, reduction="sum")
-    for got, want in zip(torch.autograd.grad(ours, xs), torch.autograd.grad(truth, xs64)):
-        assert_close(got, want, torch.float32, scale=2.0)
-
-
 def test_cpu_linear_cross_entropy_is_the_same_for_every_chunking():
     x, w, target = torch.randn(23, 16), torch.randn(40, 16), torch.randint(0, 40, (23,))
     losses = []
@@ -620,7 +595,7 @@ def test_cpu_tensors_without_the_interpreter_run_the_cpu_implementation(monkeypa
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Every backend: class weights.
+# Every backend: class weights, out-of-range targets.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -633,3 +608,45 @@ def test_class_weights_are_refused_on_every_backend(backend, monkeypatch):
         ops.linear_cross_entropy(x, w, target, weight=torch.ones(4, device=device))
     with pytest.raises(NotImplementedError, match="weight"):
         ops.cross_entropy(x @ w.T, target, torch.ones(4, device=device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_out_of_range_target_on_every_backend(op, reduction, backend, monkeypatch):
+    """A target outside [0, V) that is not ignore_index: that token's loss is NaN on every backend, and so is a mean
+    or sum over it. Its gradient row is NaN on the Triton and CPU implementations (and through the GEMM that NaN
+    reaches every element of the weight's gradient: never a finite wrong number); the reference, through
+    torch.where, gives that row a zero gradient. The other rows' gradients are right on every backend."""
+    device = select_backend(backend, monkeypatch)
+    vocab, bad, good = 11, 2, [0, 1, 3, 4, 5]
+    target = torch.tensor([1, 2, vocab, 4, -100, 0], device=device)  # vocab is outside [0, vocab)
+    x, w = torch.randn(6, 8, device=device), torch.randn(vocab, 8, device=device)
+
+    def loss_and_grads(x, w):
+        if op == "cross_entropy":
+            logits = (x @ w.T).detach().requires_grad_()
+            loss = (ops if x.dtype == torch.float32 else reference).cross_entropy(logits, target, reduction=reduction)
+            wrt = [logits]
+        else:
+            x, w = leaves([x, w])
+            module = ops if x.dtype == torch.float32 else reference
+            loss = module.linear_cross_entropy(x, w, target, reduction=reduction, chunk_size=4)
+            wrt = [x, w]
+        g = torch.linspace(0.5, 1.5, loss.numel(), device=device, dtype=loss.dtype).view(loss.shape)
+        return loss.detach(), torch.autograd.grad(loss, wrt, g)
+
+    loss, grads = loss_and_grads(x, w)
+    if reduction == "none":
+        assert loss[bad].isnan() and loss[good].isfinite().all() and loss[4] == 0
+    else:
+        assert loss.isnan()
+    rows = grads[0]  # of the logits, or of the input: one row per token
+    _, truth = loss_and_grads(x.double(), w.double())  # the reference in float64: finite rows, zero at `bad`
+    assert_close(rows[good], truth[0][good], torch.float32, scale=2.0)
+    if backend == "reference":
+        assert not rows[bad].any() and all(g.isfinite().all() for g in grads)
+    else:
+        assert rows[bad].isnan().all()
+        if op == "linear_cross_entropy":
+            assert grads[1].isnan().all()

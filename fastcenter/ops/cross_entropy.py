@@ -590,13 +590,15 @@ class _Targets:
     safe: Tensor  # the target where it is in [0, V), else 0: an index that is always valid for gather/scatter
     in_range: Tensor  # bool [N]
     valid: Tensor  # bool [N]: not ignore_index (an out-of-range target is valid: its loss is NaN)
-    weight: Tensor  # [N]: d(total loss)/d(row loss) for grad_output = 1: 1 or 1/n_valid on counted rows, else 0
+    # [N]: d(total loss)/d(row loss) for grad_output = 1: 1 or 1/n_valid on counted rows, 0 on ignored ones, and
+    # NaN on a row whose target is out of range (its gradient row is NaN, as its loss is: never a finite wrong number)
+    weight: Tensor
 
     @classmethod
     def of(cls, target: Tensor, vocab: int, o: _Options, dtype: torch.dtype) -> "_Targets":
         in_range = (target >= 0) & (target < vocab)
         valid = target != o.ignore_index
-        weight = (valid & in_range).to(dtype)
+        weight = torch.where(in_range, 1.0, math.nan).to(dtype).masked_fill_(~valid, 0.0)
         if o.reduction == "mean":
             weight = weight / valid.sum().clamp(min=1).to(dtype)
         return cls(torch.where(in_range, target, 0), in_range, valid, weight)
