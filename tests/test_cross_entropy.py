@@ -1,7 +1,7 @@
 """cross_entropy and the chunked linear_cross_entropy against a float64 truth (forward and all gradients): the
 Triton kernels (through `fastcenter.ops`), then the CPU implementation (`cpu_cross_entropy`,
 `cpu_linear_cross_entropy` of fastcenter/ops/cross_entropy.py), then what every backend does with out-of-range
-targets.
+targets and empty dimensions.
 
 The truth is `fastcenter.reference` evaluated in float64 on the same (already rounded) input values. Shapes are
 small but awkward for the interpreter: vocabularies that are not powers of two, ragged last chunks, several
@@ -9,6 +9,7 @@ vocabulary blocks per row (MAX_BLOCK_V is shrunk where V is small), GPT-2's voca
 """
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -595,7 +596,7 @@ def test_cpu_tensors_without_the_interpreter_run_the_cpu_implementation(monkeypa
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Every backend: class weights, out-of-range targets.
+# Every backend: class weights, out-of-range targets, empty dimensions.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -650,3 +651,31 @@ def test_out_of_range_target_on_every_backend(op, reduction, backend, monkeypatc
         assert rows[bad].isnan().all()
         if op == "linear_cross_entropy":
             assert grads[1].isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("shape", [(2, 3, 0), (0, 5)], ids=["no_features", "no_tokens"])
+def test_linear_cross_entropy_with_an_empty_dimension(shape, with_bias, reduction, backend, monkeypatch):
+    """An input with no features ([..., 0]: every logit is the bias, or 0) or no tokens ([0, D]) gives the loss of
+    F.linear + F.cross_entropy on every backend, and gradients of the input's and the weight's shapes."""
+    device = select_backend(backend, monkeypatch)
+    vocab, dim = 7, shape[-1]
+    x, w = torch.randn(shape, device=device), torch.randn(vocab, dim, device=device)
+    b = torch.randn(vocab, device=device) if with_bias else None
+    target = _targets(shape[:-1], vocab, n_ignored=min(1, math.prod(shape[:-1])), device=device)
+    xs, xs64 = leaves([x, w, b]), leaves([x.double(), w.double(), None if b is None else b.double()])
+    loss = ops.linear_cross_entropy(xs[0], xs[1], target, linear_bias=xs[2], reduction=reduction)
+    logits64 = F.linear(xs64[0], xs64[1], xs64[2]).reshape(-1, vocab)
+    truth = F.cross_entropy(logits64, target.reshape(-1), reduction=reduction)
+    if reduction == "mean" and target.numel() == 0:
+        truth = logits64.sum()  # fastcenter's mean over no tokens is 0 (torch's is NaN)
+    assert_close(loss, truth.reshape(loss.shape), torch.float32)
+    g = torch.rand(loss.shape, device=device) + 0.5
+    wrt = [t for t in xs if t is not None]
+    grads = torch.autograd.grad(loss, wrt, g)
+    true_grads = torch.autograd.grad(truth.reshape(loss.shape), [t for t in xs64 if t is not None], g.double())
+    for got, want, leaf in zip(grads, true_grads, wrt):
+        assert got.shape == leaf.shape
+        assert_close(got, want, torch.float32)

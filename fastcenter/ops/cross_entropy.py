@@ -562,7 +562,7 @@ def cpu_linear_cross_entropy(
     time (default: about CPU_CHUNK_BYTES of them). input [N, D] or [B, T, D], target [N] or [B, T]; "none" returns
     the loss in target's shape. The loss is float32."""
     o = _Options(reduction, ignore_index, float(label_smoothing), float(z_loss), softcap)
-    x = input.reshape(-1, input.shape[-1])
+    x = input.reshape(target.numel(), input.shape[-1])  # (not -1: a [N, 0] input has no -1 to infer)
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and input.requires_grad,
@@ -832,7 +832,7 @@ class _CPULinearCrossEntropy(torch.autograd.Function):
                 grads = _empty_grads(x_m, w_m, b_m, ctx.needs)
                 _lce_chunks(x_m, w_m, b_m, targets, o, ctx.rows, lse=lse, row_grad=row_grad, grads=grads)
         else:  # one rounding each: the math-dtype gradients are scaled, then cast to each argument's dtype
-            grads = [g * grad_loss if g.numel() else None for g in finished]
+            grads = [g * grad_loss if need else None for g, need in zip(finished, ctx.needs)]
         grads = [
             None if g is None or not need else g.to(t.dtype) for g, t, need in zip(grads, (x, weight, bias), ctx.needs)
         ]
