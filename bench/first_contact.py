@@ -5,8 +5,8 @@
 
 Phases, each under its own time budget (the whole run cannot pass --budget-s, default 570 s):
 
-1. kernel tests, compiled: the kernel test files (tests/test_seed_shapes, norm, rope, swiglu, cross_entropy,
-   autograd, layouts) on the GPU, where their bf16 cases run compiled and test_seed_shapes.py runs every op at
+1. kernel tests, compiled: the kernel test files (tests/test_default_shapes, norm, rope, swiglu, cross_entropy,
+   autograd, layouts) on the GPU, where their bf16 cases run compiled and test_default_shapes.py runs every op at
    its real shapes in bf16 (it is skipped on the CPU). Counts of passed / failed / skipped, and of bf16 cases
    passed (the count is read line by line, so a run cut off by its budget still reports what it did);
 2. op benchmarks: `pytest bench/test_ops.py --benchmark-only` (fastcenter vs eager, torch.compile, F.rms_norm,
@@ -45,7 +45,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # In this order: a run cut off by its budget has done the most telling files (real shapes first; the layout
 # enumeration, hundreds of small cases that each compile their own stride specialisation, last).
 KERNEL_TEST_FILES = [
-    "tests/test_seed_shapes.py",
+    "tests/test_default_shapes.py",
     "tests/test_norm.py",
     "tests/test_rope.py",
     "tests/test_swiglu.py",
@@ -56,9 +56,9 @@ KERNEL_TEST_FILES = [
 # torch.compile with inductor costs up to a minute a case on the GPU: of those, only the one that compiles
 # every op together (tests/test_autograd.py) runs here.
 GPU_TEST_SELECTION = "not compile or every_op"
-# The dry run: two bf16 cases and the (skipped) seed-shape file, enough to exercise the plumbing.
-DRY_TEST_FILES = ["tests/test_swiglu.py", "tests/test_seed_shapes.py"]
-DRY_TEST_SELECTION = "swiglu_matches_float64 and bfloat16 and 2x5x40 or seed_views"
+# The dry run: two bf16 cases and the (skipped) default-shape file, enough to exercise the plumbing.
+DRY_TEST_FILES = ["tests/test_swiglu.py", "tests/test_default_shapes.py"]
+DRY_TEST_SELECTION = "swiglu_matches_float64 and bfloat16 and 2x5x40 or default_views"
 
 SEED_TRAIN_FLAGS = ["--batch-size", "16", "--grad-accum-steps", "4", "--seq-len", "512"]
 DRY_TRAIN_FLAGS = [
@@ -155,7 +155,7 @@ def parse_pytest_verbose(text: str) -> dict:
         if match:
             outcomes[match.group(1)] = match.group(2)
     counts = {k.lower(): sum(1 for v in outcomes.values() if v == k) for k in ("PASSED", "FAILED", "SKIPPED", "ERROR")}
-    bf16 = [t for t in outcomes if "bfloat16" in t or "bf16" in t or "test_seed_shapes" in t]
+    bf16 = [t for t in outcomes if "bfloat16" in t or "bf16" in t or "test_default_shapes" in t]
     counts["bf16_passed"] = sum(1 for t in bf16 if outcomes[t] == "PASSED")
     counts["failures"] = sorted(t for t, v in outcomes.items() if v in ("FAILED", "ERROR"))[:50]
     return counts

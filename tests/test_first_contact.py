@@ -69,8 +69,8 @@ def test_pytest_output_is_counted_even_when_cut_off():
         "tests/test_norm.py::test_a[torch.bfloat16] PASSED [  1%]",
         "tests/test_norm.py::test_a[torch.float32] PASSED [  2%]",
         "tests/test_norm.py::test_b[torch.bfloat16] FAILED [  3%]",
-        "tests/test_seed_shapes.py::test_swiglu_packed[seed] SKIPPED (real shapes need a GPU) [  4%]",
-        "tests/test_seed_shapes.py::test_rope_seed_views_of_packed_qkv[half_split] PASSED [  5%]",
+        "tests/test_default_shapes.py::test_swiglu_packed[default] SKIPPED (real shapes need a GPU) [  4%]",
+        "tests/test_default_shapes.py::test_rope_default_views_of_packed_qkv[half_split] PASSED [  5%]",
         "tests/test_norm.py::test_c[torch.bfloat16] ",  # the run was killed here
     ])  # fmt: skip
     counts = first_contact.parse_pytest_verbose(text)
