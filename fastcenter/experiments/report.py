@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import platform
 import statistics
-import subprocess
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
+from ..environment import collect as collect_environment
 from ..files import atomic_write, atomic_write_text
 from .plan import ARMS, BASELINE_MODE, LEAK_TOLERANCE, MODE_ORDER, SEED_BASELINE_LOSS, SEED_CLAIMS
 from .stats import ANALYSIS, claim_verdicts, complete_seeds, contrasts, group_summaries, steps_to_baseline
@@ -22,40 +19,10 @@ RESULTS_FORMAT = "fastcenter.experiments.centering.results/2"
 
 
 def environment() -> dict:
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    try:
-        root = pathlib.Path(__file__).resolve().parents[1]
-        env["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                           text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
-    return env
-
-
-def cpu_name() -> Optional[str]:
-    """The CPU's model name (Linux's /proc/cpuinfo, else platform.processor()), or None."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
+    """Where the runs ran (fastcenter.environment), with the study's names for the device and the commit."""
+    env = collect_environment()
+    cuda_device = None if env["device"]["name"] == "cpu" else env["device"]["name"]
+    return {**env, "cuda_device": cuda_device, "git_commit": env["git"]["commit"]}
 
 
 def _fmt(x, digits=4, sign=False) -> str:
