@@ -112,7 +112,11 @@ class OpSpec:
         return compiled(self.variants["eager"](dims)) if variant == "compile" else self.variants[variant](dims)
 
     def cases(self, shape: str) -> list[Case]:
-        return [Case(self.name, shape, d, v) for d in DIRECTIONS for v in self.variant_names] if shape in self.shapes else []
+        return (
+            [Case(self.name, shape, d, v) for d in DIRECTIONS for v in self.variant_names]
+            if shape in self.shapes
+            else []
+        )
 
     def shape_text(self, dims: dict) -> str:
         return " x ".join(f"{k}={v}" for k, v in dims.items())
@@ -178,11 +182,15 @@ CENTER_RMS_NORM = OpSpec(
     },
     differentiable=("x", "residual", "weight"),
     variants={
-        "fastcenter": lambda d: lambda x, residual, weight, center: ops.center_rms_norm(
-            x, weight, center=center, residual=residual, eps=EPS
+        "fastcenter": lambda d: (
+            lambda x, residual, weight, center: ops.center_rms_norm(
+                x, weight, center=center, residual=residual, eps=EPS
+            )
         ),
-        "eager": lambda d: lambda x, residual, weight, center: reference.center_rms_norm(
-            x, weight, center=center, residual=residual, eps=EPS
+        "eager": lambda d: (
+            lambda x, residual, weight, center: reference.center_rms_norm(
+                x, weight, center=center, residual=residual, eps=EPS
+            )
         ),
         "torch": _native_center_rms_norm,
     },
@@ -368,10 +376,15 @@ TRAIN_VARIANTS = ("fused", "eager", "eager_compile", "fused_compile")
 def describe_ops() -> dict:
     """The op table as a results file keeps it: bench.report renders its sections from this, not from here."""
     ops = {
-        name: {"shapes": spec.shapes, "variants": list(spec.variant_names), "bound": spec.bound, "notes": spec.notes,
-               "bytes_model": " ".join(spec.bytes_moved.__doc__.split())}
+        name: {
+            "shapes": spec.shapes,
+            "variants": list(spec.variant_names),
+            "bound": spec.bound,
+            "notes": spec.notes,
+            "bytes_model": " ".join(spec.bytes_moved.__doc__.split()),
+        }
         for name, spec in OP_SPECS.items()
-    }  # fmt: skip
+    }
     return {**ops, "train_step": {"shapes": {"default": {}}, "variants": list(TRAIN_VARIANTS)}}
 
 

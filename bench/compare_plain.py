@@ -42,7 +42,7 @@ from fastcenter.data import GPT2_VOCAB_SIZE
 from fastcenter.environment import collect as collect_environment
 
 from . import report
-from .report import DEFAULT_SHAPES, describe_noise, describe_settings, fmt_spread
+from .report import DEFAULT_SHAPES, describe_settings
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -70,7 +70,9 @@ class Settings:
 
     def __post_init__(self):
         if self.rounds < 1 or self.steps < 2:
-            raise ValueError(f"need rounds >= 1 and steps >= 2 (the first step is warm-up), got {self.rounds}, {self.steps}")
+            raise ValueError(
+                f"need rounds >= 1 and steps >= 2 (the first step is warm-up), got {self.rounds}, {self.steps}"
+            )
 
     @property
     def n_threads(self) -> int:
@@ -104,20 +106,22 @@ def settings_from_env() -> Settings:
 def commands(s: Settings, data_dir: pathlib.Path, out_dir: pathlib.Path) -> dict[str, tuple[list[str], pathlib.Path]]:
     """side -> (argv, the metrics.jsonl it writes). Model flags only where they differ from the defaults."""
     steps, default = str(s.steps), Settings()
-    model = [f for name in MODEL_FIELDS if getattr(s, name) != getattr(default, name)
-             for f in (f"--{name.replace('_', '-')}", str(getattr(s, name)))]  # fmt: skip
-    fastcenter = [
-        sys.executable, "train.py", "--fused", "--device", "cpu", "--batch-size", str(s.batch_size),
-        "--grad-accum-steps", "1", "--seq-len", str(s.seq_len), "--max-iters", steps, "--eval-interval", steps,
-        "--eval-iters", "1", "--log-interval", "1", "--data", str(data_dir), "--out-dir", str(out_dir / "fastcenter"),
-        *model,
-    ]  # fmt: skip
-    plain = [
-        sys.executable, "-m", "bench.plain_gpt", "--data", str(data_dir), "--out", str(out_dir / "plain.jsonl"),
-        "--batch-size", str(s.batch_size), "--seq-len", str(s.seq_len), "--max-iters", steps, "--dim", str(s.dim),
-        "--n-layers", str(s.n_layers), "--n-heads", str(s.n_heads), "--vocab-size", str(s.vocab_size),
-    ]  # fmt: skip
-    return {"fastcenter": (fastcenter, out_dir / "fastcenter" / "metrics.jsonl"), "plain": (plain, out_dir / "plain.jsonl")}
+    model = [
+        f"--{name.replace('_', '-')}={getattr(s, name)}"
+        for name in MODEL_FIELDS
+        if getattr(s, name) != getattr(default, name)
+    ]
+    train = f"--fused --device cpu --batch-size {s.batch_size} --grad-accum-steps 1 --seq-len {s.seq_len} --max-iters "
+    train += f"{steps} --eval-interval {steps} --eval-iters 1 --log-interval 1"
+    fastcenter = [sys.executable, "train.py", *train.split(), "--data", str(data_dir)]
+    fastcenter += ["--out-dir", str(out_dir / "fastcenter")]
+    plain = f"--batch-size {s.batch_size} --seq-len {s.seq_len} --max-iters {steps} --dim {s.dim} "
+    plain += f"--n-layers {s.n_layers} --n-heads {s.n_heads} --vocab-size {s.vocab_size}"
+    plain_out = ["--data", str(data_dir), "--out", str(out_dir / "plain.jsonl")]
+    return {
+        "fastcenter": ([*fastcenter, *model], out_dir / "fastcenter" / "metrics.jsonl"),
+        "plain": ([sys.executable, "-m", "bench.plain_gpt", *plain_out, *plain.split()], out_dir / "plain.jsonl"),
+    }
 
 
 def write_data(data_dir: pathlib.Path, s: Settings, seed: int = 0) -> dict:
@@ -180,11 +184,17 @@ def run_one(argv: list[str], metrics: pathlib.Path, *, threads: int, timeout_s: 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
     timed = [r["tokens_per_sec"] for r in rows if r["step"] > 1]
     record = {
-        "argv": argv, "returncode": proc.returncode, "wall_s": wall, "cpu_user_s": usage.ru_utime,
-        "cpu_sys_s": usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024,  # kB on Linux
-        "reported_peak_mem_mb": rows[-1].get("peak_mem_mb") if rows else None, "rows": rows, "noise": noise,
+        "argv": argv,
+        "returncode": proc.returncode,
+        "wall_s": wall,
+        "cpu_user_s": usage.ru_utime,
+        "cpu_sys_s": usage.ru_stime,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,  # kB on Linux
+        "reported_peak_mem_mb": rows[-1].get("peak_mem_mb") if rows else None,
+        "rows": rows,
+        "noise": noise,
         "tokens_per_sec": statistics.median(timed) if timed else None,
-    }  # fmt: skip
+    }
     if proc.returncode != 0 or record["tokens_per_sec"] is None:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:] if log_path.is_file() else []
         killed = f"killed by signal {-proc.returncode} (out of memory, or the {timeout_s:.0f} s timeout?)"
@@ -225,19 +235,32 @@ def summarize(runs: list[dict]) -> dict:
     }
     rss = summary["fastcenter"]["peak_rss_bytes"]
     summary["targets"] = {
-        "peak_rss": {"target_bytes": TARGET_PEAK_RSS_BYTES, "measured_bytes": rss["max"] if rss else None,
-                     "met": None if rss is None else rss["max"] <= TARGET_PEAK_RSS_BYTES},
-        "speedup": {"target": TARGET_SPEEDUP, "measured": speed["median"] if speed else None,
-                    "met": None if speed is None else speed["median"] >= TARGET_SPEEDUP},
-    }  # fmt: skip
+        "peak_rss": {
+            "target_bytes": TARGET_PEAK_RSS_BYTES,
+            "measured_bytes": rss["max"] if rss else None,
+            "met": None if rss is None else rss["max"] <= TARGET_PEAK_RSS_BYTES,
+        },
+        "speedup": {
+            "target": TARGET_SPEEDUP,
+            "measured": speed["median"] if speed else None,
+            "met": None if speed is None else speed["median"] >= TARGET_SPEEDUP,
+        },
+    }
     return summary
 
 
 def machine_record(env: dict, threads: int) -> dict:
     """The "machine" of a results file, from fastcenter.environment.collect()."""
-    keys = {"cpu_model": "cpu", "logical_cpus": "cpu_count", "cpus_available": "cpus_available",
-            "memory_bytes": "memory_bytes", "platform": "platform", "python": "python", "torch": "torch",
-            "torch_cpu_capability": "torch_cpu_capability"}  # fmt: skip
+    keys = {
+        "cpu_model": "cpu",
+        "logical_cpus": "cpu_count",
+        "cpus_available": "cpus_available",
+        "memory_bytes": "memory_bytes",
+        "platform": "platform",
+        "python": "python",
+        "torch": "torch",
+        "torch_cpu_capability": "torch_cpu_capability",
+    }
     return {**{k: env[v] for k, v in keys.items()}, "cpu_model": env["cpu"] or "unknown CPU", "threads": threads}
 
 
@@ -254,7 +277,9 @@ def compare(s: Settings, work_dir: pathlib.Path | None = None, say=print) -> dic
                 out_dir = work / f"round{n}"
                 argv, metrics = commands(s, work / "data", out_dir)[side]
                 out_dir.mkdir(parents=True, exist_ok=True)
-                run = run_one(argv, metrics, threads=s.n_threads, timeout_s=s.timeout_s, log_path=out_dir / f"{side}.log")
+                run = run_one(
+                    argv, metrics, threads=s.n_threads, timeout_s=s.timeout_s, log_path=out_dir / f"{side}.log"
+                )
                 runs.append({**run, "round": n, "side": side})
                 say(_run_line(runs[-1], s))
     return {
@@ -283,29 +308,8 @@ def _run_line(run: dict, s: Settings) -> str:
 
 
 def summary_text(r: dict) -> str:
-    s, m, git = r["summary"], r["machine"], r.get("git") or {}
-    commit = git.get("commit", "unknown") + (" + uncommitted changes" if git.get("dirty") else "")
-    lines = [
-        f"CPU comparison, {describe_settings(r)}",
-        f"machine: {m['cpu_model']} ({m['cpus_available']} of {m['logical_cpus']} logical CPUs), torch {m['torch']} "
-        f"({m['torch_cpu_capability']}), Python {m['python']}; commit {commit}",
-        f"{'':<42} {'tokens/s median [min - max]':>30}   {'peak RSS MB median [min - max]':>32}",
-    ]
-    for side in SIDES:
-        failed = f"   ({s[side]['failed']} run(s) failed)" if s[side]["failed"] else ""
-        lines.append(f"{LABELS[side]:<42} {fmt_spread(s[side]['tokens_per_sec']):>30}   "
-                     f"{fmt_spread(s[side]['peak_rss_bytes'], 1e-6):>32}{failed}")  # fmt: skip
-    lines.append(f"speed ratio fastcenter / plain, paired by round: {fmt_spread(s['speedup'], fmt='{:.2f}x')}")
-    lines.append(f"noise: {describe_noise(r)}")
-    if r["settings"]["shape"] not in DEFAULT_SHAPES:
-        return "\n".join(lines + [f"targets: not evaluated (the {r['settings']['shape']} shape is not the default config)"])
-    rss, speed = s["targets"]["peak_rss"], s["targets"]["speedup"]
-    status = {True: "met", False: "NOT met", None: "not measured"}
-    rss_text = "-" if rss["measured_bytes"] is None else f"{rss['measured_bytes'] / 1e6:,.0f} MB (largest run)"
-    speed_text = "-" if speed["measured"] is None else f"{speed['measured']:.2f}x (median)"
-    lines.append(f"targets (default config): peak RSS <= 3 GB: {status[rss['met']]}, {rss_text}; "
-                 f"tokens/s >= {TARGET_SPEEDUP}x plain: {status[speed['met']]}, {speed_text}")  # fmt: skip
-    return "\n".join(lines)
+    """The comparison as BENCHMARKS.md shows it (bench.report), for a terminal."""
+    return "\n".join(report.cpu_section([("", r)])[4:]).strip()  # without its title and the method
 
 
 def default_path(r: dict, results_dir=RESULTS_DIR) -> pathlib.Path:
@@ -330,7 +334,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-markdown", action="store_true", help="do not regenerate BENCHMARKS.md")
     args = p.parse_args(argv)
     s = settings_for(args.shape, rounds=args.rounds, steps=args.steps, threads=args.threads)
-    print(f"CPU comparison, {describe_settings({'settings': {**dataclasses.asdict(s), 'threads': s.n_threads}})}", flush=True)
+    print(
+        f"CPU comparison, {describe_settings({'settings': {**dataclasses.asdict(s), 'threads': s.n_threads}})}",
+        flush=True,
+    )
     r = compare(s, pathlib.Path(args.work_dir) if args.work_dir else None, say=lambda line: print(line, flush=True))
     path = pathlib.Path(args.out) if args.out else default_path(r)
     path.parent.mkdir(parents=True, exist_ok=True)

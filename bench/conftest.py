@@ -28,6 +28,7 @@ from fastcenter.environment import collect as collect_environment
 from fastcenter.files import atomic_write_text
 
 from .cases import describe_ops, parse_case_id
+from .compare_plain import summary_text
 from .measure import CUDA_SKIP_REASON, L2Flush, dry_run, measure_device_peaks
 
 PLUGIN_SKIP_REASON = "fastcenter benchmarks need pytest-benchmark (pip install -e '.[dev]'): nothing was measured"
@@ -118,10 +119,14 @@ class BenchSession:
     def pytest_terminal_summary(self, terminalreporter):
         write = terminalreporter.write_line
         if self.records:
-            terminalreporter.section("fastcenter: CUDA-event medians (python -m bench.report turns the JSON into tables)")
+            terminalreporter.section(
+                "fastcenter: CUDA-event medians (python -m bench.report turns the JSON into tables)"
+            )
             if self.peaks:
-                write(f"measured ceilings: copy {self.peaks['copy_gbps']:.0f} GB/s, bf16 matmul "
-                      f"{self.peaks['matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
+                write(
+                    f"measured ceilings: copy {self.peaks['copy_gbps']:.0f} GB/s, bf16 matmul "
+                    f"{self.peaks['matmul_tflops']:.0f} TFLOP/s"
+                )
             for r in self.records:
                 if r.get("tokens_per_s") is not None:
                     rate = f"{r['tokens_per_s']:,.0f} tok/s"
@@ -131,9 +136,7 @@ class BenchSession:
                     rate = f"{r.get('gbps', 0):.0f} GB/s"
                 write(f"{r['case']:<58} {r['median_ms']:>10.4f} ms  {rate}")
         if self.cpu is not None:
-            from .compare_plain import summary_text
-
-            terminalreporter.section("fastcenter: CPU comparison (python -m bench.compare_plain records it)")
+            terminalreporter.section("fastcenter: CPU comparison (python -m bench.compare_plain files it)")
             for line in summary_text(self.cpu).splitlines():
                 write(line)
         if self.skipped:
@@ -163,7 +166,9 @@ def pytest_collection_modifyitems(config, items):
 def pytest_report_header(config):
     reason = skip_reason()
     if reason is not None:
-        return f"fastcenter bench: {reason}" + ("; the CPU comparison runs instead" if cpu_skip_reason() is None else "")
+        return f"fastcenter bench: {reason}" + (
+            "; the CPU comparison runs instead" if cpu_skip_reason() is None else ""
+        )
     if dry_run():
         return "fastcenter bench: DRY RUN on the CPU (FASTCENTER_BENCH_DRY_RUN=1): checks the harness, measures nothing"
     return f"fastcenter bench: {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"

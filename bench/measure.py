@@ -234,8 +234,9 @@ def measure_device_peaks() -> dict:
     }
 
 
-def time_case(benchmark, call: Callable[[], object], *, flush=None, lead=True, target_ms=100.0, min_rounds=10,
-              max_rounds=500) -> dict:  # fmt: skip
+def time_case(
+    benchmark, call: Callable[[], object], *, flush=None, lead=True, target_ms=100.0, min_rounds=10, max_rounds=500
+) -> dict:
     """Time `call` as pytest-benchmark rounds on CLOCK, one call per round, `flush` and the GPU lead before each
     (untimed); the rounds are sized to about `target_ms` of work. Returns the timing summary of the rounds."""
     wall_ms, enqueue_ms = host_ms(call)

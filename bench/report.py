@@ -57,8 +57,15 @@ def build_results(runs: list[tuple[str, dict]], dry_run_ok: bool = False) -> dic
             devices.add(env.get("device", {}).get("name", "unknown"))
             environment = environment or env
         peaks, ops = peaks or section.get("peaks"), ops or section.get("ops")
-        run_info.append({"source": source, "datetime": run.get("datetime"), "peaks": section.get("peaks"),
-                         "wall_s": section.get("wall_s"), "pytest_benchmark_version": run.get("version")})  # fmt: skip
+        run_info.append(
+            {
+                "source": source,
+                "datetime": run.get("datetime"),
+                "peaks": section.get("peaks"),
+                "wall_s": section.get("wall_s"),
+                "pytest_benchmark_version": run.get("version"),
+            }
+        )
         for bench in run.get("benchmarks", []):
             record = bench.get("extra_info") or {}
             if record.get("schema") != RECORD_SCHEMA:
@@ -100,8 +107,13 @@ def _case_order(ops: dict):
         op, shape, direction, variant = (case_id.split("-") + ["", "", "", ""])[:4]
         spec = ops.get(op, {})
         rank = lambda seq, x: seq.index(x) if x in seq else 99  # noqa: E731
-        return (rank(names, op), rank(list(spec.get("shapes", {})), shape), rank(list(PASS_NAMES), direction),
-                rank(spec.get("variants", []), variant), case_id)  # fmt: skip
+        return (
+            rank(names, op),
+            rank(list(spec.get("shapes", {})), shape),
+            rank(list(PASS_NAMES), direction),
+            rank(spec.get("variants", []), variant),
+            case_id,
+        )
 
     return key
 
@@ -197,6 +209,11 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def columns(records: list[dict], spec: dict) -> list[str]:
+    """A table with one column per (header, cell of a record) of `spec`."""
+    return table(list(spec), [[cell(r) for cell in spec.values()] for r in records])
+
+
 def find(results: dict | None, case_id: str) -> dict | None:
     return next((r for r in (results or {}).get("cases", []) if r["case"] == case_id), None)
 
@@ -229,14 +246,19 @@ def evaluate_target(target: dict, results: dict | None) -> tuple[str, str]:
     if "faster_than" in target:
         best = min(rivals, key=lambda r: r["median_ms"])
         value = best["median_ms"] / record["median_ms"]
-        measured = f"{value:.2f}x vs {best['variant']} ({fmt_ms(best['median_ms'])} vs {fmt_ms(record['median_ms'])} ms)"
+        measured = (
+            f"{value:.2f}x vs {best['variant']} ({fmt_ms(best['median_ms'])} vs {fmt_ms(record['median_ms'])} ms)"
+        )
     else:
         value = record.get(target["field"])
         if value is None:
             return "-", NOT_MEASURED
         measured = UNITS[target["unit"]](value)
-    ok = {"at_least": value >= target.get("at_least", value), "at_most": value <= target.get("at_most", value),
-          "above": value > target["above"] if "above" in target else True}  # fmt: skip
+    ok = {
+        "at_least": value >= target.get("at_least", value),
+        "at_most": value <= target.get("at_most", value),
+        "above": value > target["above"] if "above" in target else True,
+    }
     status = "met" if all(ok.values()) else "**not met**"
     device = target.get("device")
     if device and device.lower() not in results["device"].lower():
@@ -245,11 +267,20 @@ def evaluate_target(target: dict, results: dict | None) -> tuple[str, str]:
 
 
 def targets_section(results: dict | None) -> list[str]:
-    intro = "Each status is computed from the results file below." if results else (
-        "Nothing has been measured on a GPU, so no target is met or missed yet.")  # fmt: skip
+    intro = (
+        "Each status is computed from the results file below."
+        if results
+        else ("Nothing has been measured on a GPU, so no target is met or missed yet.")
+    )
     rows = [[t["text"], *evaluate_target(t, results)] for t in TARGETS]
-    return ["## Targets", "", f"The performance targets of the design (bench/targets.json). {intro}", "",
-            *table(["target", "measured", "status"], rows), ""]  # fmt: skip
+    return [
+        "## Targets",
+        "",
+        f"The performance targets of the design (bench/targets.json). {intro}",
+        "",
+        *table(["target", "measured", "status"], rows),
+        "",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,15 +293,18 @@ def run_section(results: dict, source: str) -> list[str]:
     device, git = env.get("device") or {}, env.get("git") or {}
     commit = git.get("commit", "unknown") + (" (uncommitted changes)" if git.get("dirty") else "")
     rows = [
-        ["device", f"{results['device']} (compute capability {device.get('capability', '?')}, "
-                   f"{device.get('multiprocessors', '?')} SMs)"],
+        [
+            "device",
+            f"{results['device']} (compute capability {device.get('capability', '?')}, "
+            f"{device.get('multiprocessors', '?')} SMs)",
+        ],
         ["date (UTC)", results.get("datetime") or "-"],
         ["torch / triton / CUDA", f"{env.get('torch', '?')} / {env.get('triton', '?')} / {env.get('cuda', '?')}"],
         ["commit", f"{commit}, source sha256 {git.get('source_sha256', '?')}"],
         ["measured copy bandwidth", f"{fmt_num(peaks.get('copy_gbps'))} GB/s (read + write)"],
         ["measured bf16 matmul", f"{fmt_num(peaks.get('matmul_tflops'))} TFLOP/s (8192^3, random data)"],
         ["results file", f"`bench/results/{source}`"],
-    ]  # fmt: skip
+    ]
     return ["## Run", "", *table(["", ""], rows), ""]
 
 
@@ -287,17 +321,27 @@ def train_section(results: dict) -> list[str]:
         return []
     first = records[0] if records else {}
     params = f", {first['n_params']:,} parameters" if first.get("n_params") else ""
-    lines = ["## Training step", "",
-             f"The default model (GPTConfig defaults{params}), {first.get('grad_accum', 1)} micro-batch(es) of "
-             f"{first.get('batch', 16)} x {first.get('seq_len', 512)} tokens per step, bf16 autocast, forward + "
-             "backward + clipping + fused AdamW (the training core's step); steps back to back. Model TFLOP/s uses "
-             "the model's `flops_per_token`. First step: compilation and warm-up.", ""]  # fmt: skip
-    rows = [[r["variant"], fmt_ms(r["median_ms"]), fmt_num(r["tokens_per_s"]), fmt_num(r.get("tflops"), 1),
-             fmt_pct(r.get("pct_of_matmul")), fmt_mb(r.get("train_peak_bytes")), fmt_x(speedup(results, r, "eager")),
-             fmt_x(speedup(results, r, "eager_compile")), fmt_num(r.get("first_step_s"), 1)] for r in records]  # fmt: skip
-    header = ["variant", "step ms", "tokens/s", "model TFLOP/s", "% of matmul peak", "peak memory MB", "vs eager",
-              "vs eager + compile", "first step s"]  # fmt: skip
-    return lines + (table(header, rows) + [""] if rows else []) + not_run
+    lines = [
+        "## Training step",
+        "",
+        f"The default model (GPTConfig defaults{params}), {first.get('grad_accum', 1)} micro-batch(es) of "
+        f"{first.get('batch', 16)} x {first.get('seq_len', 512)} tokens per step, bf16 autocast, forward + "
+        "backward + clipping + fused AdamW (the training core's step); steps back to back. Model TFLOP/s uses "
+        "the model's `flops_per_token`. First step: compilation and warm-up.",
+        "",
+    ]
+    spec = {
+        "variant": lambda r: r["variant"],
+        "step ms": lambda r: fmt_ms(r["median_ms"]),
+        "tokens/s": lambda r: fmt_num(r["tokens_per_s"]),
+        "model TFLOP/s": lambda r: fmt_num(r.get("tflops"), 1),
+        "% of matmul peak": lambda r: fmt_pct(r.get("pct_of_matmul")),
+        "peak memory MB": lambda r: fmt_mb(r.get("train_peak_bytes")),
+        "vs eager": lambda r: fmt_x(speedup(results, r, "eager")),
+        "vs eager + compile": lambda r: fmt_x(speedup(results, r, "eager_compile")),
+        "first step s": lambda r: fmt_num(r.get("first_step_s"), 1),
+    }
+    return lines + (columns(records, spec) + [""] if records else []) + not_run
 
 
 def op_section(results: dict, name: str, spec: dict) -> list[str]:
@@ -306,20 +350,22 @@ def op_section(results: dict, name: str, spec: dict) -> list[str]:
     if not records and not not_run:
         return []
     compute = spec.get("bound") == "compute"
-    header = ["shape", "pass", "variant", "median ms", "TFLOP/s" if compute else "GB/s",
-              "% of matmul peak" if compute else "% of copy BW", "vs eager", "vs compile", "peak MB", "extra MB"]  # fmt: skip
-    rows = []
-    for r in records:
-        variant = r["variant"]
-        if variant == "fastcenter" and r.get("fused") is False:
-            variant = "**fastcenter (reference fallback: no fused kernel ran)**"
-        rows.append([f"{r['shape']}: " + " x ".join(f"{k}={v}" for k, v in r["dims"].items()),
-                     PASS_NAMES.get(r["direction"], r["direction"]), variant, fmt_ms(r["median_ms"]),
-                     fmt_num(r.get("tflops"), 1) if compute else fmt_num(r.get("gbps")),
-                     fmt_pct(r.get("pct_of_matmul") if compute else r.get("pct_of_copy_bw")),
-                     fmt_x(speedup(results, r, "eager")), fmt_x(speedup(results, r, "compile")),
-                     fmt_mb(r.get("mem_peak_bytes")), fmt_mb(r.get("mem_extra_bytes"))])  # fmt: skip
-    lines = [f"### {name}", "", spec.get("notes", ""), ""] + (table(header, rows) + [""] if rows else [])
+    fallback = "**fastcenter (reference fallback: no fused kernel ran)**"
+    cells = {
+        "shape": lambda r: f"{r['shape']}: " + " x ".join(f"{k}={v}" for k, v in r["dims"].items()),
+        "pass": lambda r: PASS_NAMES.get(r["direction"], r["direction"]),
+        "variant": lambda r: fallback if r["variant"] == "fastcenter" and r.get("fused") is False else r["variant"],
+        "median ms": lambda r: fmt_ms(r["median_ms"]),
+        "TFLOP/s" if compute else "GB/s": lambda r: fmt_num(r.get("tflops"), 1) if compute else fmt_num(r.get("gbps")),
+        "% of matmul peak" if compute else "% of copy BW": lambda r: fmt_pct(
+            r.get("pct_of_matmul") if compute else r.get("pct_of_copy_bw")
+        ),
+        "vs eager": lambda r: fmt_x(speedup(results, r, "eager")),
+        "vs compile": lambda r: fmt_x(speedup(results, r, "compile")),
+        "peak MB": lambda r: fmt_mb(r.get("mem_peak_bytes")),
+        "extra MB": lambda r: fmt_mb(r.get("mem_extra_bytes")),
+    }
+    lines = [f"### {name}", "", spec.get("notes", ""), ""] + (columns(records, cells) + [""] if records else [])
     return lines + not_run + [f"Byte model: {spec.get('bytes_model', '-')}", ""]
 
 
@@ -328,8 +374,14 @@ def kernels_section(results: dict) -> list[str]:
     lines = [line for name, spec in ops.items() if name != "train_step" for line in op_section(results, name, spec)]
     if not lines:
         return []
-    return ["## Kernels", "", "Speed-ups are eager's / compile's median time over the variant's (> 1: faster). Peak "
-            "MB: new memory at the peak of one call; extra MB: that minus its outputs or gradients.", "", *lines]  # fmt: skip
+    return [
+        "## Kernels",
+        "",
+        "Speed-ups are eager's / compile's median time over the variant's (> 1: faster). Peak "
+        "MB: new memory at the peak of one call; extra MB: that minus its outputs or gradients.",
+        "",
+        *lines,
+    ]
 
 
 def first_contact_section(results: dict) -> list[str]:
@@ -339,27 +391,44 @@ def first_contact_section(results: dict) -> list[str]:
         return []
     lines = ["## First contact: tests and train.py", ""]
     if fc.get("dry_run"):
-        lines += ["**Dry run on the CPU**: interpreted kernels, a tiny model; it checks the script, nothing here is "
-                  "a measurement.", ""]  # fmt: skip
+        lines += [
+            "**Dry run on the CPU**: interpreted kernels, a tiny model; it checks the script, nothing here is "
+            "a measurement.",
+            "",
+        ]
     for phase in fc.get("phases", []):
         if "passed" in phase:
             state = "cut off at its deadline" if phase.get("timed_out") else f"exit status {phase.get('rc')}"
-            lines += [f"- {phase['title']}: {phase['passed']} passed ({phase.get('bf16_passed', 0)} of them bf16), "
-                      f"{phase['failed']} failed, {phase['skipped']} skipped, in {phase['wall_s']} s ({state})"]  # fmt: skip
+            lines += [
+                f"- {phase['title']}: {phase['passed']} passed ({phase.get('bf16_passed', 0)} of them bf16), "
+                f"{phase['failed']} failed, {phase['skipped']} skipped, in {phase['wall_s']} s ({state})"
+            ]
             lines += [f"  - failed: `{name}`" for name in phase.get("failures", [])]
     runs = fc.get("train") or []
     if runs:
-        lines += ["", f"`train.py` at the default config ({runs[0].get('steps_timed', '?')} logged steps timed after "
-                  "compilation and warm-up, medians; peak memory is train.py's, in GB = 10^9 bytes):", ""]  # fmt: skip
-        header = ["run", "flags", "tokens/s", "MFU", "peak memory GB", "last loss", "wall s", "status"]
-        rows = [[r["variant"], " ".join(r.get("flags", [])), fmt_num(r.get("tokens_per_sec")),
-                 "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", fmt_num(r.get("peak_mem_gb"), 3),
-                 fmt_num(r.get("last_loss"), 3), str(r.get("wall_s")), "ok" if r.get("ok") else r.get("status", "failed")]
-                for r in runs]  # fmt: skip
-        lines += table(header, rows)
+        lines += [
+            "",
+            f"`train.py` at the default config ({runs[0].get('steps_timed', '?')} logged steps timed after "
+            "compilation and warm-up, medians; peak memory is train.py's, in GB = 10^9 bytes):",
+            "",
+        ]
+        spec = {
+            "run": lambda r: r["variant"],
+            "flags": lambda r: " ".join(r.get("flags", [])),
+            "tokens/s": lambda r: fmt_num(r.get("tokens_per_sec")),
+            "MFU": lambda r: "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%",
+            "peak memory GB": lambda r: fmt_num(r.get("peak_mem_gb"), 3),
+            "last loss": lambda r: fmt_num(r.get("last_loss"), 3),
+            "wall s": lambda r: str(r.get("wall_s")),
+            "status": lambda r: r.get("status", "failed"),
+        }
+        lines += columns(runs, spec)
         by = {r["variant"]: r.get("tokens_per_sec") for r in runs}
         if by.get("fused") and by.get("eager_compile"):
-            lines += ["", f"fused / eager under torch.compile: {by['fused'] / by['eager_compile']:.2f}x (target >= 1.25x)."]
+            lines += [
+                "",
+                f"fused / eager under torch.compile: {by['fused'] / by['eager_compile']:.2f}x (target >= 1.25x).",
+            ]
     return lines + [""]
 
 
@@ -371,9 +440,11 @@ def first_contact_section(results: dict) -> list[str]:
 def describe_settings(r: dict) -> str:
     s = r["settings"]
     shape = "default config" if s["shape"] in DEFAULT_SHAPES else f"{s['shape']} shape (not the default config)"
-    return (f"{shape}: batch {s['batch_size']} x {s['seq_len']} tokens, dim {s['dim']}, {s['n_layers']} layers, "
-            f"{s['n_heads']} heads, vocab {s['vocab_size']}, one micro-step per step; {s['rounds']} round(s) x "
-            f"{s['steps']} steps per run (the first step of each run left out), {s['threads']} thread(s)")  # fmt: skip
+    return (
+        f"{shape}: batch {s['batch_size']} x {s['seq_len']} tokens, dim {s['dim']}, {s['n_layers']} layers, "
+        f"{s['n_heads']} heads, vocab {s['vocab_size']}, one micro-step per step; {s['rounds']} round(s) x "
+        f"{s['steps']} steps per run (the first step of each run left out), {s['threads']} thread(s)"
+    )
 
 
 def describe_noise(r: dict) -> str:
@@ -381,14 +452,21 @@ def describe_noise(r: dict) -> str:
     other, load, spread = noise["other_busy_fraction"], noise["loadavg"], noise["run_to_run_spread"]
     parts = []
     if other:
-        parts.append(f"other processes used {100 * other['median']:.0f}% of the machine's CPU time during a median "
-                     f"run ({100 * other['min']:.0f}-{100 * other['max']:.0f}% over the runs)")  # fmt: skip
+        parts.append(
+            f"other processes used {100 * other['median']:.0f}% of the machine's CPU time during a median "
+            f"run ({100 * other['min']:.0f}-{100 * other['max']:.0f}% over the runs)"
+        )
     if load:
-        parts.append(f"1-minute load average {load['median']:.1f} (range {load['min']:.1f}-{load['max']:.1f}) "
-                     f"on {r['machine']['cpus_available']} CPUs")  # fmt: skip
+        parts.append(
+            f"1-minute load average {load['median']:.1f} (range {load['min']:.1f}-{load['max']:.1f}) "
+            f"on {r['machine']['cpus_available']} CPUs"
+        )
     if all(v is not None for v in spread.values()):
-        parts.append("the same run's tokens/s varied by up to " + " and ".join(
-            f"{100 * v:.0f}% ({side})" for side, v in spread.items()) + " between rounds")  # fmt: skip
+        parts.append(
+            "the same run's tokens/s varied by up to "
+            + " and ".join(f"{100 * v:.0f}% ({side})" for side, v in spread.items())
+            + " between rounds"
+        )
     return "; ".join(parts) or "no noise figures on this platform"
 
 
@@ -400,19 +478,27 @@ CPU_TARGETS = (
 
 def cpu_section(cpu_results: list[tuple[str, dict]]) -> list[str]:
     """The newest CPU comparison: both sides' tokens/s and peak RSS, the paired ratio, the CPU targets, the noise."""
-    lines = ["## On a CPU: train.py --fused against a plain-PyTorch GPT", "",
-             "`python -m bench.compare_plain` runs `train.py --fused` on the CPU (where the fused ops take their CPU "
-             "implementation: the chunked linear cross-entropy never forms the [N, V] logits) and "
-             "`bench/plain_gpt.py`, a nanoGPT-style GPT of the same architecture, init and optimizer that forms the "
-             "full logits and calls `F.cross_entropy`. Each run is its own process with the same thread count and "
-             "synthetic data; the two alternate, the order swapped every round. A run's tokens/s is the median of "
-             "its steps after the first (warm-up); peak RSS is the whole process's (`wait4`). The speed ratio is "
-             "taken per round, from two runs made back to back, which cancels slow changes in the machine's load.",
-             ""]  # fmt: skip
+    lines = [
+        "## On a CPU: train.py --fused against a plain-PyTorch GPT",
+        "",
+        "`python -m bench.compare_plain` runs `train.py --fused` on the CPU (where the fused ops take their CPU "
+        "implementation: the chunked linear cross-entropy never forms the [N, V] logits) and "
+        "`bench/plain_gpt.py`, a nanoGPT-style GPT of the same architecture, init and optimizer that forms the "
+        "full logits and calls `F.cross_entropy`. Each run is its own process with the same thread count and "
+        "synthetic data; the two alternate, the order swapped every round. A run's tokens/s is the median of "
+        "its steps after the first (warm-up); peak RSS is the whole process's (`wait4`). The speed ratio is "
+        "taken per round, from two runs made back to back, which cancels slow changes in the machine's load.",
+        "",
+    ]
     target_header = ["CPU target", "measured", "status"]
     if not cpu_results:
         rows = [[t, "-", NOT_MEASURED] for t in CPU_TARGETS]
-        return lines + ["No CPU comparison has been recorded yet (see *How to run*).", "", *table(target_header, rows), ""]
+        return lines + [
+            "No CPU comparison has been recorded yet (see *How to run*).",
+            "",
+            *table(target_header, rows),
+            "",
+        ]
     source, r = cpu_results[-1]
     s, m, git = r["summary"], r["machine"], r.get("git") or {}
     commit = git.get("commit", "unknown") + (" (uncommitted changes)" if git.get("dirty") else "")
@@ -423,7 +509,7 @@ def cpu_section(cpu_results: list[tuple[str, dict]]) -> list[str]:
         ["commit", f"{commit}, source sha256 {git.get('source_sha256', '?')}"],
         ["date (UTC)", r["datetime"]],
         ["what ran", describe_settings(r)],
-        ["results file", f"`bench/results/{source}`"],
+        ["results file", f"`bench/results/{source}`" if source else "not filed"],
     ]
     figures = []
     for side, label in r["labels"].items():
@@ -438,18 +524,30 @@ def cpu_section(cpu_results: list[tuple[str, dict]]) -> list[str]:
         return NOT_MEASURED if met is None else "met" if met else "**not met**"
 
     rss = t["peak_rss"]["measured_bytes"]
-    ratio_text = "-" if ratio is None else (
-        f"{ratio['median']:.2f}x (median of {ratio['n']} rounds; {ratio['min']:.2f}x-{ratio['max']:.2f}x)")  # fmt: skip
-    targets = [[CPU_TARGETS[0], "-" if rss is None else f"{rss / MB:,.0f} MB (largest run)", status(t["peak_rss"]["met"])],
-               [CPU_TARGETS[1], ratio_text, status(t["speedup"]["met"])]]  # fmt: skip
+    ratio_text = (
+        "-"
+        if ratio is None
+        else (f"{ratio['median']:.2f}x (median of {ratio['n']} rounds; {ratio['min']:.2f}x-{ratio['max']:.2f}x)")
+    )
+    targets = [
+        [CPU_TARGETS[0], "-" if rss is None else f"{rss / MB:,.0f} MB (largest run)", status(t["peak_rss"]["met"])],
+        [CPU_TARGETS[1], ratio_text, status(t["speedup"]["met"])],
+    ]
     noise = describe_noise(r)
-    lines += [*table(["", ""], about), "",
-              *table(["", "tokens/s, median [min - max]", "peak RSS MB, median [min - max]", "runs"], figures), "",
-              f"Speed ratio train.py --fused / plain, per round: {fmt_spread(ratio, fmt='{:.2f}x')}.", "",
-              *table(target_header, targets), "",
-              f"**How noisy the machine was.** {noise[0].upper()}{noise[1:]}. (\"Other processes\" is the machine-wide "
-              "busy CPU time from /proc/stat while a run lasted, minus the run's own, as a share of all the CPUs' "
-              "time: other agents share this machine.)", ""]  # fmt: skip
+    lines += [
+        *table(["", ""], about),
+        "",
+        *table(["", "tokens/s, median [min - max]", "peak RSS MB, median [min - max]", "runs"], figures),
+        "",
+        f"Speed ratio train.py --fused / plain, per round: {fmt_spread(ratio, fmt='{:.2f}x')}.",
+        "",
+        *table(target_header, targets),
+        "",
+        f'**How noisy the machine was.** {noise[0].upper()}{noise[1:]}. ("Other processes" is the machine-wide '
+        "busy CPU time from /proc/stat while a run lasted, minus the run's own, as a share of all the CPUs' "
+        "time: other agents share this machine.)",
+        "",
+    ]
     if len(cpu_results) > 1:
         earlier = ", ".join(f"`bench/results/{name}`" for name, _ in cpu_results[:-1])
         lines += [f"Earlier CPU comparisons: {earlier} (see *All results files*).", ""]
@@ -458,21 +556,27 @@ def cpu_section(cpu_results: list[tuple[str, dict]]) -> list[str]:
 
 def compile_section(compile_results: list[tuple[str, dict]]) -> list[str]:
     """One row per Triton version of bench/results/compile/*.json: did every kernel compile, fit, and not spill."""
-    lines = ["## Compile check", "", "`python -m bench.compile` compiles every kernel specialisation the ops launch "
-             "for sm_80 to sm_90 through a compile-only Triton driver (no GPU; nothing launched) and reads each "
-             "cubin's resources. Compiling is not running: this says nothing of speed.", ""]  # fmt: skip
+    lines = [
+        "## Compile check",
+        "",
+        "`python -m bench.compile` compiles every kernel specialisation the ops launch "
+        "for sm_80 to sm_90 through a compile-only Triton driver (no GPU; nothing launched) and reads each "
+        "cubin's resources. Compiling is not running: this says nothing of speed.",
+        "",
+    ]
     if not compile_results:
         return lines + ["No compile-check record has been committed yet.", ""]
-    rows = []
-    for name, data in compile_results:
-        records = data["records"]
-        archs = ", ".join(f"sm_{a}" for a in sorted({r["arch"] for r in records}))
-        rows.append([data.get("versions", {}).get("triton", "?"), archs, str(len(records)),
-                     str(sum(1 for r in records if r["error"])), str(sum(1 for r in records if not r["fits"])),
-                     str(sum(r["spill_instructions"] > 0 for r in records)), str(max((r["registers"] for r in records), default=0)),
-                     f"`bench/results/compile/{name}`"])  # fmt: skip
-    header = ["Triton", "targets", "specialisations", "compile errors", "do not fit", "spilling", "most registers", "file"]
-    return lines + table(header, rows) + [""]
+    spec = {
+        "Triton": lambda f: f[1].get("versions", {}).get("triton", "?"),
+        "targets": lambda f: ", ".join(f"sm_{a}" for a in sorted({r["arch"] for r in f[1]["records"]})),
+        "specialisations": lambda f: str(len(f[1]["records"])),
+        "compile errors": lambda f: str(sum(1 for r in f[1]["records"] if r["error"])),
+        "do not fit": lambda f: str(sum(1 for r in f[1]["records"] if not r["fits"])),
+        "spilling": lambda f: str(sum(1 for r in f[1]["records"] if r["spill_instructions"] > 0)),
+        "most registers": lambda f: str(max((r["registers"] for r in f[1]["records"]), default=0)),
+        "file": lambda f: f"`bench/results/compile/{f[0]}`",
+    }
+    return lines + columns(compile_results, spec) + [""]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -566,20 +670,28 @@ def all_files(gpu_results, cpu_results) -> list[str]:
         lines.append(f"- `bench/results/{name}`: {r['device']}, {r.get('datetime') or r['date']}, commit {commit}")
     for name, r in cpu_results:
         commit = (r.get("git") or {}).get("commit", "unknown")
-        lines.append(f"- `bench/results/{name}`: CPU comparison, {r['machine']['cpu_model']}, {r['datetime']}, "
-                     f"commit {commit}")  # fmt: skip
+        lines.append(
+            f"- `bench/results/{name}`: CPU comparison, {r['machine']['cpu_model']}, {r['datetime']}, commit {commit}"
+        )
     return lines + [""]
 
 
 def render_markdown(gpu_results: list[tuple[str, dict]], cpu_results=(), compile_results=()) -> str:
     """BENCHMARKS.md from (file name, results) pairs, each list oldest first; the newest of each shown in full."""
-    lines = ["# fastcenter benchmarks", "",
-             "<!-- Generated by `python -m bench.report` from bench/results/. Do not edit by hand. -->", ""]  # fmt: skip
+    lines = [
+        "# fastcenter benchmarks",
+        "",
+        "<!-- Generated by `python -m bench.report` from bench/results/. Do not edit by hand. -->",
+        "",
+    ]
     newest = gpu_results[-1] if gpu_results else None
     if newest is None:
-        lines += ["**Nothing has been measured on a GPU yet.** There is no GPU results file in `bench/results/`, so "
-                  "every GPU target below says so. Every number here comes from a results file; none is estimated "
-                  "or copied from elsewhere.", ""]  # fmt: skip
+        lines += [
+            "**Nothing has been measured on a GPU yet.** There is no GPU results file in `bench/results/`, so "
+            "every GPU target below says so. Every number here comes from a results file; none is estimated "
+            "or copied from elsewhere.",
+            "",
+        ]
     else:
         lines += run_section(newest[1], newest[0])
     results = newest[1] if newest else None
@@ -593,8 +705,9 @@ def render_markdown(gpu_results: list[tuple[str, dict]], cpu_results=(), compile
 
 def expected_markdown(results_dir=RESULTS_DIR) -> str:
     """BENCHMARKS.md as the results files in `results_dir` make it."""
-    return render_markdown(load_results_dir(results_dir), load_results_dir(results_dir, CPU_SCHEMA),
-                           load_compile_results(results_dir))  # fmt: skip
+    return render_markdown(
+        load_results_dir(results_dir), load_results_dir(results_dir, CPU_SCHEMA), load_compile_results(results_dir)
+    )
 
 
 def regenerate_markdown(results_dir=RESULTS_DIR, markdown_path=MARKDOWN_PATH) -> pathlib.Path:
@@ -619,8 +732,10 @@ def main(argv=None) -> int:
             if (results.get("environment") or {}).get("dry_run") or (results.get("first_contact") or {}).get("dry_run"):
                 raise ReportError("these results come from a dry run: they measured nothing")
             written = write_results(results, args.results_dir)
-            print(f"wrote {written} ({len(results['cases'])} cases measured, {len(results['skipped'])} skipped, "
-                  f"{len(results['failed'])} failed)")  # fmt: skip
+            print(
+                f"wrote {written} ({len(results['cases'])} cases measured, {len(results['skipped'])} skipped, "
+                f"{len(results['failed'])} failed)"
+            )
         markdown = regenerate_markdown(args.results_dir, args.markdown)
     except ReportError as exc:
         print(f"bench.report: {exc}", file=sys.stderr)

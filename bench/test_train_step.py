@@ -41,10 +41,21 @@ def test_train_step(case: Case, benchmark, bench_session):
     outside = torch.cuda.memory_allocated() if device == "cuda" else 0  # not this training's (e.g. the L2 flush)
     torch.manual_seed(0)
     config = GPTConfig(fused=case.variant.startswith("fused"), **MODEL_OVERRIDES)
-    cfg = TrainConfig(batch_size=BATCH, grad_accum_steps=accum, seq_len=SEQ_LEN, max_iters=10**9, lr=3e-4,
-                      warmup_iters=0, device=device, dtype="bfloat16", compile=compile_)  # fmt: skip
+    cfg = TrainConfig(
+        batch_size=BATCH,
+        grad_accum_steps=accum,
+        seq_len=SEQ_LEN,
+        max_iters=10**9,
+        lr=3e-4,
+        warmup_iters=0,
+        device=device,
+        dtype="bfloat16",
+        compile=compile_,
+    )
     tokens = np.random.default_rng(20240520).integers(0, config.vocab_size, size=1 << 20).astype(np.uint16)
-    trainer = Trainer(GPT(config), cfg, train_tokens=tokens, val_tokens=tokens[: 4 * SEQ_LEN], device=torch.device(device))
+    trainer = Trainer(
+        GPT(config), cfg, train_tokens=tokens, val_tokens=tokens[: 4 * SEQ_LEN], device=torch.device(device)
+    )
     start = time.perf_counter()
     try:
         loss = trainer.train_step()

@@ -31,8 +31,13 @@ def test_dry_run_runs_every_phase_into_a_folder_that_comes_back(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     assert first_contact.bundle_problems(out) == []
-    assert sorted(p.name for p in out.iterdir()) == ["bench-loss.json", "bench-ops.json", "logs.tar.gz", "results.json",
-                                                     "summary.md"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bench-loss.json",
+        "bench-ops.json",
+        "logs.tar.gz",
+        "results.json",
+        "summary.md",
+    ]
     results = json.loads((out / "results.json").read_text())
     fc = results["first_contact"]
     assert fc["dry_run"] is True and fc["wall_s"] <= 400 and results["environment"]["git"]["commit"]
@@ -44,9 +49,11 @@ def test_dry_run_runs_every_phase_into_a_folder_that_comes_back(tmp_path):
     for run in fc["train"]:
         assert run["ok"] and run["stopped"] and run["tokens_per_sec"] > 0 and run["rows"], run
         assert run["peak_mem_gb"] == pytest.approx(run["peak_mem_mb"] * 2**20 / 1e9)
-    assert {c["case"] for c in results["cases"]} == {"linear_cross_entropy-default-fwdbwd-fastcenter",
-                                                     "linear_cross_entropy-default-fwdbwd-eager",
-                                                     "swiglu-default-fwd-fastcenter"}  # fmt: skip
+    assert {c["case"] for c in results["cases"]} == {
+        "linear_cross_entropy-default-fwdbwd-fastcenter",
+        "linear_cross_entropy-default-fwdbwd-eager",
+        "swiglu-default-fwd-fastcenter",
+    }
     assert all(c["times_ms"] for c in results["cases"])
     summary = (out / "summary.md").read_text()
     assert "## First contact" in summary and "Dry run on the CPU" in summary and "## Targets" in summary
@@ -61,7 +68,18 @@ def test_the_gpu_selections_select_tests_that_exist():
     """Phases 1 and 5 name test files and -k expressions: they must collect what they mean to run."""
     for phase in ("correctness", "tests"):
         args = first_contact.selections(dry=False)[phase]
-        cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+            *args,
+        ]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
         collected = [line for line in proc.stdout.splitlines() if "::" in line]
         assert proc.returncode == 0 and collected, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -82,22 +100,31 @@ def test_refused_without_a_gpu_or_into_a_full_folder(tmp_path):
 
 def test_a_phase_past_its_time_is_cut_off_and_a_stopped_one_ends(tmp_path):
     started = time.monotonic()
-    result = first_contact.run([sys.executable, "-c", "import time; time.sleep(60)"], 1.0, tmp_path / "log", dict(os.environ))
+    result = first_contact.run(
+        [sys.executable, "-c", "import time; time.sleep(60)"], 1.0, tmp_path / "log", dict(os.environ)
+    )
     assert result["timed_out"] and result["rc"] != 0 and time.monotonic() - started < 30
-    result = first_contact.run([sys.executable, "-c", "import time; time.sleep(60)"], 30.0, tmp_path / "log",
-                               dict(os.environ), stop_when=lambda: True)  # fmt: skip
+    result = first_contact.run(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        30.0,
+        tmp_path / "log",
+        dict(os.environ),
+        stop_when=lambda: True,
+    )
     assert result["stopped"] and not result["timed_out"] and result["wall_s"] < 20
 
 
 def test_pytest_output_is_counted_with_or_without_xdist_even_when_cut_off():
-    text = "\n".join([
-        "tests/test_norm.py::test_a[torch.bfloat16] PASSED [  1%]",
-        "[gw3] [  2%] PASSED tests/test_norm.py::test_a[torch.float32] ",
-        "[gw0] [  3%] FAILED tests/test_norm.py::test_b[torch.bfloat16] ",
-        "tests/test_seed_shapes.py::test_swiglu_packed[x] SKIPPED (real shapes need a GPU) [  4%]",
-        "tests/test_norm.py::test_c[bf16] PASSED [  5%]",
-        "tests/test_norm.py::test_d[torch.bfloat16] ",  # the run was killed here
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            "tests/test_norm.py::test_a[torch.bfloat16] PASSED [  1%]",
+            "[gw3] [  2%] PASSED tests/test_norm.py::test_a[torch.float32] ",
+            "[gw0] [  3%] FAILED tests/test_norm.py::test_b[torch.bfloat16] ",
+            "tests/test_seed_shapes.py::test_swiglu_packed[x] SKIPPED (real shapes need a GPU) [  4%]",
+            "tests/test_norm.py::test_c[bf16] PASSED [  5%]",
+            "tests/test_norm.py::test_d[torch.bfloat16] ",  # the run was killed here
+        ]
+    )
     counts = first_contact.parse_pytest_verbose(text)
     assert (counts["passed"], counts["failed"], counts["skipped"], counts["bf16_passed"]) == (3, 1, 1, 2)
     assert counts["failures"] == ["tests/test_norm.py::test_b[torch.bfloat16]"]
