@@ -410,7 +410,7 @@ class Prepared:
 
 
 def prepare(case: Case, device="cuda", dims: dict | None = None) -> Prepared:
-    """Inputs and the call for a case, at the spec's dims for its shape or at `dims` (tiny ones on a CPU). Raises
+    """Inputs and the call for a case, at the op's dims for its shape or at `dims` (tiny ones on a CPU). Raises
     Unavailable for a variant that cannot run here."""
     spec = OP_SPECS[case.op]
     dims = spec.shapes[case.shape] if dims is None else dims

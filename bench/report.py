@@ -7,7 +7,7 @@ RUN.json is what `pytest bench/ --benchmark-json=...` writes (or its FASTCENTER_
 results.json of `python -m bench.first_contact`; several runs of one device merge into one results file.
 BENCHMARKS.md shows the newest GPU results file in full, the newest CPU comparison (bench/results/cpu-*.json,
 `python -m bench.compare_plain`), the compile check (bench/results/compile/*.json, `python -m bench.compile`) and
-the spec's targets (bench/targets.json: each names a case and a record field with a bound, or rival cases it must be
+the performance targets (bench/targets.json: each names a case and a record field with a bound, or rival cases it must be
 faster than); where nothing was measured it says so.
 """
 
@@ -231,7 +231,7 @@ def speedup(results: dict, record: dict, variant: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The spec's targets
+# The performance targets
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -638,7 +638,7 @@ whether it matched, and each phase how many cache entries it added). Warm it wit
 `python -m bench.compare_plain` writes `bench/results/cpu-<cpu>-<date>.json` (every run's per-step rows, peak RSS,
 CPU time, the machine, the noise around each run) and regenerates this file. Under pytest it is sized by
 FASTCENTER_BENCH_CPU_SHAPE (default, or tiny), _ROUNDS, _STEPS and _THREADS, and writes nothing here; where a GPU
-is available it is skipped unless FASTCENTER_BENCH_CPU=1. The plain GPT needs about 7 GB of memory.
+is available it is skipped unless FASTCENTER_BENCH_CPU=1.
 """
 
 METHOD = """\

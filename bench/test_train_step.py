@@ -7,7 +7,7 @@ eager (fastcenter.reference), each also under torch.compile (`train.py --compile
 
 Timed as training runs: steps back to back, no L2 flush and no GPU lead, so host overhead counts. Memory:
 `train_peak_bytes` is the peak of everything the training owns (weights, gradients, optimizer state, batch,
-activations) during one step, counted from before the model was built: the spec's 1 GB target is about this.
+activations) during one step, counted from before the model was built: the 1 GB target (bench/targets.json) is about this.
 """
 
 import os
