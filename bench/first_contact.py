@@ -49,6 +49,7 @@ import time
 
 from fastcenter.data import GPT2_VOCAB_SIZE
 from fastcenter.environment import collect as collect_environment
+from fastcenter.environment import triton_build
 from fastcenter.files import atomic_write, atomic_write_text
 
 from . import report
@@ -124,9 +125,10 @@ def run(cmd: list[str], timeout: float, log_path: pathlib.Path, env: dict, *, st
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        # Its own process group: a timeout ends the command and whatever it started (compile workers, xdist).
+        # Its own process group (in this session: a lease that ends this command ends it too): a timeout ends the
+        # command and whatever it started (compile workers, xdist workers).
         proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=os.setpgrp
         )
         stopped = timed_out = False
         while proc.poll() is None:
@@ -214,8 +216,6 @@ def bundle_problems(out: pathlib.Path) -> list[str]:
 def triton_cache_check(cache: str | None) -> dict:
     """Whether a carried Triton cache can serve this machine: its warm-up manifest (bench.compile) against this
     Triton's build. Equal builds mean equal keys for the launches the cache holds (same kernels, target, options)."""
-    from fastcenter.environment import triton_build
-
     here = triton_build()
     manifest = pathlib.Path(cache or "/nonexistent") / WARM_MANIFEST
     warmed = json.loads(manifest.read_text()) if manifest.is_file() else None
@@ -231,8 +231,8 @@ class FirstContact:
         (work / "logs").mkdir(parents=True, exist_ok=True)
         self.fc = {"dry_run": dry, "budget_s": budget_s, "phases": [], "train": []}
         self.environment = {**collect_environment(), "dry_run": dry, "argv": " ".join(sys.argv)}
-        self.cache = os.environ.get("TRITON_CACHE_DIR")
-        self.fc["triton_cache"] = triton_cache_check(self.cache)
+        self.fc["triton_cache"] = triton_cache_check(os.environ.get("TRITON_CACHE_DIR"))
+        self.cache = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")  # Triton's default
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.deadline.started:6.1f} s] {text}", flush=True)
@@ -251,7 +251,7 @@ class FirstContact:
         return env
 
     def cache_entries(self) -> int | None:
-        return None if not self.cache or not os.path.isdir(self.cache) else len(os.listdir(self.cache))
+        return len(os.listdir(self.cache)) if os.path.isdir(self.cache) else 0
 
     def phase(self, name: str, run_phase) -> dict:
         title = PHASES[name][0]
