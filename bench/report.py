@@ -57,15 +57,8 @@ def build_results(runs: list[tuple[str, dict]], dry_run_ok: bool = False) -> dic
             devices.add(env.get("device", {}).get("name", "unknown"))
             environment = environment or env
         peaks, ops = peaks or section.get("peaks"), ops or section.get("ops")
-        run_info.append(
-            {
-                "source": source,
-                "datetime": run.get("datetime"),
-                "peaks": section.get("peaks"),
-                "wall_s": section.get("wall_s"),
-                "pytest_benchmark_version": run.get("version"),
-            }
-        )
+        info = {"source": source, "datetime": run.get("datetime"), "wall_s": section.get("wall_s")}
+        run_info.append({**info, "peaks": section.get("peaks"), "pytest_benchmark_version": run.get("version")})
         for bench in run.get("benchmarks", []):
             record = bench.get("extra_info") or {}
             if record.get("schema") != RECORD_SCHEMA:
@@ -83,7 +76,6 @@ def build_results(runs: list[tuple[str, dict]], dry_run_ok: bool = False) -> dic
         skipped.pop(case_id, None)
         failed.pop(case_id, None)
     latest = max((r["datetime"] for r in run_info if r["datetime"]), default=None)
-    order = _case_order(ops or {})
     return {
         "schema": RESULTS_SCHEMA,
         "device": (environment or {}).get("device", {}).get("name", "unknown device"),
@@ -93,29 +85,10 @@ def build_results(runs: list[tuple[str, dict]], dry_run_ok: bool = False) -> dic
         "peaks": peaks,
         "ops": ops,
         "runs": run_info,
-        "cases": sorted(cases.values(), key=lambda r: order(r["case"])),
-        "skipped": sorted(skipped.values(), key=lambda r: order(r["id"])),
-        "failed": sorted(failed.values(), key=lambda r: order(r["id"])),
+        "cases": list(cases.values()),  # in the order they ran: the suite's (bench/cases.py)
+        "skipped": list(skipped.values()),
+        "failed": list(failed.values()),
     }
-
-
-def _case_order(ops: dict):
-    """Sort key of a case id: op as the suite declares them (the train step last), then shape, pass, variant."""
-    names = list(ops)
-
-    def key(case_id: str):
-        op, shape, direction, variant = (case_id.split("-") + ["", "", "", ""])[:4]
-        spec = ops.get(op, {})
-        rank = lambda seq, x: seq.index(x) if x in seq else 99  # noqa: E731
-        return (
-            rank(names, op),
-            rank(list(spec.get("shapes", {})), shape),
-            rank(list(PASS_NAMES), direction),
-            rank(spec.get("variants", []), variant),
-            case_id,
-        )
-
-    return key
 
 
 def slug(text: str) -> str:
@@ -631,14 +604,10 @@ whether it matched, and each phase how many cache entries it added). Warm it wit
 
 ### Without a GPU
 
-    python -m bench.compare_plain                       # default config, 6 rounds x 4 steps
-    python -m bench.compare_plain --rounds 2 --steps 3  # shorter; --threads N, --work-dir DIR (keeps the logs)
-    pytest bench/ --benchmark-only                      # runs the comparison too (2 rounds x 3 steps by default)
-
-`python -m bench.compare_plain` writes `bench/results/cpu-<cpu>-<date>.json` (every run's per-step rows, peak RSS,
-CPU time, the machine, the noise around each run) and regenerates this file. Under pytest it is sized by
-FASTCENTER_BENCH_CPU_SHAPE (default, or tiny), _ROUNDS, _STEPS and _THREADS, and writes nothing here; where a GPU
-is available it is skipped unless FASTCENTER_BENCH_CPU=1.
+`python -m bench.compare_plain [--rounds 6 --steps 4 --threads N]` writes `bench/results/cpu-<cpu>-<date>.json`
+(every run's per-step rows, peak RSS, CPU time, the machine, the noise around each run) and regenerates this file.
+`pytest bench/ --benchmark-only` runs it too where there is no GPU (or with FASTCENTER_BENCH_CPU=1), sized by
+FASTCENTER_BENCH_CPU_SHAPE (default, or tiny), _ROUNDS, _STEPS and _THREADS, and files nothing.
 """
 
 METHOD = """\
