@@ -19,6 +19,8 @@ DIR receives at most 8 files, none over 16 MiB, none in a subfolder (what one GP
                        figure, each phase's counts and train.py's metrics rows (`python -m bench.report
                        DIR/results.json` files it in bench/results/ and regenerates BENCHMARKS.md)
     summary.md         BENCHMARKS.md as this run alone makes it: targets, tests, train.py, kernels
+    measured.json      train.py's tokens/s and step time per path: `python -m bench.step_cost --measured` puts
+                       the step-cost model's prediction beside them
     bench-loss.json    the benchmark sessions' records, rewritten after every case
     bench-ops.json
     logs.tar.gz        every phase's log
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import pathlib
 import re
@@ -73,6 +76,7 @@ PHASES = {
 TRAIN_VARIANTS = {"fused": ["--fused"], "eager": ["--no-fused"], "eager_compile": ["--no-fused", "--compile"]}
 DRY_TRAIN_FLAGS = "--batch-size 2 --grad-accum-steps 1 --seq-len 16 --dim 32 --n-layers 1 --n-heads 2 --vocab-size 512 --max-seq-len 16".split()
 DEFAULT_TRAIN_FLAGS = "--batch-size 16 --grad-accum-steps 4 --seq-len 512".split()
+TOKENS_PER_STEP = ("--batch-size", "--grad-accum-steps", "--seq-len")  # their product
 
 
 def shapes_test_file() -> str:
@@ -333,6 +337,7 @@ class FirstContact:
             ok = result["stopped"] and result["rc"] == 0 and summary["tokens_per_sec"] is not None
             status = "ok" if ok else "cut off" if result["timed_out"] else f"exit {result['rc']}"
             entry = {"variant": variant, "flags": TRAIN_VARIANTS[variant], **result, **summary, "ok": ok}
+            entry["tokens_per_step"] = math.prod(int(flags[flags.index(f) + 1]) for f in TOKENS_PER_STEP)
             self.fc["train"].append({**entry, "status": status, "rows": rows})
             tokens, peak = report.fmt_num(summary["tokens_per_sec"]), report.fmt_num(summary["peak_mem_gb"], 3)
             self.say(f"train.py {' '.join(TRAIN_VARIANTS[variant])}: {tokens} tokens/s, peak {peak} GB, {status}")
@@ -366,6 +371,13 @@ class FirstContact:
         results = self.results()
         atomic_write_text(self.out / "results.json", json.dumps(results, indent=1) + "\n")
         atomic_write_text(self.out / "summary.md", report.render_markdown([("results.json", results)]))
+        if self.fc["train"]:  # train.py's figures in the form `python -m bench.step_cost --measured` reads
+            measured = {"device": results["device"]}
+            for r in self.fc["train"]:
+                tokens = r["tokens_per_sec"]
+                step_ms = None if not tokens else 1e3 * r["tokens_per_step"] / tokens
+                measured[r["variant"]] = {"tokens_per_sec": tokens, "optimizer_step_ms": step_ms}
+            atomic_write_text(self.out / "measured.json", json.dumps(measured, indent=1) + "\n")
 
         def pack(f):
             with tarfile.open(fileobj=f, mode="w:gz") as tar:

@@ -585,7 +585,8 @@ folder comes back (at most 8 files of 16 MiB). The command, given to the lease a
 It ends within 8 minutes (`--budget-s 480`), JIT included, and writes into $OUT, after every phase (the benchmark
 files after every case): `results.json` (a results file: device, versions, commit, every timing and memory
 figure, the tests' counts, train.py's metrics rows), `summary.md` (this page as that run makes it),
-`bench-loss.json`, `bench-ops.json` and `logs.tar.gz`. Phases, most valuable first: every op at the default
+`bench-loss.json`, `bench-ops.json`, `measured.json` (for `python -m bench.step_cost --measured`) and
+`logs.tar.gz`. Phases, most valuable first: every op at the default
 shapes in bf16 and the model's fused-vs-eager agreement under bf16 autocast; the two losses against eager,
 torch.compile, F.linear_cross_entropy and Liger (carried as a wheel, or skipped saying so); train.py fused vs
 eager vs --compile (tokens/s, MFU, peak memory in GB); the other op benchmarks; the rest of the kernel tests over

@@ -31,13 +31,8 @@ def test_dry_run_runs_every_phase_into_a_folder_that_comes_back(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     assert first_contact.bundle_problems(out) == []
-    assert sorted(p.name for p in out.iterdir()) == [
-        "bench-loss.json",
-        "bench-ops.json",
-        "logs.tar.gz",
-        "results.json",
-        "summary.md",
-    ]
+    names = ["bench-loss.json", "bench-ops.json", "logs.tar.gz", "measured.json", "results.json", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == names
     results = json.loads((out / "results.json").read_text())
     fc = results["first_contact"]
     assert fc["dry_run"] is True and fc["wall_s"] <= 400 and results["environment"]["git"]["commit"]
@@ -55,6 +50,9 @@ def test_dry_run_runs_every_phase_into_a_folder_that_comes_back(tmp_path):
         "swiglu-default-fwd-fastcenter",
     }
     assert all(c["times_ms"] for c in results["cases"])
+    measured = json.loads((out / "measured.json").read_text())  # what bench.step_cost --measured reads
+    assert measured["fused"]["tokens_per_sec"] == fc["train"][0]["tokens_per_sec"] and measured["device"]
+    assert measured["eager"]["optimizer_step_ms"] == pytest.approx(1e3 * 2 * 16 / fc["train"][1]["tokens_per_sec"])
     summary = (out / "summary.md").read_text()
     assert "## First contact" in summary and "Dry run on the CPU" in summary and "## Targets" in summary
     with tarfile.open(out / "logs.tar.gz") as tar:
