@@ -12,12 +12,16 @@ alignment, integer divisibility, the constexprs the launcher picks) and through 
 cubin. Each cubin is then read with `cuobjdump` (also in the wheel): registers, stack, local memory, shared
 memory, and the local-memory instructions (LDL/STL: register spills) in its SASS.
 
-What is compiled ("plans", below): the launches of one training step of the seed model (N = 16 x 512 tokens,
-dim 256, 4 heads of 64, MLP hidden 1024, V = 50257, under bf16 autocast: float32 residual stream, bf16 branch
+What is compiled ("plans", below): the launches of one training step of the default model (N = 16 x 512
+tokens, dim 256, 4 heads of 64, MLP hidden 1024, V = 50257, under bf16 autocast: float32 residual stream, bf16 branch
 outputs, float32 master weights), the benchmark shapes of bench/cases.py, and the widest rows the ops accept
 (MAX_FUSED_NORM_DIM), in bfloat16, float16 and float32, with the option flags that change the code (residual,
 centre, weight; softcap, label smoothing; interleaved, inverse; packed or not). The "ci" selection keeps the
-worst cases of each kernel (widest rows, every flag on) and the seed model's own launches.
+worst cases of each kernel (widest rows, every flag on) and the default model's own launches.
+
+With TRITON_CACHE_DIR set, the cubins land in that Triton cache as a real launch's would: run under the GPU
+machine's Python and Triton (the cache keys hash Triton's own build: bench/first_contact.py checks it), for its
+target (`--arch 90`), the folder carried to the machine saves the JIT time of every launch it holds.
 
 Exit status 0 when everything compiled, fits the target (shared memory, threads x registers) and spills no
 register; 1 otherwise. Checked with Triton 3.2 (the oldest pyproject.toml allows) and 3.9; the driver
@@ -50,6 +54,12 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.driver import DriverBase  # noqa: E402
+
+from fastcenter.data import GPT2_VOCAB_SIZE  # noqa: E402
+from fastcenter.environment import collect as collect_environment  # noqa: E402
+from fastcenter.environment import triton_build  # noqa: E402
+
+from .compare_plain import machine_record  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -286,7 +296,8 @@ def analyse(record: Compiled, arch: Arch) -> None:
 # Launch plans: calls of the kernel launchers, on meta tensors, as the ops make them.
 # ---------------------------------------------------------------------------------------------------------
 
-SEED = dict(tokens=16 * 512, batch=16, seq=512, dim=256, heads=4, head_dim=64, hidden=1024, vocab=50257)
+WARM_MANIFEST = "fastcenter-warm.json"  # written into TRITON_CACHE_DIR, read by bench.first_contact
+DEFAULT = dict(tokens=16 * 512, batch=16, seq=512, dim=256, heads=4, head_dim=64, hidden=1024, vocab=GPT2_VOCAB_SIZE)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -320,8 +331,8 @@ def _norm_plans() -> list[Plan]:
 
         plans.append(Plan(label, launch, ci))
 
-    n, d = SEED["tokens"], SEED["dim"]
-    # The seed model under bf16 autocast: a float32 stream, bf16 branch outputs added as the residual, float32
+    n, d = DEFAULT["tokens"], DEFAULT["dim"]
+    # The default model under bf16 autocast: a float32 stream, bf16 branch outputs added as the residual, float32
     # weights; the first norm has neither residual nor centre.
     add("model: first norm (fp32 stream)", n, d, torch.float32, torch.float32, residual=False, center="none",
         weight=True, ci=True)  # fmt: skip
@@ -353,13 +364,13 @@ def _rope_plans() -> list[Plan]:
 
         plans.append(Plan(label, launch, ci))
 
-    s = SEED
+    s = DEFAULT
     add("model: rope bf16", s["batch"], s["seq"], s["heads"], s["head_dim"], torch.bfloat16, interleaved=False,
         ci=True)  # fmt: skip
     for name, dtype in DTYPES.items():
         for interleaved in (False, True):
             kind = "interleaved" if interleaved else "half-split"
-            add(f"rope {name} seed {kind}", s["batch"], s["seq"], s["heads"], s["head_dim"], dtype,
+            add(f"rope {name} default {kind}", s["batch"], s["seq"], s["heads"], s["head_dim"], dtype,
                 interleaved=interleaved)  # fmt: skip
             add(f"rope {name} 8x4096x32x128 {kind}", 8, 4096, 32, 128, dtype, interleaved=interleaved,
                 ci=name == "fp32" and interleaved)  # fmt: skip
@@ -382,9 +393,9 @@ def _swiglu_plans() -> list[Plan]:
 
         plans.append(Plan(label, launch, ci))
 
-    add("model: swiglu bf16 packed", SEED["tokens"], SEED["hidden"], torch.bfloat16, packed=True, ci=True)
+    add("model: swiglu bf16 packed", DEFAULT["tokens"], DEFAULT["hidden"], torch.bfloat16, packed=True, ci=True)
     for name, dtype in DTYPES.items():
-        add(f"swiglu {name} seed packed", SEED["tokens"], SEED["hidden"], dtype, packed=True)
+        add(f"swiglu {name} default packed", DEFAULT["tokens"], DEFAULT["hidden"], dtype, packed=True)
         add(f"swiglu {name} 65536x4096 packed", 65536, 4096, dtype, packed=True, ci=name == "fp32")
         add(f"swiglu {name} 8192x1000 two tensors", 8192, 1000, dtype, packed=False)
     return plans
@@ -402,7 +413,7 @@ def _cross_entropy_plans() -> list[Plan]:
     from fastcenter.kernels import cross_entropy as ce
 
     plans = []
-    n, dim, vocab = SEED["tokens"], SEED["dim"], SEED["vocab"]
+    n, dim, vocab = DEFAULT["tokens"], DEFAULT["dim"], DEFAULT["vocab"]
 
     def add_ce(label, dtype, options, reduction, ci=False):
         def launch():
@@ -556,14 +567,18 @@ def main(argv=None) -> int:
             if r.cubin:
                 with open(os.path.join(args.dump, f"{i:04d}-sm_{r.arch}-{r.kernel}.cubin"), "wb") as f:
                     f.write(r.cubin)
+    cache = os.environ.get("TRITON_CACHE_DIR")
+    if cache:  # the compiled kernels are in Triton's cache there: say what warmed it, for bench.first_contact
+        warmed = {"triton": triton.__version__, "python": sys.version.split()[0], "triton_build": triton_build(),
+                  "archs": [a.capability for a in archs], "kernels": len(records)}  # fmt: skip
+        with open(os.path.join(cache, WARM_MANIFEST), "w") as f:
+            json.dump(warmed, f, indent=1)
     if args.json:
         with open(args.json, "w") as f:
             archs_json = {a.capability: dataclasses.asdict(a) for a in archs}
-            from bench.cpu import machine_info
-            from bench.environment import collect_environment
-
+            env = collect_environment()
             run = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "machine": machine_info(torch.get_num_threads()), **collect_environment()}  # fmt: skip
+                   "machine": machine_record(env, torch.get_num_threads()), **env, "argv": " ".join(sys.argv)}  # fmt: skip
             json.dump({"versions": versions(), "run": run, "archs": archs_json,
                        "records": [r.to_json() for r in records]}, f, indent=1)  # fmt: skip
     return 0 if all(r.ok for r in records) else 1

@@ -1,33 +1,44 @@
-"""A GPU's first contact: one command, under 10 minutes, that says whether the kernels work and what they are worth.
+"""The first contact with a GPU: one command that fits one lease and brings everything home.
 
-    python -m bench.first_contact                 # on a machine with an NVIDIA GPU, from the repository root
-    python -m bench.first_contact --dry-run       # the same code on the CPU at tiny sizes (what CI runs)
+    python -m bench.first_contact --out DIR            # on the GPU machine, from the repository root
+    python -m bench.first_contact --dry-run --out DIR  # the same plumbing on the CPU at tiny sizes (CI runs it)
 
-Phases, each under its own time budget (the whole run cannot pass --budget-s, default 570 s):
+Phases, most valuable first, each a subprocess with a deadline; the whole run ends within --budget-s (480):
 
-1. kernel tests, compiled: the kernel test files (tests/test_default_shapes, norm, rope, swiglu, cross_entropy,
-   autograd, layouts) on the GPU, where their bf16 cases run compiled and test_default_shapes.py runs every op at
-   its real shapes in bf16 (it is skipped on the CPU). Counts of passed / failed / skipped, and of bf16 cases
-   passed (the count is read line by line, so a run cut off by its budget still reports what it did);
-2. op benchmarks: `pytest bench/test_ops.py --benchmark-only` (fastcenter vs eager, torch.compile, F.rms_norm,
-   F.linear_cross_entropy, Liger where installed), seed shapes first, with the suite's own time budget;
-3. train.py at the seed config, driven through its command line on fixed token files: --fused, --no-fused
-   (eager) and --no-fused --compile (eager under torch.compile), a few dozen steps each; tokens/s, MFU and peak
-   memory from each run's metrics.jsonl (the first logged steps, which include compilation, are left out);
-4. report: bench/results/<device>-<date>.json (bench.report's results file, plus a "first_contact" section with
-   phases 1 and 3) and BENCHMARKS.md regenerated.
+    correctness  every op at the default shapes in bf16, compiled (tests/test_*shapes.py), and the model's fused
+                 and eager paths under bf16 autocast (tests/test_model.py)
+    loss         linear_cross_entropy and cross_entropy at the default shape, forward+backward, against eager,
+                 torch.compile, F.linear_cross_entropy and Liger where present: time and peak memory
+    train        train.py --fused, eager, and eager --compile at the default config: tokens/s, MFU, peak memory
+    ops          the other op benchmarks (bench/test_ops.py)
+    tests        the rest of the kernel tests, spread over the machine's cores (pytest-xdist, where installed)
 
-Every phase runs as a subprocess under a timeout, so one that hangs or runs long is cut off and recorded as such,
-and the later phases still get their time. The token files are prepared from text (Python standard library
-sources, GPT-2 BPE) when tiktoken's encoding is available, else drawn at random with a fixed seed (throughput
-does not depend on the text; the results file says which). The dry run (--dry-run, or FASTCENTER_BENCH_DRY_RUN=1)
-runs every phase on the CPU at tiny sizes into --out only: it never touches bench/results or BENCHMARKS.md.
+DIR receives at most 8 files, none over 16 MiB, none in a subfolder (what one GPU lease brings back):
+
+    results.json       a bench/results file: environment (device, versions, commit), every timing and memory
+                       figure, each phase's counts and train.py's metrics rows (`python -m bench.report
+                       DIR/results.json` files it in bench/results/ and regenerates BENCHMARKS.md)
+    summary.md         BENCHMARKS.md as this run alone makes it: targets, tests, train.py, kernels
+    measured.json      train.py's tokens/s and step time per path: `python -m bench.step_cost --measured` puts
+                       the step-cost model's prediction beside them
+    bench-loss.json    the benchmark sessions' records, rewritten after every case
+    bench-ops.json
+    logs.tar.gz        every phase's log
+
+All but the bench files are rewritten (atomically) after every phase, so a kill at any moment keeps what was
+measured. train.py writes its run directories (checkpoints) into a temporary folder and reads synthetic token files
+(no tokenizer, no network); each run is stopped with SIGTERM once enough steps are logged, so it never evaluates
+(which would make --compile compile a second graph). TRITON_CACHE_DIR, when set, is every phase's Triton cache: a
+cache warmed on a CPU (`python -m bench.compile --arch 90` under the device's Python and Triton) saves the JIT time
+of every specialisation whose key matches; the entries before and after each phase say how many were compiled.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
 import os
 import pathlib
 import re
@@ -35,198 +46,135 @@ import signal
 import statistics
 import subprocess
 import sys
-import sysconfig
+import tarfile
 import tempfile
 import time
-from dataclasses import dataclass, field
+
+from fastcenter.data import GPT2_VOCAB_SIZE
+from fastcenter.environment import collect as collect_environment
+from fastcenter.environment import triton_build
+from fastcenter.files import atomic_write, atomic_write_text
+
+from . import report
+from .compile import WARM_MANIFEST
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-# In this order: a run cut off by its budget has done the most telling files (real shapes first; the layout
-# enumeration, hundreds of small cases that each compile their own stride specialisation, last).
+LIMITS = {"files": 8, "file_bytes": 16 << 20, "depth": 2}  # what comes back from a GPU lease
+NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+LOSS_CASES = "cross_entropy and default and fwdbwd"  # -k of bench/test_ops.py: both losses, every variant
 KERNEL_TEST_FILES = [
-    "tests/test_default_shapes.py",
-    "tests/test_norm.py",
-    "tests/test_rope.py",
-    "tests/test_swiglu.py",
-    "tests/test_cross_entropy.py",
-    "tests/test_autograd.py",
-    "tests/test_layouts.py",
+    f"tests/test_{name}.py" for name in "norm rope swiglu cross_entropy autograd model layouts".split()
 ]
-# torch.compile with inductor costs up to a minute a case on the GPU: of those, only the one that compiles
-# every op together (tests/test_autograd.py) runs here.
-GPU_TEST_SELECTION = "not compile or every_op"
-# The dry run: two bf16 cases and the (skipped) default-shape file, enough to exercise the plumbing.
-DRY_TEST_FILES = ["tests/test_swiglu.py", "tests/test_default_shapes.py"]
-DRY_TEST_SELECTION = "swiglu_matches_float64 and bfloat16 and 2x5x40 or default_views"
-
-SEED_TRAIN_FLAGS = ["--batch-size", "16", "--grad-accum-steps", "4", "--seq-len", "512"]
-DRY_TRAIN_FLAGS = [
-    "--batch-size", "2", "--grad-accum-steps", "1", "--seq-len", "16", "--dim", "32", "--n-layers", "1",
-    "--n-heads", "2", "--vocab-size", "512", "--max-seq-len", "16",
-]  # fmt: skip
-TRAIN_VARIANTS = {  # name -> train.py flags
-    "fused": ["--fused"],
-    "eager": ["--no-fused"],
-    "eager_compile": ["--no-fused", "--compile"],
+# name: (title, share of the budget); the last phase takes whatever is left.
+PHASES = {
+    "correctness": ("default shapes in bf16, compiled, and the model under bf16 autocast", 0.15),
+    "loss": ("the loss benchmarks at the default shape", 0.18),
+    "train": ("train.py fused vs eager vs --compile", 0.32),
+    "ops": ("the other op benchmarks", 0.17),
+    "tests": ("the rest of the kernel tests", None),
 }
-
-# Seconds per phase, in the order they run (a phase never gets more than what is left of the whole budget once
-# the budgets of the phases after it are set aside).
-BUDGETS = {"kernel_tests": 120.0, "op_benchmarks": 200.0, "data": 20.0, "train": 200.0, "report": 15.0}
-
-
-def after(phase: str) -> float:
-    """The budgets of the phases that run after `phase`: what it must leave for them."""
-    names = list(BUDGETS)
-    return sum(BUDGETS[p] for p in names[names.index(phase) + 1 :])
+TRAIN_VARIANTS = {"fused": ["--fused"], "eager": ["--no-fused"], "eager_compile": ["--no-fused", "--compile"]}
+DRY_TRAIN_FLAGS = "--batch-size 2 --grad-accum-steps 1 --seq-len 16 --dim 32 --n-layers 1 --n-heads 2 --vocab-size 512 --max-seq-len 16".split()
+DEFAULT_TRAIN_FLAGS = "--batch-size 16 --grad-accum-steps 4 --seq-len 512".split()
+TOKENS_PER_STEP = ("--batch-size", "--grad-accum-steps", "--seq-len")  # their product
 
 
-def dry_run_requested() -> bool:
-    return os.environ.get("FASTCENTER_BENCH_DRY_RUN", "0") == "1"
+def shapes_test_file() -> str:
+    """The file of the real-shape bf16 tests (named for the default shapes; found by pattern, not hard-coded)."""
+    found = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "tests").glob("test_*shapes.py"))
+    return found[0] if found else "tests/test_shapes.py"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Running a phase: a subprocess with a deadline.
-# ---------------------------------------------------------------------------------------------------------
+def selections(dry: bool) -> dict:
+    """Per phase: the pytest arguments (test phases and benchmark phases) of this run."""
+    if dry:  # two interpreted bf16 cases, the (GPU-only, skipped) shape tests, one case per benchmark phase
+        return {
+            "correctness": [shapes_test_file(), "tests/test_swiglu.py", "-k", "shapes or bfloat16 and 2x5x40"],
+            "loss": ["-k", "linear_cross_entropy-default-fwdbwd and (fastcenter or eager)"],
+            "ops": ["-k", "swiglu-default-fwd-fastcenter"],
+            "tests": ["tests/test_rope.py", "-k", "float32 and not layout", "--maxfail", "3"],
+        }
+    return {
+        "correctness": [shapes_test_file(), "tests/test_model.py", "-k", "shapes or bf16_autocast"],
+        "loss": ["-k", LOSS_CASES],
+        "ops": ["-k", f"not ({LOSS_CASES})"],
+        # torch.compile with inductor costs up to a minute a test: only the one that compiles every op together.
+        "tests": [*KERNEL_TEST_FILES, "-k", "not bf16_autocast and (not compile or every_op)"],
+    }
 
 
-@dataclass
-class Clock:
-    """The whole run's deadline."""
+class Deadline:
+    """The whole run's end, and each phase's share of it."""
 
-    budget_s: float
-    started: float = field(default_factory=time.monotonic)
+    def __init__(self, budget_s: float):
+        self.budget_s, self.started = budget_s, time.monotonic()
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.started)
 
-    def allow(self, phase_budget: float, reserve: float = 0.0) -> float:
-        """Seconds a phase may take: its budget, but never eating into `reserve` kept for the phases after it.
-        Budgets (BUDGETS) shrink in proportion when the whole run is given less than their sum."""
-        scale = min(1.0, self.budget_s / sum(BUDGETS.values()))
-        return max(0.0, min(phase_budget * scale, self.left() - reserve * scale))
+    def allow(self, phase: str) -> float:
+        """A phase's seconds: its share of the budget, never eating the shares of the phases after it; the last
+        phase gets the rest (10 s are kept for the files)."""
+        names = list(PHASES)
+        later = sum(PHASES[p][1] or 0.0 for p in names[names.index(phase) + 1 :]) * self.budget_s
+        left = self.left() - 10.0
+        share = PHASES[phase][1]
+        return max(0.0, left if share is None else min(share * self.budget_s, left - later))
 
 
-def run(cmd: list[str], timeout: float, log_path: pathlib.Path, env: dict | None = None) -> dict:
-    """Run `cmd` from the repository root with output to `log_path`; {rc, wall_s, timed_out, log}."""
+def run(cmd: list[str], timeout: float, log_path: pathlib.Path, env: dict, *, stop_when=None) -> dict:
+    """Run `cmd` from the repository root, output to `log_path`, for at most `timeout` s (then SIGKILL to its
+    process group); `stop_when()`, polled every second, sends SIGTERM when it holds: {rc, wall_s, timed_out}."""
     started = time.monotonic()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        # Its own process group: a timeout ends the phase's command and whatever it started (compile workers).
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # fmt: skip
-        try:
-            rc = proc.wait(timeout=max(timeout, 1.0))
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group this command leads, by its id
-            rc = proc.wait()
-            timed_out = True
-    return {"rc": rc, "wall_s": round(time.monotonic() - started, 1), "timed_out": timed_out, "log": str(log_path)}
+        # Its own process group (in this session: a lease that ends this command ends it too): a timeout ends the
+        # command and whatever it started (compile workers, xdist workers).
+        proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=os.setpgrp
+        )
+        stopped = timed_out = False
+        while proc.poll() is None:
+            if time.monotonic() - started > max(timeout, 1.0):
+                os.killpg(proc.pid, signal.SIGKILL)
+                timed_out = True
+                break
+            if stop_when is not None and not stopped and stop_when():
+                proc.send_signal(signal.SIGTERM)
+                stopped = True
+            time.sleep(0.2 if stop_when is None else 1.0)
+        rc = proc.wait()
+    return {"rc": rc, "wall_s": round(time.monotonic() - started, 1), "timed_out": timed_out, "stopped": stopped}
 
 
-def _env(dry: bool, *, interpret: bool = False, **extra) -> dict:
-    """The environment of a phase. Only the dry run's kernel tests are interpreted (tests/conftest.py turns the
-    interpreter on where there is no GPU, when TRITON_INTERPRET is unset); everything else compiles the kernels
-    on a GPU, or takes the CPU implementation in a dry run."""
-    env = {**os.environ, **extra}
-    env.pop("TRITON_INTERPRET", None)
-    if not interpret:
-        env["TRITON_INTERPRET"] = "0"
-    if dry:
-        env.update(FASTCENTER_BENCH_DRY_RUN="1", CUDA_VISIBLE_DEVICES="")
-    return env
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Phase 1: kernel tests.
-# ---------------------------------------------------------------------------------------------------------
-
-_RESULT_LINE = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
+_RESULT = re.compile(
+    r"(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)|(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (tests/\S+::\S+)"
+)
 
 
 def parse_pytest_verbose(text: str) -> dict:
-    """Counts from `pytest -v` lines (read line by line, so a run cut off by its timeout still counts)."""
-    outcomes: dict[str, str] = {}
+    """Counts from `pytest -v` lines, with or without xdist (read line by line: a run cut off still counts)."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "bf16_passed": 0, "failures": []}
     for line in text.splitlines():
-        match = _RESULT_LINE.match(line.strip())
-        if match:
-            outcomes[match.group(1)] = match.group(2)
-    counts = {k.lower(): sum(1 for v in outcomes.values() if v == k) for k in ("PASSED", "FAILED", "SKIPPED", "ERROR")}
-    bf16 = [t for t in outcomes if "bfloat16" in t or "bf16" in t or "test_default_shapes" in t]
-    counts["bf16_passed"] = sum(1 for t in bf16 if outcomes[t] == "PASSED")
-    counts["failures"] = sorted(t for t, v in outcomes.items() if v in ("FAILED", "ERROR"))[:50]
+        match = _RESULT.search(line)
+        if match is None:
+            continue
+        node, status = (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+        if status in ("PASSED", "XPASS"):
+            counts["passed"] += 1
+            counts["bf16_passed"] += "bfloat16" in node or "bf16" in node
+        elif status in ("FAILED", "ERROR"):
+            counts["failed"] += 1
+            counts["failures"].append(node)
+        else:
+            counts["skipped"] += 1
     return counts
 
 
-def kernel_tests(out: pathlib.Path, clock: Clock, dry: bool) -> dict:
-    files, selection = (DRY_TEST_FILES, DRY_TEST_SELECTION) if dry else (KERNEL_TEST_FILES, GPU_TEST_SELECTION)
-    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "addopts=", "-rs", "-k", selection,
-           *files]  # fmt: skip
-    timeout = clock.allow(BUDGETS["kernel_tests"], reserve=after("kernel_tests"))
-    result = run(cmd, timeout, out / "kernel_tests.log", _env(dry, interpret=True))
-    result.update(parse_pytest_verbose(pathlib.Path(result["log"]).read_text()))
-    result["ok"] = result["rc"] == 0 and not result["timed_out"]
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Phase 2: op benchmarks.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def op_benchmarks(out: pathlib.Path, clock: Clock, dry: bool) -> dict:
-    bench_json = out / "op_benchmarks.json"
-    timeout = clock.allow(BUDGETS["op_benchmarks"], reserve=after("op_benchmarks"))
-    selection = ["-k", "swiglu-seed-fwdbwd-fastcenter or swiglu-seed-fwdbwd-eager"] if dry else []
-    cmd = [sys.executable, "-m", "pytest", "bench/test_ops.py", "--benchmark-only", "-p", "no:cacheprovider", "-rs",
-           f"--benchmark-json={bench_json}", *selection]  # fmt: skip
-    # The suite starts no case after its budget: leave room for the case running then (a torch.compile variant
-    # compiles for up to a minute) to finish before the hard timeout, which would lose the JSON.
-    env = _env(dry, FASTCENTER_BENCH_BUDGET_S=str(max(1, int(timeout - 75))))
-    result = run(cmd, timeout, out / "op_benchmarks.log", env)
-    result["json"] = str(bench_json) if bench_json.is_file() else None
-    result["ok"] = result["json"] is not None and not result["timed_out"]
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Phase 3: train.py.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def prepare_data(out: pathlib.Path, clock: Clock, dry: bool) -> dict:
-    """train.bin / val.bin in out/data: tokenized standard-library sources, or fixed-seed random ids."""
-    data_dir = out / "data"
-    if not dry:
-        stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-        texts = [str(p) for p in sorted(stdlib.glob("*.py"))[:150]]  # ~5 MB of text, ~1.5 M tokens
-        cmd = [sys.executable, "-m", "fastcenter.data", "prepare", "--text", *texts, "--out", str(data_dir)]
-        result = run(cmd, clock.allow(BUDGETS["data"], reserve=after("data")), out / "data.log")
-        if result["rc"] == 0 and (data_dir / "train.bin").is_file() and (data_dir / "val.bin").is_file():
-            return {**result, "dir": str(data_dir), "source": f"{len(texts)} Python standard library files, GPT-2 BPE"}
-    import numpy as np
-
-    vocab = 512 if dry else 50257
-    rng = np.random.default_rng(20240520)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for name, size in (("train.bin", 1 << (14 if dry else 21)), ("val.bin", 1 << (12 if dry else 17))):
-        rng.integers(0, vocab, size=size, dtype=np.int64).astype("<u2").tofile(data_dir / name)
-    return {"rc": 0, "dir": str(data_dir), "source": f"random token ids (seed 20240520, vocab {vocab})"}
-
-
-def summarise_metrics(path: pathlib.Path, skip_first: int) -> dict:
-    """Medians of tokens/s and MFU over the logged training steps after the first `skip_first` (warm-up,
-    compilation), the largest peak memory, the last loss, and the last validation loss."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
+def summarise_metrics(rows: list[dict], skip_first: int) -> dict:
+    """Medians of tokens/s and MFU over the logged steps after the first `skip_first` (compilation, warm-up), the
+    largest peak memory (train.py's MiB, and in GB = 10^9 bytes), the last loss."""
     steps = [r for r in rows if r.get("tokens_per_sec") is not None]
     timed = steps[skip_first:] or steps[-1:]
 
@@ -234,194 +182,256 @@ def summarise_metrics(path: pathlib.Path, skip_first: int) -> dict:
         values = [r[key] for r in timed if isinstance(r.get(key), (int, float))]
         return statistics.median(values) if values else None
 
-    peaks = [r["peak_mem_mb"] for r in steps if isinstance(r.get("peak_mem_mb"), (int, float))]
-    val = [r["val_loss"] for r in rows if isinstance(r.get("val_loss"), (int, float))]
+    peak = max((r["peak_mem_mb"] for r in steps if isinstance(r.get("peak_mem_mb"), (int, float))), default=None)
     return {
-        "logged_steps": [r.get("step") for r in steps],
         "timed_steps": [r.get("step") for r in timed],
+        "steps_timed": len(timed),
         "tokens_per_sec": median("tokens_per_sec"),
         "mfu": median("mfu"),
-        "peak_mem_mb": max(peaks) if peaks else None,
+        "peak_mem_mb": peak,
+        "peak_mem_gb": None if peak is None else peak * 2**20 / 1e9,
         "last_loss": steps[-1].get("loss") if steps else None,
-        "val_loss": val[-1] if val else None,
     }
 
 
-def train_runs(out: pathlib.Path, clock: Clock, dry: bool, data_dir: str) -> list[dict]:
-    iters, log_interval = (3, 1) if dry else (40, 5)
-    variants = [v for v in TRAIN_VARIANTS if not (dry and "compile" in v)]  # no C++ toolchain promised on CI
-    runs = []
-    for i, variant in enumerate(variants):
-        # Split what is left of the phase among the runs still to go; the compiled run gets a double share.
-        weights = [2 if "compile" in v else 1 for v in variants[i:]]
-        phase_left = clock.allow(BUDGETS["train"] - sum(r["wall_s"] for r in runs), reserve=after("train"))
-        timeout = phase_left * weights[0] / sum(weights)
-        run_dir = out / f"train-{variant}"
-        device = ["--device", "cpu", "--dtype", "float32"] if dry else ["--device", "cuda", "--dtype", "bfloat16"]
-        cmd = [sys.executable, "train.py", "--data", data_dir, "--out-dir", str(run_dir), "--max-iters", str(iters),
-               "--eval-interval", str(iters), "--eval-iters", "2", "--log-interval", str(log_interval),
-               "--warmup-iters", "0", *device, *(DRY_TRAIN_FLAGS if dry else SEED_TRAIN_FLAGS),
-               *TRAIN_VARIANTS[variant]]  # fmt: skip
-        result = run(cmd, timeout, out / f"train-{variant}.log", _env(dry))
-        # Logged steps: 1, then every log_interval. Leave out step 1 and the first interval (compilation).
-        result.update(summarise_metrics(run_dir / "metrics.jsonl", skip_first=0 if dry else 2))
-        result.update(variant=variant, flags=TRAIN_VARIANTS[variant], max_iters=iters)
-        result["ok"] = result["rc"] == 0 and not result["timed_out"] and result["tokens_per_sec"] is not None
-        runs.append(result)
-    return runs
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Phase 4: the results file and BENCHMARKS.md.
-# ---------------------------------------------------------------------------------------------------------
-
-SECTION_TITLE = "## First contact: kernel tests and train.py"
-
-
-def markdown_section(results: dict) -> list[str]:
-    """The first-contact part of BENCHMARKS.md (kernel tests, train.py runs), from a results file."""
-    fc = results.get("first_contact")
-    if not fc:
-        return []
-    lines = [SECTION_TITLE, ""]
-    if fc.get("dry_run"):
-        lines += ["**Dry run on the CPU** (`--dry-run`): interpreted kernels, a tiny model; it checks the script, "
-                  "nothing here is a measurement.", ""]  # fmt: skip
-    where = "interpreted on the CPU" if fc.get("dry_run") else "compiled on the GPU"
-    config = " ".join(DRY_TRAIN_FLAGS if fc.get("dry_run") else SEED_TRAIN_FLAGS)
-    tests = fc.get("kernel_tests") or {}
-    if tests:
-        state = "cut off by its time budget" if tests.get("timed_out") else f"exit status {tests.get('rc')}"
-        lines += [f"Kernel tests {where} (`{' '.join(tests.get('files', []))}`, -k "
-                  f"\"{tests.get('selection', '')}\"): {tests.get('passed', 0)} passed "
-                  f"({tests.get('bf16_passed', 0)} of them bf16), {tests.get('failed', 0)} failed, "
-                  f"{tests.get('skipped', 0)} skipped, in {tests.get('wall_s', '?')} s ({state}).", ""]  # fmt: skip
-        lines += [f"- failed: `{name}`" for name in tests.get("failures", [])]
-        lines += [""] if tests.get("failures") else []
-    runs = fc.get("train") or []
-    if runs:
-        data = fc.get("data") or {}
-        lines += [f"`train.py` ({config}{'' if fc.get('dry_run') else ', bf16 autocast'}), "
-                  f"{runs[0].get('max_iters')} steps per run on {data.get('source', '?')}; tokens/s and MFU are "
-                  f"medians over the logged steps {runs[0].get('timed_steps')} (compilation and warm-up left out), "
-                  "peak memory is train.py's:", ""]  # fmt: skip
-        header = ["run", "flags", "tokens/s", "MFU", "peak MB", "last loss", "wall s", "status"]
-        rows = []
-        for r in runs:
-            status = "ok" if r.get("ok") else ("cut off" if r.get("timed_out") else f"exit {r.get('rc')}")
-            rows.append([r["variant"], " ".join(r.get("flags", [])), _num(r.get("tokens_per_sec"), 0),
-                         _pct(r.get("mfu")), _num(r.get("peak_mem_mb"), 0), _num(r.get("last_loss"), 3),
-                         str(r.get("wall_s")), status])  # fmt: skip
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
-        by = {r["variant"]: r for r in runs}
-        fused, compiled = by.get("fused", {}).get("tokens_per_sec"), by.get("eager_compile", {}).get("tokens_per_sec")
-        if fused and compiled:
-            lines += [f"fused / eager under torch.compile: {fused / compiled:.2f}x (target >= 1.25x).", ""]
-    return lines
-
-
-def _num(x, digits) -> str:
-    return "-" if x is None else f"{x:,.{digits}f}"
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%" if x <= 1 else f"{x:.1f}%"
-
-
-def write_report(out: pathlib.Path, first_contact: dict, bench_json: str | None, dry: bool,
-                 results_dir: pathlib.Path, markdown_path: pathlib.Path) -> dict:  # fmt: skip
-    from bench import report
-    from bench.environment import collect_environment
-
-    results = None
-    problem = None
-    if bench_json:
-        data = report.load_json(bench_json)
-        if dry:  # the report refuses dry-run records: mark them measured, into the dry run's own folder only
-            for bench in data.get("benchmarks", []):
-                (bench.get("extra_info") or {})["dry_run"] = False
+def read_rows(path: pathlib.Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
-            results = report.build_results([(bench_json, data)])
-        except report.ReportError as exc:
-            problem = str(exc)
-    if results is None:  # no benchmark JSON: a results file of this run's environment and first contact only
-        environment = collect_environment()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-        results = {
-            "schema": report.RESULTS_SCHEMA, "device": environment["device"]["name"], "datetime": stamp,
-            "date": stamp[:10], "environment": environment, "peaks": None, "runs": [], "cases": [],
-            "skipped": [], "failed": [],
-        }  # fmt: skip
-    results["first_contact"] = first_contact
-    if problem:
-        results["first_contact"]["report_problem"] = problem
-    path = report.write_results(results, results_dir)
-    markdown_path.write_text(report.render_markdown(report.load_results_dir(results_dir)))
-    return {"results_file": str(path), "markdown": str(markdown_path), "problem": problem}
+            rows.append(json.loads(line))
+        except ValueError:  # a torn last line
+            pass
+    return rows
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The command.
-# ---------------------------------------------------------------------------------------------------------
+def bundle_problems(out: pathlib.Path) -> list[str]:
+    """What in `out` a GPU lease would not bring back (LIMITS, names of letters, digits, '.', '_', '-')."""
+    files = [p for p in out.rglob("*") if p.is_file()]
+    problems = [f"{len(files)} files (at most {LIMITS['files']})"] if len(files) > LIMITS["files"] else []
+    for p in files:
+        rel = p.relative_to(out)
+        if p.stat().st_size > LIMITS["file_bytes"]:
+            problems.append(f"{rel}: {p.stat().st_size} bytes (at most {LIMITS['file_bytes']})")
+        if len(rel.parts) - 1 > LIMITS["depth"] or not all(NAME.match(part) for part in rel.parts):
+            problems.append(f"{rel}: too deep or a name outside letters, digits, '.', '_', '-'")
+    return problems
+
+
+def triton_cache_check(cache: str | None) -> dict:
+    """Whether a carried Triton cache can serve this machine: its warm-up manifest (bench.compile) against this
+    Triton's build. Equal builds mean equal keys for the launches the cache holds (same kernels, target, options)."""
+    here = triton_build()
+    manifest = pathlib.Path(cache or "/nonexistent") / WARM_MANIFEST
+    warmed = json.loads(manifest.read_text()) if manifest.is_file() else None
+    same = None if warmed is None else warmed.get("triton_build") == here
+    return {"dir": cache, "triton_build": here, "warmed_by": warmed, "build_matches": same}
+
+
+class FirstContact:
+    """One run: its folders, its environment for subprocesses, and the files it keeps up to date in `out`."""
+
+    def __init__(self, out: pathlib.Path, work: pathlib.Path, dry: bool, budget_s: float):
+        self.out, self.work, self.dry, self.deadline = out, work, dry, Deadline(budget_s)
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        self.fc = {"dry_run": dry, "budget_s": budget_s, "phases": [], "train": []}
+        self.environment = {**collect_environment(), "dry_run": dry, "argv": " ".join(sys.argv)}
+        self.fc["triton_cache"] = triton_cache_check(os.environ.get("TRITON_CACHE_DIR"))
+        self.cache = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")  # Triton's default
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.deadline.started:6.1f} s] {text}", flush=True)
+
+    def env(self, *, bench: bool = False, partial: pathlib.Path | None = None) -> dict:
+        """A phase's environment. On a GPU the kernels compile; in the dry run the test phases interpret them
+        (tests/conftest.py turns the interpreter on without CUDA) and the benchmark phases take the CPU ops."""
+        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTCENTER_BENCH_PARTIAL")}
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.dry:
+            env.update(FASTCENTER_BENCH_DRY_RUN="1", CUDA_VISIBLE_DEVICES="")
+            if bench:
+                env["TRITON_INTERPRET"] = "0"
+        if partial is not None:
+            env["FASTCENTER_BENCH_PARTIAL"] = str(partial)
+        return env
+
+    def cache_entries(self) -> int | None:
+        return len(os.listdir(self.cache)) if os.path.isdir(self.cache) else 0
+
+    def phase(self, name: str, run_phase) -> dict:
+        title = PHASES[name][0]
+        timeout, entries = self.deadline.allow(name), self.cache_entries()
+        self.say(f"{name}: {title} (at most {timeout:.0f} s) ...")
+        result = {"name": name, "title": title, "budget_s": round(timeout, 1), **run_phase(timeout)}
+        result.update(triton_cache_entries_before=entries, triton_cache_entries_after=self.cache_entries())
+        self.fc["phases"].append(result)
+        self.say(f"{name}: {'ok' if result.get('ok') else 'NOT OK'}, {result.get('wall_s')} s")
+        self.write()
+        return result
+
+    def pytest_phase(self, name: str, args: list[str], timeout: float) -> dict:
+        # Triton's compiler runs on the CPU: spreading the tests over workers spreads the JIT over the cores.
+        workers = {"tests": min(16, os.cpu_count() or 1), "correctness": min(4, os.cpu_count() or 1)}.get(name, 1)
+        xdist = ["-n", str(workers)] if workers > 1 and self._has_xdist() else []
+        cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "addopts=", "-rs", *xdist, *args]
+        log = self.work / "logs" / f"{name}.log"
+        result = run(cmd, timeout, log, self.env())
+        counts = parse_pytest_verbose(log.read_text(errors="replace"))
+        return {**result, **counts, "args": args, "ok": result["rc"] == 0 and not result["timed_out"]}
+
+    def bench_phase(self, name: str, args: list[str], timeout: float) -> dict:
+        partial = self.out / f"bench-{name}.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "bench/test_ops.py",
+            "--benchmark-only",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            *args,
+        ]
+        result = run(cmd, timeout, self.work / "logs" / f"{name}.log", self.env(bench=True, partial=partial))
+        data = json.loads(partial.read_text()) if partial.is_file() else {}
+        measured = len(data.get("benchmarks", []))
+        return {**result, "args": args, "measured": measured, "ok": result["rc"] == 0 and not result["timed_out"]}
+
+    @staticmethod
+    def _has_xdist() -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec("xdist") is not None
+
+    def write_data(self) -> pathlib.Path:
+        """train.bin / val.bin of uniform random ids (throughput does not depend on the text)."""
+        import numpy as np
+
+        data = self.work / "data"
+        data.mkdir(exist_ok=True)
+        rng = np.random.default_rng(20240520)
+        vocab = 512 if self.dry else GPT2_VOCAB_SIZE
+        for name, size in (("train.bin", 1 << (14 if self.dry else 22)), ("val.bin", 1 << (12 if self.dry else 18))):
+            rng.integers(0, vocab, size=size, dtype=np.int64).astype("<u2").tofile(data / name)
+        self.fc["data"] = {"source": f"uniform random token ids (seed 20240520, vocab {vocab})"}
+        return data
+
+    def train_phase(self, timeout: float) -> dict:
+        data, started = self.write_data(), time.monotonic()
+        variants = [v for v in TRAIN_VARIANTS if not (self.dry and "compile" in v)]  # no C++ toolchain promised
+        log_every, stop_at, skip = (1, 3, 0) if self.dry else (20, 200, 2)  # the first logs: compilation, warm-up
+        device = "--device cpu --dtype float32" if self.dry else "--device cuda --dtype bfloat16"
+        flags = (
+            f"--max-iters 1000000 --eval-interval 1000000 --eval-iters 1 --log-interval {log_every} --warmup-iters 0"
+        )
+        flags = [*flags.split(), *device.split(), *(DRY_TRAIN_FLAGS if self.dry else DEFAULT_TRAIN_FLAGS)]
+        for i, variant in enumerate(variants):
+            weights = [2 if "compile" in v else 1 for v in variants[i:]]  # the compiled run gets a double share
+            share = (timeout - (time.monotonic() - started)) * weights[0] / sum(weights)
+            run_dir = self.work / f"run-{variant}"
+            cmd = [sys.executable, "train.py", "--data", str(data), "--out-dir", str(run_dir), *flags]
+            stop = lambda: any(r.get("step", 0) >= stop_at for r in read_rows(run_dir / "metrics.jsonl"))  # noqa: E731
+            log = self.work / "logs" / f"train-{variant}.log"
+            result = run([*cmd, *TRAIN_VARIANTS[variant]], share, log, self.env(), stop_when=stop)
+            rows = read_rows(run_dir / "metrics.jsonl")
+            summary = summarise_metrics(rows, skip_first=skip)
+            ok = result["stopped"] and result["rc"] == 0 and summary["tokens_per_sec"] is not None
+            status = "ok" if ok else "cut off" if result["timed_out"] else f"exit {result['rc']}"
+            entry = {"variant": variant, "flags": TRAIN_VARIANTS[variant], **result, **summary, "ok": ok}
+            entry["tokens_per_step"] = math.prod(int(flags[flags.index(f) + 1]) for f in TOKENS_PER_STEP)
+            self.fc["train"].append({**entry, "status": status, "rows": rows})
+            tokens, peak = report.fmt_num(summary["tokens_per_sec"]), report.fmt_num(summary["peak_mem_gb"], 3)
+            self.say(f"train.py {' '.join(TRAIN_VARIANTS[variant])}: {tokens} tokens/s, peak {peak} GB, {status}")
+            self.write()
+        runs = self.fc["train"]
+        return {"wall_s": round(time.monotonic() - started, 1), "ok": bool(runs) and all(r["ok"] for r in runs)}
+
+    def results(self) -> dict:
+        """The bench/results file of this run: the benchmark sessions' records and the first contact's own."""
+        runs = [(p.name, json.loads(p.read_text())) for p in sorted(self.out.glob("bench-*.json"))]
+        try:
+            results = report.build_results(runs, dry_run_ok=self.dry)
+        except report.ReportError:  # no benchmark measured anything (yet)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+            results = {
+                "schema": report.RESULTS_SCHEMA,
+                "device": self.environment["device"]["name"],
+                "datetime": stamp,
+                "date": stamp[:10],
+                "peaks": None,
+                "runs": [],
+                "cases": [],
+                "skipped": [],
+                "failed": [],
+            }
+        self.fc["wall_s"] = round(time.monotonic() - self.deadline.started, 1)
+        return {**results, "environment": self.environment, "first_contact": self.fc}
+
+    def write(self) -> None:
+        """results.json, summary.md and logs.tar.gz, each replaced atomically."""
+        results = self.results()
+        atomic_write_text(self.out / "results.json", json.dumps(results, indent=1) + "\n")
+        atomic_write_text(self.out / "summary.md", report.render_markdown([("results.json", results)]))
+        if self.fc["train"]:  # train.py's figures in the form `python -m bench.step_cost --measured` reads
+            measured = {"device": results["device"]}
+            for r in self.fc["train"]:
+                tokens = r["tokens_per_sec"]
+                step_ms = None if not tokens else 1e3 * r["tokens_per_step"] / tokens
+                measured[r["variant"]] = {"tokens_per_sec": tokens, "optimizer_step_ms": step_ms}
+            atomic_write_text(self.out / "measured.json", json.dumps(measured, indent=1) + "\n")
+
+        def pack(f):
+            with tarfile.open(fileobj=f, mode="w:gz") as tar:
+                for log in sorted((self.work / "logs").glob("*.log")):
+                    data = log.read_bytes()[-(4 << 20) :]  # the end of a runaway log is what tells
+                    info = tarfile.TarInfo(log.name)
+                    info.size, info.mtime = len(data), int(time.time())
+                    tar.addfile(info, io.BytesIO(data))
+
+        atomic_write(self.out / "logs.tar.gz", pack)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.first_contact", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="on the CPU, tiny, into --out only (also: "
-                        "FASTCENTER_BENCH_DRY_RUN=1)")  # fmt: skip
-    parser.add_argument("--out", default=None, help="working folder for logs, data and runs (default: a temp dir)")
-    parser.add_argument("--budget-s", type=float, default=570.0, help="wall-clock limit of the whole run")
-    parser.add_argument("--skip", default="", help="comma list of phases to skip: tests,bench,train")
+    parser.add_argument("--out", required=True, help="the folder that comes back (made if missing; must be empty)")
+    parser.add_argument("--dry-run", action="store_true", help="on the CPU, tiny: checks the plumbing")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock limit of the whole run")
+    parser.add_argument("--skip", default="", help=f"comma list of phases to skip: {','.join(PHASES)}")
     args = parser.parse_args(argv)
-    dry = args.dry_run or dry_run_requested()
-    clock = Clock(args.budget_s)
-    out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="fastcenter-first-contact-")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(args.out).resolve()
     skip = {s for s in args.skip.split(",") if s}
-    if not dry:
+    problem = None
+    if skip - set(PHASES):
+        problem = f"--skip: unknown phase(s) {sorted(skip - set(PHASES))}; choose from {','.join(PHASES)}"
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        problem = f"--out {out} must be a new or empty folder (everything in it comes back)"
+    elif not args.dry_run:
         import torch
 
         if not torch.cuda.is_available():
-            print("bench.first_contact: no CUDA device here; use --dry-run to check the script on the CPU",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-    results_dir = out / "results" if dry else REPO_ROOT / "bench" / "results"
-    markdown_path = out / "BENCHMARKS.md" if dry else REPO_ROOT / "BENCHMARKS.md"
-
-    def say(text):
-        print(f"[{time.monotonic() - clock.started:6.1f} s] {text}", flush=True)
-
-    fc: dict = {"dry_run": dry, "budget_s": args.budget_s, "out": str(out)}
-    if "tests" not in skip:
-        say("kernel tests ...")
-        fc["kernel_tests"] = kernel_tests(out, clock, dry)
-        fc["kernel_tests"].update(files=DRY_TEST_FILES if dry else KERNEL_TEST_FILES,
-                                  selection=DRY_TEST_SELECTION if dry else GPU_TEST_SELECTION)  # fmt: skip
-        t = fc["kernel_tests"]
-        say(f"kernel tests: {t['passed']} passed ({t['bf16_passed']} bf16), {t['failed']} failed, "
-            f"{t['skipped']} skipped, {t['wall_s']} s{' (cut off)' if t['timed_out'] else ''}")  # fmt: skip
-    bench_json = None
-    if "bench" not in skip:
-        say("op benchmarks ...")
-        fc["op_benchmarks"] = op_benchmarks(out, clock, dry)
-        bench_json = fc["op_benchmarks"]["json"]
-        say(f"op benchmarks: exit {fc['op_benchmarks']['rc']}, {fc['op_benchmarks']['wall_s']} s")
-    if "train" not in skip:
-        say("token files ...")
-        fc["data"] = prepare_data(out, clock, dry)
-        say(f"token files: {fc['data']['source']}")
-        fc["train"] = train_runs(out, clock, dry, fc["data"]["dir"])
-        for r in fc["train"]:
-            say(f"train.py {' '.join(r['flags'])}: {_num(r['tokens_per_sec'], 0)} tokens/s, MFU {_pct(r['mfu'])}, "
-                f"peak {_num(r['peak_mem_mb'], 0)} MB, {r['wall_s']} s{'' if r['ok'] else ' (NOT OK)'}")  # fmt: skip
-    fc["wall_s"] = round(time.monotonic() - clock.started, 1)
-    written = write_report(out, fc, bench_json, dry, results_dir, markdown_path)
-    say(f"wrote {written['results_file']} and {written['markdown']}")
-    (out / "first_contact.json").write_text(json.dumps(fc, indent=1) + "\n")
-    phases_ok = [fc[p]["ok"] for p in ("kernel_tests", "op_benchmarks") if p in fc]
-    phases_ok += [r["ok"] for r in fc.get("train", [])]
-    return 0 if all(phases_ok) else 1
+            problem = "no CUDA device here; --dry-run checks the script on the CPU"
+    if problem:
+        print(f"bench.first_contact: {problem}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fastcenter-first-contact-") as work:
+        fc = FirstContact(out, pathlib.Path(work), args.dry_run, args.budget_s)
+        picked = selections(args.dry_run)
+        fc.write()
+        for name in PHASES:
+            if name in skip:
+                continue
+            if name == "train":
+                fc.phase(name, fc.train_phase)
+            elif name in ("loss", "ops"):
+                fc.phase(name, lambda t, name=name: fc.bench_phase(name, picked[name], t))
+            else:
+                fc.phase(name, lambda t, name=name: fc.pytest_phase(name, picked[name], t))
+        fc.write()
+    problems = bundle_problems(out)
+    for p in problems:
+        print(f"bench.first_contact: {p}", file=sys.stderr)
+    fc.say(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    return 0 if all(p.get("ok") for p in fc.fc["phases"]) and not problems else 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ matrices only), gradient clipping 1.0, float32 on the CPU.
     python -m bench.plain_gpt --data DIR --out metrics.jsonl --batch-size 16 --seq-len 512 --max-iters 3
 
 writes one JSON row per step (step, loss, tokens_per_sec, peak_mem_mb) as train.py's metrics.jsonl does, so
-`bench.cpu` reads both alike. Nothing here imports fastcenter.
+`bench.compare_plain` reads both alike. Nothing here imports fastcenter.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `python -m bench.compile` runs Triton's compiler through a compile-only driver (a CUDA target, nothing launched)
 on the launches the ops make, down to a cubin, and reads each cubin's resources with cuobjdump. Here it runs
-its "ci" selection (the seed model's own launches and each kernel's worst case: the widest rows, every option
+its "ci" selection (the default model's own launches and each kernel's worst case: the widest rows, every option
 flag on) for sm_80 and sm_90, in a fresh process: the kernels must be compiled, not interpreted.
 """
 

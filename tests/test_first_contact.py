@@ -1,8 +1,8 @@
-"""`python -m bench.first_contact --dry-run`: the GPU first-contact script, run through on the CPU.
+"""`python -m bench.first_contact --dry-run`: the GPU lease's one command, run through on the CPU.
 
-The script's every phase (kernel tests, op benchmarks, token files, train.py runs, the results file and
-BENCHMARKS.md) runs here at tiny sizes, so the first GPU session finds no plumbing bug. The dry run must write
-into its own folder only. Its pure helpers (pytest output, metrics.jsonl, the markdown) are checked directly.
+Every phase (tests, the loss and op benchmarks, train.py runs, the files) runs here at tiny sizes, so the first GPU
+session finds no plumbing bug, and the folder it leaves must be one a GPU lease brings back whole. Its pure helpers
+(pytest output, metrics, the deadline, the bundle check) are checked directly.
 """
 
 import json
@@ -10,106 +10,154 @@ import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
 
-from bench import first_contact
+from bench import first_contact, report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_dry_run_runs_every_phase_into_its_own_folder(tmp_path):
+def test_dry_run_runs_every_phase_into_a_folder_that_comes_back(tmp_path):
     pytest.importorskip("pytest_benchmark")
     tracked = {p: p.read_bytes() for p in (REPO / "BENCHMARKS.md",) if p.exists()}
-    results_before = sorted((REPO / "bench" / "results").glob("*.json"))
+    results_before = sorted((REPO / "bench" / "results").rglob("*.json"))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "fc"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.first_contact", "--dry-run", "--out", str(out), "--budget-s", "300"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+    cmd = [sys.executable, "-m", "bench.first_contact", "--dry-run", "--out", str(out), "--budget-s", "400"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    fc = json.loads((out / "first_contact.json").read_text())
-    assert fc["dry_run"] is True and fc["wall_s"] <= 300
-    tests = fc["kernel_tests"]
-    assert tests["ok"] and tests["failed"] == 0 and tests["bf16_passed"] >= 1, tests
-    assert fc["op_benchmarks"]["ok"] and pathlib.Path(fc["op_benchmarks"]["json"]).is_file()
+    assert first_contact.bundle_problems(out) == []
+    names = ["bench-loss.json", "bench-ops.json", "logs.tar.gz", "measured.json", "results.json", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    results = json.loads((out / "results.json").read_text())
+    fc = results["first_contact"]
+    assert fc["dry_run"] is True and fc["wall_s"] <= 400 and results["environment"]["git"]["commit"]
+    phases = {p["name"]: p for p in fc["phases"]}
+    assert list(phases) == list(first_contact.PHASES) and all(p["ok"] for p in phases.values()), phases
+    assert phases["correctness"]["bf16_passed"] >= 1 and phases["correctness"]["failed"] == 0
+    assert phases["loss"]["measured"] == 2 and phases["ops"]["measured"] == 1 and phases["tests"]["passed"] >= 1
     assert [r["variant"] for r in fc["train"]] == ["fused", "eager"]  # no torch.compile run on the CPU
     for run in fc["train"]:
-        assert run["ok"] and run["tokens_per_sec"] > 0 and run["peak_mem_mb"] > 0, run
+        assert run["ok"] and run["stopped"] and run["tokens_per_sec"] > 0 and run["rows"], run
+        assert run["peak_mem_gb"] == pytest.approx(run["peak_mem_mb"] * 2**20 / 1e9)
+    assert {c["case"] for c in results["cases"]} == {
+        "linear_cross_entropy-default-fwdbwd-fastcenter",
+        "linear_cross_entropy-default-fwdbwd-eager",
+        "swiglu-default-fwd-fastcenter",
+    }
+    assert all(c["times_ms"] for c in results["cases"])
+    measured = json.loads((out / "measured.json").read_text())  # what bench.step_cost --measured reads
+    assert measured["fused"]["tokens_per_sec"] == fc["train"][0]["tokens_per_sec"] and measured["device"]
+    assert measured["eager"]["optimizer_step_ms"] == pytest.approx(1e3 * 2 * 16 / fc["train"][1]["tokens_per_sec"])
+    summary = (out / "summary.md").read_text()
+    assert "## First contact" in summary and "Dry run on the CPU" in summary and "## Targets" in summary
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert {"correctness.log", "loss.log", "train-fused.log", "ops.log", "tests.log"} <= set(tar.getnames())
+    assert report.main([str(out / "results.json"), "--results-dir", str(tmp_path / "r")]) == 2  # a dry run is no result
+    assert {p: p.read_bytes() for p in tracked} == tracked  # nothing of the repository's was touched
+    assert sorted((REPO / "bench" / "results").rglob("*.json")) == results_before
 
-    results_file = next((out / "results").glob("*.json"))
-    results = json.loads(results_file.read_text())
-    assert results["first_contact"]["train"][0]["variant"] == "fused"
-    assert any(case["op"] == "swiglu" for case in results["cases"])
-    markdown = (out / "BENCHMARKS.md").read_text()
-    assert first_contact.SECTION_TITLE in markdown and "Dry run on the CPU" in markdown
-    # Nothing of the repository's was touched.
-    assert {p: p.read_bytes() for p in tracked} == tracked
-    assert sorted((REPO / "bench" / "results").glob("*.json")) == results_before
+
+def test_the_gpu_selections_select_tests_that_exist():
+    """Phases 1 and 5 name test files and -k expressions: they must collect what they mean to run."""
+    for phase in ("correctness", "tests"):
+        args = first_contact.selections(dry=False)[phase]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+            *args,
+        ]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        collected = [line for line in proc.stdout.splitlines() if "::" in line]
+        assert proc.returncode == 0 and collected, proc.stdout[-2000:] + proc.stderr[-2000:]
+        if phase == "correctness":
+            assert any("bf16_autocast" in line for line in collected)
+            assert any(first_contact.shapes_test_file() in line for line in collected)
 
 
-def test_without_a_gpu_the_real_run_refuses(tmp_path):
+def test_refused_without_a_gpu_or_into_a_full_folder(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "FASTCENTER_BENCH_DRY_RUN": "0"}
-    proc = subprocess.run([sys.executable, "-m", "bench.first_contact", "--out", str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2 and "--dry-run" in proc.stderr
+    command = [sys.executable, "-m", "bench.first_contact", "--out"]
+    proc = subprocess.run([*command, str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--dry-run" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    (tmp_path / "old.txt").write_text("x")
+    proc = subprocess.run([*command, str(tmp_path), "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "must be a new or empty folder" in proc.stderr
 
 
-def test_a_phase_past_its_time_is_cut_off(tmp_path):
+def test_a_phase_past_its_time_is_cut_off_and_a_stopped_one_ends(tmp_path):
     started = time.monotonic()
-    result = first_contact.run([sys.executable, "-c", "import time; time.sleep(60)"], 1.0, tmp_path / "log")
+    result = first_contact.run(
+        [sys.executable, "-c", "import time; time.sleep(60)"], 1.0, tmp_path / "log", dict(os.environ)
+    )
     assert result["timed_out"] and result["rc"] != 0 and time.monotonic() - started < 30
+    result = first_contact.run(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        30.0,
+        tmp_path / "log",
+        dict(os.environ),
+        stop_when=lambda: True,
+    )
+    assert result["stopped"] and not result["timed_out"] and result["wall_s"] < 20
 
 
-def test_pytest_output_is_counted_even_when_cut_off():
-    text = "\n".join([
-        "tests/test_norm.py::test_a[torch.bfloat16] PASSED [  1%]",
-        "tests/test_norm.py::test_a[torch.float32] PASSED [  2%]",
-        "tests/test_norm.py::test_b[torch.bfloat16] FAILED [  3%]",
-        "tests/test_default_shapes.py::test_swiglu_packed[default] SKIPPED (real shapes need a GPU) [  4%]",
-        "tests/test_default_shapes.py::test_rope_default_views_of_packed_qkv[half_split] PASSED [  5%]",
-        "tests/test_norm.py::test_c[torch.bfloat16] ",  # the run was killed here
-    ])  # fmt: skip
+def test_pytest_output_is_counted_with_or_without_xdist_even_when_cut_off():
+    text = "\n".join(
+        [
+            "tests/test_norm.py::test_a[torch.bfloat16] PASSED [  1%]",
+            "[gw3] [  2%] PASSED tests/test_norm.py::test_a[torch.float32] ",
+            "[gw0] [  3%] FAILED tests/test_norm.py::test_b[torch.bfloat16] ",
+            "tests/test_default_shapes.py::test_swiglu_packed[x] SKIPPED (real shapes need a GPU) [  4%]",
+            "tests/test_norm.py::test_c[bf16] PASSED [  5%]",
+            "tests/test_norm.py::test_d[torch.bfloat16] ",  # the run was killed here
+        ]
+    )
     counts = first_contact.parse_pytest_verbose(text)
-    assert (counts["passed"], counts["failed"], counts["skipped"]) == (3, 1, 1)
-    assert counts["bf16_passed"] == 2 and counts["failures"] == ["tests/test_norm.py::test_b[torch.bfloat16]"]
+    assert (counts["passed"], counts["failed"], counts["skipped"], counts["bf16_passed"]) == (3, 1, 1, 2)
+    assert counts["failures"] == ["tests/test_norm.py::test_b[torch.bfloat16]"]
 
 
-def test_metrics_summary_leaves_out_the_warm_up_steps(tmp_path):
+def test_metrics_summary_leaves_out_the_warm_up_steps_and_reports_gb():
     rows = [
         {"step": 1, "loss": 10.9, "tokens_per_sec": 1e3, "mfu": 0.01, "peak_mem_mb": 900.0},
-        {"step": 5, "loss": 9.0, "tokens_per_sec": 2e6, "mfu": 0.20, "peak_mem_mb": 950.0},
-        {"step": 10, "loss": 8.0, "tokens_per_sec": 3e6, "mfu": 0.30, "peak_mem_mb": 940.0},
-        {"step": 15, "loss": 7.5, "tokens_per_sec": 4e6, "mfu": 0.40, "peak_mem_mb": 940.0, "val_loss": 7.9},
+        {"step": 20, "loss": 9.0, "tokens_per_sec": 2e6, "mfu": 0.20, "peak_mem_mb": 950.0},
+        {"step": 40, "loss": 8.0, "tokens_per_sec": 3e6, "mfu": 0.30, "peak_mem_mb": 940.0},
+        {"step": 60, "loss": 7.5, "tokens_per_sec": 4e6, "mfu": 0.40, "peak_mem_mb": 940.0},
     ]
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    summary = first_contact.summarise_metrics(path, skip_first=2)
-    assert summary["timed_steps"] == [10, 15]
-    assert summary["tokens_per_sec"] == 3.5e6 and summary["mfu"] == pytest.approx(0.35)
-    assert summary["peak_mem_mb"] == 950.0 and summary["last_loss"] == 7.5 and summary["val_loss"] == 7.9
-    assert first_contact.summarise_metrics(tmp_path / "missing.jsonl", skip_first=2)["tokens_per_sec"] is None
+    summary = first_contact.summarise_metrics(rows, skip_first=2)
+    assert summary["timed_steps"] == [40, 60] and summary["tokens_per_sec"] == 3.5e6
+    assert summary["mfu"] == pytest.approx(0.35) and summary["last_loss"] == 7.5
+    assert summary["peak_mem_mb"] == 950.0 and summary["peak_mem_gb"] == pytest.approx(950 * 2**20 / 1e9)
+    assert first_contact.summarise_metrics([], skip_first=2)["tokens_per_sec"] is None
 
 
-def test_markdown_section_compares_fused_with_compiled_eager():
-    run = dict(flags=[], wall_s=30.0, ok=True, max_iters=40, timed_steps=[10, 15], mfu=0.3, peak_mem_mb=900.0,
-               last_loss=7.0)  # fmt: skip
-    fc = {"dry_run": False, "data": {"source": "text"}, "train": [
-        {**run, "variant": "fused", "tokens_per_sec": 3.0e6},
-        {**run, "variant": "eager_compile", "tokens_per_sec": 2.0e6},
-    ]}  # fmt: skip
-    text = "\n".join(first_contact.markdown_section({"first_contact": fc}))
-    assert "1.50x" in text and "3,000,000" in text and "30.0%" in text and "Dry run" not in text
+def test_the_phases_fit_the_budget():
+    deadline = first_contact.Deadline(480.0)
+    shares = {name: deadline.allow(name) for name in first_contact.PHASES}
+    assert sum(shares[n] for n in list(shares)[:-1]) < 480 - 10 and shares["tests"] > 0
+    assert all(s > 0 for s in shares.values())
+    deadline.started -= 470  # late: every phase gets what is left, never more
+    assert all(deadline.allow(name) == 0 for name in first_contact.PHASES)
 
 
-def test_phase_budgets_fit_ten_minutes():
-    assert sum(first_contact.BUDGETS.values()) <= 570
-    assert first_contact.after("kernel_tests") == sum(first_contact.BUDGETS.values()) - first_contact.BUDGETS[
-        "kernel_tests"] and first_contact.after("report") == 0  # fmt: skip
-    clock = first_contact.Clock(budget_s=sum(first_contact.BUDGETS.values()))
-    assert clock.allow(80.0, reserve=50.0) == pytest.approx(80.0, abs=1.0) and clock.allow(10.0) <= 10.0
-    small = first_contact.Clock(budget_s=sum(first_contact.BUDGETS.values()) / 2)  # budgets shrink in proportion
-    assert small.allow(80.0, reserve=50.0) == pytest.approx(40.0, abs=1.0)
+def test_bundle_limits(tmp_path):
+    (tmp_path / "ok.json").write_text("{}")
+    assert first_contact.bundle_problems(tmp_path) == []
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c" / "deep.txt").write_text("x")
+    (tmp_path / "bad name.txt").write_text("x")
+    for i in range(7):
+        (tmp_path / f"f{i}").write_text("x")
+    problems = " ".join(first_contact.bundle_problems(tmp_path))
+    assert "10 files" in problems and "deep.txt" in problems and "bad name.txt" in problems

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import platform
 import statistics
 import subprocess
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
+from ..environment import collect as collect_environment
 from ..files import atomic_write, atomic_write_text
 from .ngram import ORDERS, load_regime
 from .plan import ARMS, BASELINE_MODE, CLAIMED_BASELINE_LOSS, CLAIMS, LEAK_TOLERANCE, MODE_ORDER, scale_differences
@@ -36,44 +34,10 @@ RESULTS_FORMAT = "fastcenter.experiments.centering.results/3"
 
 
 def environment() -> dict:
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    try:
-        root = pathlib.Path(__file__).resolve().parents[1]
-        env["git_commit"] = (
-            subprocess.run(
-                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
-    return env
-
-
-def cpu_name() -> str | None:
-    """The CPU's model name (Linux's /proc/cpuinfo, else platform.processor()), or None."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
+    """Where the runs ran (fastcenter.environment), with the study's names for the device and the commit."""
+    env = collect_environment()
+    cuda_device = None if env["device"]["name"] == "cpu" else env["device"]["name"]
+    return {**env, "cuda_device": cuda_device, "git_commit": env["git"]["commit"]}
 
 
 def _fmt(x, digits=4, sign=False) -> str:
