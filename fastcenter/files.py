@@ -60,14 +60,14 @@ def is_temp_of(candidate: pathlib.Path, name: str) -> bool:
     return re.fullmatch(re.escape(name) + r"\.[A-Za-z0-9_]+" + re.escape(TEMP_SUFFIX), candidate.name) is not None
 
 
-def write_failure(path, error: OSError) -> str:
-    """'could not write PATH: reason (what to do)' for an OSError met while writing `path`."""
+def write_failure(path, error: OSError, what: str = "") -> str:
+    """'could not write [what ]PATH: reason (what to do)' for an OSError met while writing `path`."""
     hint = {
         errno.ENOSPC: " (the disk is full: free some space)",
         errno.EDQUOT: " (the disk quota is exhausted: free some space)",
         errno.EFBIG: " (a file-size limit, ulimit -f, forbids it: raise the limit)",
     }.get(error.errno, "")
-    return f"could not write {path}: {error.strerror or error}{hint}"
+    return f"could not write {what}{path}: {error.strerror or error}{hint}"
 
 
 class _Recording:

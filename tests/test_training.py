@@ -12,15 +12,16 @@ import math
 import os
 import pathlib
 import tempfile
+import typing
 
 import pytest
 import torch
 
-from fastcenter import checkpoint, data, files
+from fastcenter import checkpoint, data, files, training
 from fastcenter.config import TrainConfig, UsageError, build_parser, resolve_configs
 from fastcenter.files import RunDirectory, RunDirectoryError, atomic_write, read_jsonl
 from fastcenter.model import GPT, GPTConfig
-from fastcenter.training import NonFiniteLossError, Trainer, gpu_peak_flops, learning_rate
+from fastcenter.training import NonFiniteLossError, Trainer, check_fits, gpu_peak_flops, learning_rate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,8 +29,19 @@ TINY = dict(vocab_size=50257, dim=32, n_layers=2, n_heads=2, max_seq_len=16)
 
 
 def make_trainer(corpus, *, seed=0, model=None, **train_overrides) -> Trainer:
-    fields = dict(batch_size=4, grad_accum_steps=2, seq_len=16, max_iters=12, lr=3e-3, warmup_iters=2,
-                  eval_interval=5, eval_iters=2, log_interval=4, seed=seed, device="cpu")  # fmt: skip
+    fields = dict(
+        batch_size=4,
+        grad_accum_steps=2,
+        seq_len=16,
+        max_iters=12,
+        lr=3e-3,
+        warmup_iters=2,
+        eval_interval=5,
+        eval_iters=2,
+        log_interval=4,
+        seed=seed,
+        device="cpu",
+    )
     cfg = TrainConfig(**{**fields, **train_overrides})
     tokens = data.load_split(corpus, "train", vocab_size=50257, seq_len=cfg.seq_len)
     val = data.load_split(corpus, "val", vocab_size=50257, seq_len=cfg.seq_len)
@@ -173,9 +185,25 @@ def test_every_config_field_is_a_flag():
             if isinstance(f.default, bool):
                 assert "--no-" + f.name.replace("_", "-") in options
     cfg, model_cfg, ckpt, notes = resolve_configs(
-        ["--center", "mlp,embeddings,qk,v,residual", "--centering-mode", "causal", "--no-fused", "--mlp-hidden",
-         "none", "--seq-len", "1024", "--grad-accum-steps", "8", "--lr", "2e-4", "--compile", "--dtype", "float16"]
-    )  # fmt: skip
+        [
+            "--center",
+            "mlp,embeddings,qk,v,residual",
+            "--centering-mode",
+            "causal",
+            "--no-fused",
+            "--mlp-hidden",
+            "none",
+            "--seq-len",
+            "1024",
+            "--grad-accum-steps",
+            "8",
+            "--lr",
+            "2e-4",
+            "--compile",
+            "--dtype",
+            "float16",
+        ]
+    )
     assert model_cfg.center == ("embeddings", "mlp", "qk", "residual", "v")
     assert model_cfg.centering_mode == "causal" and model_cfg.fused is False and model_cfg.mlp_hidden is None
     assert model_cfg.max_seq_len == 1024 and any("max_seq_len" in n for n in notes)  # raised to fit seq_len
@@ -201,7 +229,7 @@ BAD_VALUES = {
     "--log-interval": ["0"],
     "--warmup-iters": ["-1"],
     "--lr-decay-iters": ["-5"],
-    "--seed": ["-1"],
+    "--seed": ["-1", str(2**32)],  # NumPy's global generator takes seeds below 2**32
     "--lr": ["0", "-1e-3", "nan", "inf"],
     "--min-lr-ratio": ["-0.1", "1.5", "nan"],
     "--weight-decay": ["-0.1", "inf", "nan"],
@@ -235,6 +263,37 @@ def test_invalid_flag_values_are_usage_errors_naming_the_flag(flag, values):
             or (flag == "--n-heads" and "--dim" in message)
         ), (flag, value, message)
         assert "\n" not in message
+
+
+def test_every_float_flag_refuses_values_beyond_float32s_range():
+    # The run computes in float32: 1e300 as --lr overflowed inside the optimizer (a traceback), as others would.
+    floats = [
+        f.name
+        for cls in (TrainConfig, GPTConfig)
+        for f in dataclasses.fields(cls)
+        if typing.get_type_hints(cls)[f.name] is float
+    ]
+    assert {"lr", "weight_decay", "grad_clip", "rope_base", "norm_eps"} <= set(floats)
+    for name in floats:
+        flag = "--" + name.replace("_", "-")
+        for value in ("1e300", "-3.5e38"):
+            with pytest.raises(UsageError, match=f"argument {flag}: {value} is beyond float32's range"):
+                resolve_configs([f"{flag}={value}"])
+    with pytest.raises(UsageError, match="--lr must be within float32's range"):
+        TrainConfig(lr=1e300)  # in-process too
+
+
+@pytest.mark.parametrize("fields", [{}, dict(dim=48, n_heads=4, n_layers=3, mlp_hidden=100, center="all")])
+def test_check_fits_refuses_only_what_cannot_fit(monkeypatch, fields):
+    config = GPTConfig(**{**TINY, **fields})
+    model = GPT(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    need = 16 * parameters + sum(b.numel() * b.element_size() for b in model.buffers())  # float32 x 4, buffers
+    monkeypatch.setattr(training, "device_memory", lambda device: need)
+    check_fits(config, torch.device("cpu"))  # what the model really needs passes: the bound is a lower bound
+    monkeypatch.setattr(training, "device_memory", lambda device: need // 2)
+    with pytest.raises(UsageError, match="needs at least .* GiB"):
+        check_fits(config, torch.device("cpu"))
 
 
 def test_unknown_flag_is_a_usage_error():
