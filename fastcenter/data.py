@@ -587,8 +587,15 @@ def ensure_demo_corpus(
         f"Demo corpus: building it from the Python standard library's own source ({len(documents)} .py files "
         f"under {root}; no download) into {cache_dir} ..."
     )
-    prepare([root], cache_dir, val_fraction=val_fraction, pattern="*.py", skip_dirs=DEMO_SKIP_DIRS,
-            extra_meta={"fingerprint": fingerprint}, log=log)  # fmt: skip
+    prepare(
+        [root],
+        cache_dir,
+        val_fraction=val_fraction,
+        pattern="*.py",
+        skip_dirs=DEMO_SKIP_DIRS,
+        extra_meta={"fingerprint": fingerprint},
+        log=log,
+    )
     return cache_dir
 
 
