@@ -1,5 +1,7 @@
-"""train.py as a user runs it (a subprocess each time): learning, exact resume, DDP = one process, the run
-directory owned by one run, signals, divergence, a full disk, and every user error as one line with exit code 2.
+"""train.py as a user runs it (a subprocess each time): learning, exact resume, DDP = one process (and one set of
+centering statistics), the run directory owned by one run, signals, divergence, a full disk or a file-size limit,
+and every user error as one line with exit code 2. Damaged checkpoints, other corpora under --resume and other
+mistakes that stop a run before it trains go through train.py's cli() in this process (no start-up to wait for).
 
 Tiny models on the synthetic corpus (tests/helpers.py): nothing here needs ../shared or a tokenizer, except the
 demo-corpus test, which skips without the GPT-2 BPE. The training core itself is tested in test_training.py.
