@@ -35,6 +35,7 @@ def _kernels_of_a_clone() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
+    globals()["kernels"] = module  # what the import system does for a submodule: fastcenter.kernels as an attribute
 
 
 _kernels_of_a_clone()

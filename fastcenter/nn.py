@@ -81,8 +81,6 @@ class VectorCentering(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         # Zeros at init; the model keeps it out of weight decay (it is a 1-D parameter).
         self.center = nn.Parameter(torch.zeros(dim)) if mode == "learnable" else None
-        # Measurement (the centering study): with `track` set, each forward leaves `stats` (see `_record`).
-        self.track, self.stats = False, None
 
     def _batch_mean(self, x: Tensor, residual: Tensor | None) -> Tensor:
         """mean over all leading dims of (x + residual), in float32, keeping the graph."""
@@ -111,10 +109,7 @@ class VectorCentering(nn.Module):
         if x.numel() == 0:  # no tokens, no statistics (their mean is 0/0): centred as in eval, nothing updated
             return self._eval_center(x, residual)
         if not self.training:
-            center = self._eval_center(x, residual)
-            if self.track:
-                self._record(x, residual, center, self.running_mean)
-            return center
+            return self._eval_center(x, residual)
 
         # Read running_mean before this forward's update (clone: the update below is in place).
         stale = self.running_mean.clone()
@@ -131,28 +126,8 @@ class VectorCentering(nn.Module):
             center = self.center
         else:
             center = self._causal_center(x, residual, stale)
-        if self.track:
-            self._record(x, residual, center, stale)
         self._update(batch_mean)
         return center
-
-    @torch.no_grad()
-    def _record(self, x: Tensor, residual: Tensor | None, center: Tensor, running_mean: Tensor) -> None:
-        """What the centering did to this batch, as 0-dim float32 tensors (L2 norms of D-vectors):
-
-        stream_rms        sqrt(mean over tokens of |s_t|^2), s = x (+ residual): the size of one activation
-        mean_before       |mean over tokens of s|: the common component centering is meant to remove
-        mean_after        |mean over tokens of (s - centre)|: what is left of it after centering
-        running_mean      |running_mean| as this forward read it
-        """
-        s = x.float() if residual is None else x.float() + residual.float()
-        dims = tuple(range(s.dim() - 1))
-        self.stats = {
-            "stream_rms": s.pow(2).sum(-1).mean().sqrt(),
-            "mean_before": s.mean(dims).norm(),
-            "mean_after": (s - center.float()).mean(dims).norm(),
-            "running_mean": running_mean.float().norm(),
-        }
 
     def _eval_center(self, x: Tensor, residual: Tensor | None) -> Tensor:
         if self.mode == "learnable":

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -50,3 +52,14 @@ def test_fastcenter_kernels_is_the_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     path, name = result.stdout.split()
     assert pathlib.Path(path) == ROOT / "kernels" / "__init__.py" and name == "fastcenter.kernels.norm"
+
+
+def test_every_package_of_the_tree_is_in_the_wheel():
+    # pyproject.toml lists its packages by hand (kernels/ must be mapped to fastcenter.kernels): a subpackage
+    # missing from that list is silently left out of a built wheel, while an editable install still works.
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"fastcenter.kernels"} | {
+        ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "fastcenter").rglob("__init__.py")
+    }
+    assert listed == found, f"pyproject.toml lists {sorted(listed)}, the tree has {sorted(found)}"

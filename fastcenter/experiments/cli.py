@@ -3,87 +3,107 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
 import sys
-from typing import Optional
 
 import torch
 
 from .. import data
-from ..nn import CENTERING_MODES
-from .plan import ARMS, DEFAULT_ARMS, DEFAULT_MODES, StudyConfig
+from .plan import ARMS, DEFAULT_ARMS, DEFAULT_MODES, FLAGS, STUDY_MODES, StudyConfig
 from .report import build_results
-from .run import StudyError, prepare_text_corpus, run_study
+from .run import StudyError, prepare_text_corpus, regime_of_study, run_study
+
+# Flags whose default is decided later: from --iters, from the data.
+_LATE_DEFAULTS = {"warmup_iters", "vocab_size"}
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fastcenter.experiments",
-                                     description="Experiments with the fastcenter model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastcenter.experiments", description="Experiments with the fastcenter model."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "centering",
         help="the vector-centering study (paired seeds, eval-mode validation, leak check, verdicts)",
-        description="The vector-centering study: does centering help a small GPT, where, and in which mode? Runs the study described in fastcenter/experiments/__init__.py; "
-        "finished runs under --out are skipped, so an interrupted study continues where it stopped.",
+        description="The vector-centering study: does centering help a small GPT, where, and in which mode? Runs "
+        "the study described in fastcenter/experiments/__init__.py; finished runs under --out are skipped, so an "
+        "interrupted study continues where it stopped.",
     )
-    d = StudyConfig()
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", metavar="DIR", help="directory holding train.bin and val.bin (GPT-2 token ids)")
-    source.add_argument("--text", nargs="+", metavar="FILE_OR_DIR",
-                        help="text files or directories (*.txt) to tokenize into OUT/data first")
+    source.add_argument(
+        "--data",
+        metavar="DIR",
+        help="directory holding train.bin and val.bin (GPT-2 token ids); "
+        "with --report-only: the study's data, to compute its n-gram baselines",
+    )
+    source.add_argument(
+        "--text",
+        nargs="+",
+        metavar="FILE_OR_DIR",
+        help="text files or directories (*.txt) to tokenize into OUT/data first",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="study directory (runs/, results.*, plots)")
-    p.add_argument("--iters", type=int, default=d.iters, help=f"optimizer steps per run (default {d.iters})")
-    p.add_argument("--seeds", type=int, default=d.seeds, help=f"paired seeds (default {d.seeds})")
-    p.add_argument("--seed-offset", type=int, default=0, help="first seed (default 0): seeds are offset..offset+K-1")
-    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma list of {', '.join(ARMS)} (default "
-                   f"{','.join(DEFAULT_ARMS)}; the baseline always runs)")
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                   help=f"comma list of {', '.join(CENTERING_MODES)} (default {','.join(DEFAULT_MODES)})")
-    for name, help_text in (("dim", "model width"), ("n_layers", "blocks"), ("n_heads", "attention heads"),
-                            ("seq_len", "tokens per window"), ("batch_size", "windows per micro-batch"),
-                            ("grad_accum_steps", "micro-batches per step"),
-                            ("eval_batches", "validation batches of batch-size fixed windows"),
-                            ("eval_points", "validation evaluations along each run (the last at --iters)"),
-                            ("leak_batch", "sequences in the leak-check batch"),
-                            ("log_interval", "print the training loss every N steps")):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
-                       help=f"{help_text} (default {getattr(d, name)})")
-    for name, help_text in (("lr", "peak learning rate"), ("min_lr_ratio", "cosine ends at lr * this"),
-                            ("weight_decay", "AdamW weight decay on matrices"), ("beta1", "AdamW beta1"),
-                            ("beta2", "AdamW beta2"), ("grad_clip", "gradient norm clip (0: off)")):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name),
-                       help=f"{help_text} (default {getattr(d, name):g})")
-    p.add_argument("--warmup-iters", type=int, default=None, help="linear warmup steps (default iters // 10)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size (default: the data's: its meta.json for a compacted corpus, else 50257)")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=d.fused,
-                   help="fastcenter's fused ops (Triton on a GPU, the CPU implementation on a CPU); --no-fused: the "
-                   "eager reference (default: fused)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--workers", type=int, default=1,
-                   help="runs at once, each in its own process (default 1). On a CPU, use one per core with "
-                   "--threads 1: two single-thread processes beat one two-thread process several times over")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per run (default: torch's choice; 1 per worker with --workers)")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: rebuild results.json, results.md and the plots from OUT/runs")
+    p.add_argument(
+        "--arms",
+        default=",".join(DEFAULT_ARMS),
+        help=f"comma list of arms ({', '.join(ARMS)}), each run in every --modes, or arm/mode pairs run in "
+        f"that mode only (e.g. embeddings/simple); the baseline always runs (default "
+        f"{','.join(DEFAULT_ARMS)})",
+    )
+    p.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma list of {', '.join(STUDY_MODES)} (naive: the leak control, batch statistics in "
+        f"evaluation too; default {','.join(DEFAULT_MODES)})",
+    )
+    defaults = StudyConfig()
+    for name, (_, _, help_text) in FLAGS.items():
+        option = "--" + name.replace("_", "-")
+        default = None if name in _LATE_DEFAULTS else defaults.flag_value(name)
+        if name == "fused":
+            p.add_argument(
+                option, action=argparse.BooleanOptionalAction, default=None, help=f"{help_text} (default: fused)"
+            )
+        elif name == "device":
+            p.add_argument(option, choices=("auto", "cpu", "cuda"), default=None, help=f"{help_text} (default auto)")
+        else:
+            kind = int if name in _LATE_DEFAULTS else type(default)
+            shown = "" if default is None else f" (default {default:g})"
+            p.add_argument(option, type=kind, default=None, help=help_text + shown)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="runs at once, each in its own process (default 1). On a CPU, use one per core with "
+        "--threads 1: two single-thread processes beat one two-thread process several times over",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per run (default: torch's choice; 1 per worker with --workers)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: rebuild results.json, results.md and the plots from OUT/runs (with --data, "
+        "also the n-gram baselines)",
+    )
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = pathlib.Path(args.out)
     try:
         if args.report_only:
+            if args.data:
+                regime_of_study(out_dir, args.data)
             build_results(out_dir)
             print(f"rebuilt {out_dir / 'results.json'}, results.md and the plots from {out_dir / 'runs'}")
             return 0
-        fields = {f.name for f in dataclasses.fields(StudyConfig)}
-        given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-        try:
-            cfg = StudyConfig(**given)  # bad flags are refused before any data is touched
-        except ValueError as e:
-            raise StudyError(str(e)) from e
+        given = {k: v for k, v in vars(args).items() if (k in FLAGS or k in ("arms", "modes")) and v is not None}
+        cfg = study_config(given)  # bad flags are refused before any data is touched
         if args.data:
             data_dir = pathlib.Path(args.data)
             print(f"data: {data_dir}")
@@ -94,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             data_dir = data.ensure_demo_corpus()
         ids = data.token_ids(data_dir)
         if ids is not None and "vocab_size" not in given:  # a compacted corpus says its vocabulary size
-            cfg = dataclasses.replace(cfg, vocab_size=len(ids))
+            cfg = study_config({**given, "vocab_size": len(ids)})
         if args.threads:
             torch.set_num_threads(args.threads)
         run_study(cfg, data_dir, out_dir, workers=args.workers, threads=args.threads)
@@ -103,3 +123,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     return 0
 
+
+def study_config(flags: dict) -> StudyConfig:
+    try:
+        return StudyConfig.from_flags(**flags)
+    except (TypeError, ValueError) as e:
+        raise StudyError(str(e)) from e

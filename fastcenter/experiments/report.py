@@ -1,4 +1,5 @@
-"""The study's outputs: results.json, results.md and the plots, rebuilt from the finished runs."""
+"""The study's outputs: results.json, results.md and the plots, rebuilt from the finished runs (and, for the
+regime, from OUT/ngrams.json: fastcenter/experiments/ngram.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,29 @@ import pathlib
 import platform
 import statistics
 import subprocess
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from ..files import atomic_write, atomic_write_text
-from .plan import ARMS, BASELINE_MODE, LEAK_TOLERANCE, MODE_ORDER, SEED_BASELINE_LOSS, SEED_CLAIMS
-from .stats import ANALYSIS, claim_verdicts, complete_seeds, contrasts, group_summaries, steps_to_baseline
+from .ngram import ORDERS, load_regime
+from .plan import ARMS, BASELINE_MODE, CLAIMED_BASELINE_LOSS, CLAIMS, LEAK_TOLERANCE, MODE_ORDER, scale_differences
+from .stats import (
+    ANALYSIS,
+    claim_verdicts,
+    complete_seeds,
+    contrasts,
+    group_summaries,
+    leak_control,
+    mechanism_summary,
+    paired_curves,
+    seed_of,
+    spread,
+    steps_to_baseline,
+)
 
-RESULTS_FORMAT = "fastcenter.experiments.centering.results/2"
+RESULTS_FORMAT = "fastcenter.experiments.centering.results/3"
 
 
 def environment() -> dict:
@@ -40,14 +54,18 @@ def environment() -> dict:
         env["triton"] = None
     try:
         root = pathlib.Path(__file__).resolve().parents[1]
-        env["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                           text=True, timeout=10).stdout.strip() or None
+        env["git_commit"] = (
+            subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
     return env
 
 
-def cpu_name() -> Optional[str]:
+def cpu_name() -> str | None:
     """The CPU's model name (Linux's /proc/cpuinfo, else platform.processor()), or None."""
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -70,35 +88,16 @@ def _mean_sd(s: dict, digits=4) -> str:
     return _fmt(s["mean"], digits) if s.get("sd") is None else f"{_fmt(s['mean'], digits)} ± {_fmt(s['sd'], digits)}"
 
 
-def mechanism_summary(runs: list[dict], seeds: list[int]) -> list[dict]:
-    """Per (arm, mode, kind of module): at the last evaluation point, mean over seeds (and max over the modules
-    of that kind) of running_mean / stream_rms and mean_after / stream_rms; and the largest gradient norm."""
-    out = {}
-    for r in runs:
-        mech = r.get("mechanisms") or {}
-        if r["seed"] not in seeds or not mech.get("modules"):
-            continue
-        for name, stats in mech["modules"].items():
-            kind = _module_kind(name)
-            rms = stats["stream_rms"][-1] or float("nan")
-            cell = out.setdefault((r["arm"], r["mode"], kind), {"running": [], "after": [], "before": []})
-            cell["running"].append(stats["running_mean"][-1] / rms)
-            cell["after"].append(stats["mean_after"][-1] / rms)
-            cell["before"].append(stats["mean_before"][-1] / rms)
-    rows = []
-    for (arm, mode, kind), cell in out.items():
-        rows.append({"arm": arm, "mode": mode, "module": kind, "n": len(cell["running"]),
-                     "running_mean_over_rms": max(cell["running"]), "mean_after_over_rms": max(cell["after"]),
-                     "mean_before_over_rms": max(cell["before"])})  # fmt: skip
-    grad = {}
-    for r in runs:
-        if r["seed"] in seeds and r.get("grad_norm_per_step"):
-            grad.setdefault((r["arm"], r["mode"]), []).append(max(r["grad_norm_per_step"]))
-    for row in rows:
-        row["max_grad_norm"] = max(grad.get((row["arm"], row["mode"]), [float("nan")]))
-    order = {a: i for i, a in enumerate(ARMS)}
-    rows.sort(key=lambda r: (MODE_ORDER.index(r["mode"]) if r["mode"] in MODE_ORDER else 99, order.get(r["arm"], 99), r["module"]))
-    return rows
+def _fmt_spread(s: dict | None, digits=3) -> str:
+    """'median [min, max]' over seeds (one value alone when there is one seed)."""
+    if s is None:
+        return "-"
+    g = lambda x: f"{x:.{digits}g}" if abs(x) >= 1000 else f"{x:.{digits}f}"
+    return g(s["median"]) if s["n"] == 1 else f"{g(s['median'])} [{g(s['min'])}, {g(s['max'])}]"
+
+
+def _ci(interval, digits=4) -> str:
+    return "-" if interval is None else f"[{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
 
 
 def _module_kind(name: str) -> str:
@@ -107,12 +106,54 @@ def _module_kind(name: str) -> str:
     return f"{parts[-1]} (block {parts[1]})" if parts[0] == "blocks" else name
 
 
+def _commit_note(commits: list[str]) -> str:
+    """The commit(s) the runs recorded, and whether this checkout's history holds them."""
+    if not commits:
+        return "the runs recorded no commit"
+    root = pathlib.Path(__file__).resolve().parents[2]
+    notes = []
+    for commit in commits:
+        try:
+            probe = ["git", "-C", str(root), "cat-file", "-e", f"{commit}^{{commit}}"]
+            missing = subprocess.run(probe, capture_output=True, timeout=10, check=False).returncode != 0
+        except (OSError, subprocess.SubprocessError):
+            missing = False  # no git here: nothing to say
+        notes.append(commit[:7] + (" (not in this repository's history)" if missing else ""))
+    return "the runs recorded commit " + ", ".join(notes)
+
+
+def regime_summary(regime: dict | None, runs: list[dict], seeds: list[int]) -> dict | None:
+    """The n-gram losses of OUT/ngrams.json for the complete seeds: at the end of the runs (median and range over
+    the seeds) and at every evaluation step (mean over the seeds), and whether the recomputed windows are the
+    runs' (their batches_digest)."""
+    if regime is None:
+        return None
+    have = [s for s in seeds if str(s) in regime["seeds"]]
+    per_seed = [regime["seeds"][str(s)] for s in have]
+    recorded = {r["seed"]: r["batches_digest"] for r in runs}
+    steps = per_seed[0]["step"] if per_seed else []
+    return {
+        "method": regime["method"],
+        "split": regime["split"],
+        "validation": regime.get("validation"),
+        "seeds": have,
+        "targets_per_run": per_seed[0]["targets"] if per_seed else None,
+        "batches_digest_match": all(regime["seeds"][str(s)]["batches_digest"] == recorded.get(s) for s in have),
+        "run_tokens": {name: spread([p[name][-1] for p in per_seed]) for name in ORDERS} if per_seed else None,
+        "step": steps,
+        "by_step": {
+            name: [statistics.fmean(p[name][i] for p in per_seed) for i in range(len(steps))] for name in ORDERS
+        },
+    }
+
+
 def write_markdown(results: dict, path: pathlib.Path) -> None:
     cfg, runs = results["config"], results["runs"]
     seeds, planned = results["complete_seeds"], results["planned_seeds"]
     wall = sum(r["timing"]["wall_s"] for r in runs)
-    complete = len(seeds) == len(planned) and results["planned_runs"] == len(runs)
+    complete = results["complete"]
     env = results["environment"]
+    tokens_per_step = cfg["batch_size"] * cfg["grad_accum_steps"] * cfg["seq_len"]
     lines = [
         "# Centering study",
         "",
@@ -120,62 +161,96 @@ def write_markdown(results: dict, path: pathlib.Path) -> None:
         f"complete ({', '.join(map(str, seeds)) or 'none'}). Model dim {cfg['dim']}, {cfg['n_layers']} layers, "
         f"{cfg['n_heads']} heads, vocabulary {cfg['vocab_size']:,}, {runs[0]['parameters']:,} parameters (baseline); "
         f"{cfg['iters']} steps of {cfg['batch_size']} x {cfg['grad_accum_steps']} windows of {cfg['seq_len']} tokens "
-        f"({cfg['iters'] * cfg['batch_size'] * cfg['grad_accum_steps'] * cfg['seq_len']:,} training tokens per run); "
+        f"({cfg['iters'] * tokens_per_step:,} training tokens per run); "
         f"AdamW lr {cfg['lr']:g} (warmup {cfg['warmup_iters']}, cosine to {cfg['lr'] * cfg['min_lr_ratio']:g}), "
         f"weight decay {cfg['weight_decay']:g}, clip {cfg['grad_clip']:g}; validation on "
         f"{cfg['eval_batches'] * cfg['batch_size']} fixed windows "
-        f"({cfg['eval_batches'] * cfg['batch_size'] * cfg['seq_len']:,} tokens) at steps {', '.join(map(str, runs[0]['curve']['step'] or ['-']))}. "
+        f"({cfg['eval_batches'] * cfg['batch_size'] * cfg['seq_len']:,} tokens) at steps "
+        f"{', '.join(map(str, runs[0]['curve']['step'] or ['-']))}. "
         f"Ops: {', '.join(sorted({r.get('ops', '?') for r in runs}))}; device {env.get('cuda_device') or env.get('cpu')}, "
-        f"torch {env.get('torch')}; sum of run wall times {wall / 3600:.2f} h.",
+        f"torch {env.get('torch')}; {_commit_note(results['commits'])}; sum of run wall times {wall / 3600:.2f} h.",
         "",
     ]
     if not complete:
-        lines += ["**PRELIMINARY: not every planned run has finished. The tables show the complete seeds only; "
-                  "no verdict is given until every planned seed is complete.**", ""]
-    lines += ["## The analysis (fixed before the runs)", "", "```text", ANALYSIS.strip(), "```", ""]
+        lines += [
+            "**PRELIMINARY: not every planned run has finished. The tables show the complete seeds only; "
+            "no verdict is given until every planned seed is complete.**",
+            "",
+        ]
+    lines += ["## How this configuration differs from the claims'", ""]
+    lines += [f"- {note}" for note in results["scale_differences"]]
+    lines += ["", "So every verdict below holds at this scale only." if results["scale_differences"] else "", ""]
+    lines += ["## The analysis", "", "```text", ANALYSIS.strip(), "```", ""]
+    lines += _regime_lines(results)
     lines += [
         "## Final validation loss",
         "",
         "Eval mode (running statistics) on the fixed windows; train mode beside it (batch statistics, buffers "
-        "reset per batch). Mean ± SD over the complete seeds, nats.",
+        "reset per batch). Mean ± SD over the complete seeds, nats. The n-gram rows: count-based models of the same "
+        "tokens on the same windows (see the regime above).",
         "",
         "| arm | mode | n | val loss (eval mode) | val loss (train mode) | diverged | s / step |",
         "|---|---|---|---|---|---|---|",
     ]
     for g in results["groups"]:
-        lines.append(f"| {g['arm']} | {g['mode']} | {g['n']} | {_mean_sd(g['val_loss'])} | "
-                     f"{_mean_sd(g['val_loss_train_mode'])} | {', '.join(map(str, g['diverged'])) or '-'} | "
-                     f"{g['s_per_step']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {g['arm']} | {g['mode']} | {g['n']} | {_mean_sd(g['val_loss'])} | "
+            f"{_mean_sd(g['val_loss_train_mode'])} | {', '.join(map(str, g['diverged'])) or '-'} | "
+            f"{g['s_per_step']:.2f} |"
+        )
+    regime = results["regime"]
+    if regime is not None and regime["run_tokens"] is not None:
+        for name in ORDERS:
+            s = regime["run_tokens"][name]
+            lines.append(f"| {name}, the run's tokens | - | {s['n']} | {_mean_sd(s)} | - | - | - |")
+        for name in ORDERS:
+            lines.append(f"| {name}, the training split | - | - | {_fmt(regime['split'][name])} | - | - | - |")
+    base = results["baseline_mean"]
     lines += [
         "",
         "## Contrasts (paired by seed; d < 0: the first is better)",
         "",
-        "| contrast | n | d (nats) | 95% CI | % of baseline | t | p | p (Holm) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Simultaneous: the interval at level 1 - 0.05 / {results['family_size']} (Bonferroni over the family).",
+        "",
+        "| contrast | n | d (nats) | 95% CI | simultaneous CI | % of baseline | t | p | p (Holm) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    base = results["baseline_mean"]
     for c in results["contrasts"]:
-        ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
         pct = "-" if c["mean"] is None or not base else f"{-100 * c['mean'] / base:+.2f}%"
         sig = " **" if c["significant"] else ""
-        lines.append(f"| {c['label']}{sig} | {c['n']} | {_fmt(c['mean'], 4, True)} | {ci} | {pct} | "
-                     f"{_fmt(c['t'], 2, True)} | {_fmt(c['p'], 4)} | {_fmt(c['p_holm'], 4)} |")  # fmt: skip
-    lines += ["", "** = significant at 5% familywise (Holm). % of baseline: the improvement as the seed reports "
-              "it (positive = better).", ""]
+        lines.append(
+            f"| {c['label']}{sig} | {c['n']} | {_fmt(c['mean'], 4, True)} | {_ci(c['ci95'])} | "
+            f"{_ci(c['ci_simultaneous'])} | {pct} | {_fmt(c['t'], 2, True)} | {_fmt(c['p'], 4)} | "
+            f"{_fmt(c['p_holm'], 4)} |"
+        )
     lines += [
-        "## The seed's claims",
         "",
-        f"The seed's numbers are for its model after 1000 iterations (baseline {SEED_BASELINE_LOSS}); a claimed "
-        f"percentage is taken as the same share of this study's baseline loss ({_fmt(base, 4)} nats).",
+        "** = significant at 5% familywise (Holm). % of baseline: the improvement as the claims report "
+        "it (positive = better).",
         "",
-        "| claim | mode | claimed | verdict | evidence |",
-        "|---|---|---|---|---|",
+    ]
+    lines += [
+        "## The claims",
+        "",
+        f"The claims' numbers are for their model after 1000 iterations (baseline {CLAIMED_BASELINE_LOSS}); a claimed "
+        f"percentage is taken as the same share of this study's baseline loss ({_fmt(base, 4)} nats). Direction: "
+        "Holm over the family; size: is the claimed value inside the simultaneous interval?",
+        "",
+        "| claim | mode | claimed | direction | size | evidence |",
+        "|---|---|---|---|---|---|",
     ]
     for v in results["verdicts"]:
-        claimed = "-" if v["claimed_pct"] is None else f"{v['claimed_pct']:+.2f}%" + (
-            "" if v["claimed_nats"] is None else f" ({v['claimed_nats']:+.4f} nats)")
-        verdict = v["verdict"] if complete or v["verdict"] == "not tested" else "pending"
-        lines.append(f"| {v['text']} | {v['mode']} | {claimed} | **{verdict}** | {v['why']} |")
+        claimed = (
+            "-"
+            if v["claimed_pct"] is None
+            else f"{v['claimed_pct']:+.2f}%"
+            + ("" if v["claimed_nats"] is None else f" ({v['claimed_nats']:+.4f} nats)")
+        )
+        direction, size = v["direction"], v["size"]
+        if not complete and direction != "not tested":
+            direction, size = "pending", "pending"
+        lines.append(f"| {v['text']} | {v['mode']} | {claimed} | **{direction}** | {size} | {v['why']} |")
+    lines += _along_training_lines(results)
     lines += [
         "",
         "## Secondary: steps to reach the baseline's final loss",
@@ -188,24 +263,11 @@ def write_markdown(results: dict, path: pathlib.Path) -> None:
     ]
     for s in results["steps_to_baseline"]:
         per_seed = ", ".join(f"{k}: {v if v is not None else 'no'}" for k, v in sorted(s["per_seed"].items()))
-        lines.append(f"| {s['arm']} | {s['mode']} | {s['reached']}/{s['n']} | {_fmt(s['median_step'], 0)} | {per_seed} |")
-    lines += [
-        "",
-        "## Mechanisms",
-        "",
-        "Measured at every evaluation point on one validation batch in training mode (what training sees), the "
-        "model left unchanged; here at the last point, the largest over the modules of a kind and over seeds. "
-        "All are L2 norms of D-vectors over the stream's RMS norm per token: `running mean` is the module's "
-        "running mean, `mean before` / `mean after` the mean over the batch of what enters the module before and "
-        "after its centre is subtracted. `max grad norm`: the largest global gradient norm before clipping over "
-        "the run. mechanisms.png shows them along training.",
-        "",
-        "| arm | mode | module | running mean / rms | mean before / rms | mean after / rms | max grad norm |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for m in results["mechanisms"]:
-        lines.append(f"| {m['arm']} | {m['mode']} | {m['module']} | {m['running_mean_over_rms']:.3f} | "
-                     f"{m['mean_before_over_rms']:.3f} | {m['mean_after_over_rms']:.3f} | {m['max_grad_norm']:.3g} |")  # fmt: skip
+        lines.append(
+            f"| {s['arm']} | {s['mode']} | {s['reached']}/{s['n']} | {_fmt(s['median_step'], 0)} | {per_seed} |"
+        )
+    lines += _leak_control_lines(results)
+    lines += _mechanism_lines(results)
     lines += [
         "",
         "## Leak check",
@@ -220,12 +282,148 @@ def write_markdown(results: dict, path: pathlib.Path) -> None:
     for (arm, mode), leaks in _leaks(runs, seeds).items():
         cells = []
         for phase in ("eval", "train"):
-            cells += ["**yes**" if any(lk[phase]["leak"] for lk in leaks) else "no",
-                      f"{max(lk[phase]['future_change'] for lk in leaks):.2g} / "
-                      f"{max(lk[phase]['batch_change'] for lk in leaks):.2g}"]  # fmt: skip
+            cells += [
+                "**yes**" if any(lk[phase]["leak"] for lk in leaks) else "no",
+                f"{max(lk[phase]['future_change'] for lk in leaks):.2g} / "
+                f"{max(lk[phase]['batch_change'] for lk in leaks):.2g}",
+            ]
         lines.append(f"| {arm} | {mode} | " + " | ".join(cells) + " |")
     lines.append("")
     atomic_write_text(path, "\n".join(lines))
+
+
+def _regime_lines(results: dict) -> list[str]:
+    regime = results["regime"]
+    lines = ["## The regime: n-gram baselines", ""]
+    if regime is None:
+        return lines + [
+            "Not computed: rebuild the report with `--report-only --data DIR` (the study's data) to add them.",
+            "",
+        ]
+    base_final = results["baseline_mean"]
+    seen = (
+        "no complete seed yet"
+        if regime["run_tokens"] is None
+        else (
+            f"the {regime['targets_per_run']:,} training targets each seed's runs saw, recomputed from the sampler (they "
+            f"match the runs' recorded batches: {'yes' if regime['batches_digest_match'] else '**NO**'})"
+        )
+    )
+    lines += [
+        f"Count-based models of the same tokens, scored like the runs' validation loss on the same "
+        f"{regime['validation']['windows']} windows ({regime['validation']['targets']:,} targets): "
+        f"{regime['method']}. The run's tokens: {seen}; the training split: all {regime['split']['tokens']:,} "
+        f"tokens.",
+        "",
+        "| model | fitted to the run's tokens (median [range] over seeds) | fitted to the training split |",
+        "|---|---|---|",
+    ]
+    for name in ORDERS:
+        run = "-" if regime["run_tokens"] is None else _fmt_spread(regime["run_tokens"][name], 4)
+        lines.append(f"| {name} | {run} | {_fmt(regime['split'][name])} |")
+    lines += [f"| the transformer baseline (mean over seeds) | {_fmt(base_final)} | |", ""]
+    if regime["step"]:
+        lines += [
+            "Along training: the baseline's eval-mode validation loss (mean over seeds) and the n-gram models "
+            "fitted to the tokens seen up to that step (mean over seeds).",
+            "",
+            "| step | baseline | " + " | ".join(f"{name} (tokens so far)" for name in ORDERS) + " |",
+            "|---|---|" + "---|" * len(ORDERS),
+        ]
+        steps, values = _mean_curve(results["runs"], "baseline", BASELINE_MODE, results["complete_seeds"])
+        base_curve = dict(zip(steps, values)) if steps is not None else {}
+        for i, step in enumerate(regime["step"]):
+            cells = [_fmt(regime["by_step"][name][i]) for name in ORDERS]
+            lines.append(f"| {step} | {_fmt(base_curve.get(step))} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _along_training_lines(results: dict) -> list[str]:
+    curves = results["paired_curves"]
+    if not curves:
+        return []
+    steps = curves[0]["steps"]
+    lines = [
+        "",
+        "## Paired differences along training",
+        "",
+        "At every evaluation step: the eval-mode validation loss of the arm minus the same seed's baseline, nats "
+        "(negative = better): the mean over the complete seeds, and [min, max] over them.",
+        "",
+        "| step | " + " | ".join(f"{c['arm']} [{c['mode']}]" for c in curves) + " |",
+        "|---|" + "---|" * len(curves),
+    ]
+    for i, step in enumerate(steps):
+        cells = []
+        for c in curves:
+            if i >= len(c["mean"]) or c["mean"][i] is None:
+                cells.append("-")
+            elif len(c["per_seed"]) == 1:
+                cells.append(_fmt(c["mean"][i], 3, True))
+            else:
+                cells.append(f"{c['mean'][i]:+.3f} [{c['min'][i]:+.3f}, {c['max'][i]:+.3f}]")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _leak_control_lines(results: dict) -> list[str]:
+    rows = results["leak_control"]
+    lines = [
+        "",
+        "## Leak control: naive centering",
+        "",
+        'The "gain" a naive centering reports on the validation loss: the mean over the whole batch and sequence '
+        "subtracted in training and in evaluation alike (fastcenter/experiments/centering.py), so a token's output "
+        "sees later tokens and the other sequences of its evaluation batch "
+        f"({results['config']['batch_size']} windows). d = its validation loss - the same seed's baseline (negative "
+        "= an apparent gain). If the claimed gain lies inside its interval, the leak could explain the claim at "
+        "this scale; if not, it does not.",
+        "",
+    ]
+    if not rows:
+        return lines + ["Not measured: this study ran no naive and no simple arm.", ""]
+    lines += ["| arm | source | n | d (nats) | 95% CI | claimed d | claimed inside |", "|---|---|---|---|---|---|---|"]
+    for c in rows:
+        inside = {None: "-", True: "yes", False: "no"}[c["claimed_inside_ci95"]]
+        lines.append(
+            f"| {c['arm']} | {c['source']} | {c['n']} | {_fmt(c['mean'], 4, True)} | {_ci(c['ci95'])} | "
+            f"{_fmt(c['claimed_nats'], 4, True)} | {inside} |"
+        )
+    return lines + [""]
+
+
+def _mechanism_lines(results: dict) -> list[str]:
+    mech = results["mechanisms"]
+    tail = mech["tail_steps"]
+    lines = [
+        "## Mechanisms",
+        "",
+        f"Measured at every evaluation point on one validation batch in training mode (what training sees), the "
+        f"model left unchanged. Per seed the median over the evaluation points of the last {tail} steps; here the "
+        f"median over the seeds and [min, max] over them. All are L2 norms of D-vectors over the stream's RMS norm "
+        f"per token: `running mean` is the module's running mean, `mean before` / `mean after` the mean over the "
+        f"batch of what enters the module before and after its centre is subtracted. mechanisms.png shows them "
+        f"along training.",
+        "",
+        "| arm | mode | module | running mean / rms | mean before / rms | mean after / rms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in mech["modules"]:
+        lines.append(
+            f"| {m['arm']} | {m['mode']} | {_module_kind(m['module'])} | {_fmt_spread(m.get('running_mean'))} | "
+            f"{_fmt_spread(m.get('mean_before'))} | {_fmt_spread(m.get('mean_after'))} |"
+        )
+    lines += [
+        "",
+        f"The global gradient norm before clipping: per seed the median over the last {tail} steps; the median over "
+        f"the seeds and [min, max] over them.",
+        "",
+        "| arm | mode | gradient norm |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {g['arm']} | {g['mode']} | {_fmt_spread(g['grad_norm'])} |" for g in mech["grad_norm"]]
+    return lines
 
 
 def _leaks(runs: list[dict], seeds: list[int]) -> dict:
@@ -236,6 +434,20 @@ def _leaks(runs: list[dict], seeds: list[int]) -> dict:
     return out
 
 
+def _mean_curve(runs: list[dict], arm: str, mode: str, seeds: list[int]):
+    """(steps, mean eval-mode validation loss over the seeds' runs that did not diverge), or (None, None)."""
+    curves = [
+        r["curve"]
+        for r in runs
+        if r["arm"] == arm and r["mode"] == mode and r["diverged_at"] is None and r["seed"] in seeds
+    ]
+    if not curves:
+        return None, None
+    steps = curves[0]["step"]
+    curves = [c for c in curves if c["step"] == steps]
+    return steps, np.mean([c["val_loss"] for c in curves], axis=0)
+
+
 def _arm_colors(arms: list[str]) -> dict:
     import matplotlib
 
@@ -243,7 +455,7 @@ def _arm_colors(arms: list[str]) -> dict:
     return {arm: cmap(i % 10) for i, arm in enumerate(arms)}
 
 
-def plot_results(results: dict, out_dir: pathlib.Path) -> Optional[str]:
+def plot_results(results: dict, out_dir: pathlib.Path) -> str | None:
     """loss_curves.png, contrasts.png and mechanisms.png; returns a note instead if matplotlib is missing."""
     try:
         import matplotlib
@@ -252,52 +464,55 @@ def plot_results(results: dict, out_dir: pathlib.Path) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: plots skipped (pip install matplotlib)"
-    runs = results["runs"]
+    runs, seeds = results["runs"], results["complete_seeds"]
     modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in runs)]
     arms = [a for a in ARMS if any(r["arm"] == a for r in runs)]
     colors = _arm_colors(arms)
-
-    def mean_curve(arm, mode):
-        curves = [r["curve"] for r in runs if r["arm"] == arm and r["mode"] == mode and r["diverged_at"] is None]
-        if not curves:
-            return None, None
-        steps = curves[0]["step"]
-        curves = [c for c in curves if c["step"] == steps]
-        return steps, np.mean([c["val_loss"] for c in curves], axis=0)
-
-    def paired_curve(arm, mode):
-        base = {r["seed"]: r["curve"] for r in runs if r["arm"] == "baseline" and r["diverged_at"] is None}
-        diffs = [np.array(r["curve"]["val_loss"]) - np.array(base[r["seed"]]["val_loss"])
-                 for r in runs if r["arm"] == arm and r["mode"] == mode and r["diverged_at"] is None
-                 and r["seed"] in base and r["curve"]["step"] == base[r["seed"]]["step"]]
-        if not diffs:
-            return None, None
-        steps = next(r["curve"]["step"] for r in runs if r["arm"] == arm and r["mode"] == mode)
-        return steps, np.mean(diffs, axis=0)
+    curves = {(c["arm"], c["mode"]): c for c in results["paired_curves"]}
+    regime = results["regime"]
 
     ncols = max(1, len(modes))
-    fig, axes = plt.subplots(2, ncols, figsize=(5 * ncols, 8), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, ncols, figsize=(max(8.0, 5.5 * ncols), 9), squeeze=False, sharex=True)
     for j, mode in enumerate(modes or [BASELINE_MODE]):
         top, bottom = axes[0][j], axes[1][j]
-        steps, base_curve = mean_curve("baseline", BASELINE_MODE)
+        steps, base_curve = _mean_curve(runs, "baseline", BASELINE_MODE, seeds)
         if steps is not None:
             top.plot(steps, base_curve, "k-o", label="baseline", markersize=3, linewidth=2)
+        if regime is not None and regime["run_tokens"] is not None:
+            for name, style in (("bigram", "--"), ("trigram", ":")):
+                top.axhline(
+                    regime["run_tokens"][name]["median"],
+                    color="grey",
+                    linestyle=style,
+                    linewidth=1,
+                    label=f"{name}, the run's tokens",
+                )
+                top.axhline(
+                    regime["split"][name],
+                    color="k",
+                    linestyle=style,
+                    linewidth=0.8,
+                    label=f"{name}, the training split",
+                )
         bottom.axhline(0.0, color="k", linewidth=1)
         for arm in arms:
             if arm == "baseline":
                 continue
-            steps, curve = mean_curve(arm, mode)
+            steps, curve = _mean_curve(runs, arm, mode, seeds)
             if steps is not None:
                 top.plot(steps, curve, "-o", color=colors[arm], label=arm, markersize=3, linewidth=1)
-            steps, diff = paired_curve(arm, mode)
-            if steps is not None:
-                bottom.plot(steps, diff, "-o", color=colors[arm], label=arm, markersize=3, linewidth=1)
+            c = curves.get((arm, mode))
+            if c is not None:
+                for diffs in c["per_seed"].values():
+                    bottom.plot(c["steps"], diffs, "-", color=colors[arm], linewidth=0.6, alpha=0.5)
+                bottom.plot(c["steps"], c["mean"], "-o", color=colors[arm], label=arm, markersize=3, linewidth=1.5)
         top.set(title=f"mode: {mode}", ylabel="val loss, eval mode (mean over seeds)")
-        bottom.set(xlabel="step", ylabel="arm - baseline (paired mean; < 0 = better)")
+        bottom.set(xlabel="step", ylabel="arm - baseline, paired (thin: each seed; < 0 = better)")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-        top.legend(fontsize=8)
-    fig.suptitle("Centering study: validation loss along training")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.suptitle("Centering study: validation loss along training, with count-based n-gram baselines")
     fig.tight_layout()
     _save_figure(fig, out_dir / "loss_curves.png")
     plt.close(fig)
@@ -308,19 +523,23 @@ def plot_results(results: dict, out_dir: pathlib.Path) -> Optional[str]:
 
 
 def _plot_contrasts(results: dict, out_dir: pathlib.Path, plt) -> None:
-    """contrasts.png: every arm-vs-baseline contrast with its 95% t-interval (Holm-significant ones filled)."""
+    """contrasts.png: every arm-vs-baseline contrast with its 95% t-interval (thick) and its simultaneous interval
+    (thin); Holm-significant ones filled."""
     family = [c for c in results["contrasts"] if c["kind"] == "arm" and c["ci95"] is not None]
     if not family:
         return
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(family) + 1.5))
     for i, c in enumerate(family):
-        ax.plot(c["ci95"], [i, i], "k-", linewidth=1.5)
+        ax.plot(c["ci_simultaneous"], [i, i], "k-", linewidth=0.8)
+        ax.plot(c["ci95"], [i, i], "k-", linewidth=2.5)
         ax.plot([c["mean"]], [i], "o", color="k", markerfacecolor="k" if c["significant"] else "white", markersize=7)
     ax.axvline(0.0, color="grey", linewidth=1)
     ax.set_yticks(range(len(family)), [c["label"] for c in family])
     ax.invert_yaxis()
-    ax.set(xlabel="d = arm - baseline, final eval-mode val loss (nats; < 0 = better)",
-           title="Paired contrasts with 95% t-intervals (filled: significant after Holm)")
+    ax.set(
+        xlabel="d = arm - baseline, final eval-mode val loss (nats; < 0 = better)",
+        title="Paired contrasts: 95% (thick) and simultaneous (thin) intervals; filled: significant after Holm",
+    )
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     _save_figure(fig, out_dir / "contrasts.png")
@@ -328,8 +547,8 @@ def _plot_contrasts(results: dict, out_dir: pathlib.Path, plt) -> None:
 
 
 def _plot_mechanisms(results: dict, out_dir: pathlib.Path, plt, colors: dict) -> None:
-    """mechanisms.png: per mode, mean_after / rms and running_mean / rms of the residual and embedding modules
-    along training (mean over seeds, max over blocks), and the gradient norm before clipping."""
+    """mechanisms.png: per mode, mean_after / rms and running_mean / rms of the centering modules along training
+    (mean over seeds, max over modules), and the gradient norm before clipping."""
     runs = [r for r in results["runs"] if r.get("mechanisms") and r["seed"] in results["complete_seeds"]]
     modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in runs)]
     if not modes:
@@ -342,16 +561,23 @@ def _plot_mechanisms(results: dict, out_dir: pathlib.Path, plt, colors: dict) ->
             for row, key in ((0, "mean_after"), (1, "running_mean")):
                 per_seed = []
                 for r in mine:
-                    mods = r["mechanisms"]["modules"].values()
-                    per_seed.append(np.max([np.array(m[key]) / np.array(m["stream_rms"]) for m in mods], axis=0))
-                axes[row][j].plot(steps, np.mean(per_seed, axis=0), "-o", color=colors.get(arm), markersize=3,
-                                  label=arm)  # fmt: skip
+                    mods = [m for m in r["mechanisms"]["modules"].values() if key in m]
+                    if mods:
+                        per_seed.append(np.max([np.array(m[key]) / np.array(m["stream_rms"]) for m in mods], axis=0))
+                if per_seed:
+                    axes[row][j].plot(
+                        steps, np.mean(per_seed, axis=0), "-o", color=colors.get(arm), markersize=3, label=arm
+                    )
             grads = [np.array(r["grad_norm_per_step"]) for r in mine if r["grad_norm_per_step"]]
             if grads:
                 g = np.mean([x[: min(map(len, grads))] for x in grads], axis=0)
                 k = max(1, len(g) // 50)
-                axes[2][j].plot(np.arange(1, len(g) + 1)[k - 1 :: k], np.convolve(g, np.ones(k) / k, "valid")[::k],
-                                color=colors.get(arm), label=arm)  # fmt: skip
+                axes[2][j].plot(
+                    np.arange(1, len(g) + 1)[k - 1 :: k],
+                    np.convolve(g, np.ones(k) / k, "valid")[::k],
+                    color=colors.get(arm),
+                    label=arm,
+                )
         axes[0][j].set(title=f"mode: {mode}", ylabel="|mean after centering| / stream rms")
         axes[1][j].set(ylabel="|running mean| / stream rms", yscale="log")
         axes[2][j].set(xlabel="step", ylabel="grad norm before clipping (mean over seeds)", yscale="log")
@@ -381,29 +607,46 @@ def build_results(out_dir: pathlib.Path, log: Callable[[str], None] = print, plo
     seeds = complete_seeds(runs, planned)
     modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in runs)]
     family = contrasts(runs, seeds)
-    base = [r["final"]["val_loss"] for r in runs if r["arm"] == "baseline" and r["seed"] in seeds
-            and r["final"]["val_loss"] is not None]  # fmt: skip
+    base = [
+        r["final"]["val_loss"]
+        for r in runs
+        if r["arm"] == "baseline" and r["seed"] in seeds and r["final"]["val_loss"] is not None
+    ]
     baseline_mean = statistics.fmean(base) if base else None
     sessions_path = out_dir / "sessions.jsonl"
-    sessions = [json.loads(line) for line in sessions_path.read_text().splitlines() if line.strip()] if sessions_path.exists() else []
+    sessions = (
+        [json.loads(line) for line in sessions_path.read_text().splitlines() if line.strip()]
+        if sessions_path.exists()
+        else []
+    )
+    config = runs[0]["config"]
+    differences = scale_differences(config)
+    regime = load_regime(out_dir, config, runs[0]["data_digest"])
     results = {
         "format": RESULTS_FORMAT,
-        "config": runs[0]["config"],
+        "config": config,
         "data_digest": runs[0]["data_digest"],
         "environment": runs[0]["environment"],  # where the runs ran (each run record holds its own)
         "environments_differ": any(r["environment"] != runs[0]["environment"] for r in runs),
+        "commits": sorted({r["environment"].get("git_commit") for r in runs} - {None}),
         "sessions": sessions,
         "planned_runs": len(planned),
-        "planned_seeds": sorted({int(run_id.split("-")[0][1:]) for run_id in planned}),
+        "planned_seeds": sorted({seed_of(run_id) for run_id in planned}),
         "complete_seeds": seeds,
+        "complete": len(runs) == len(planned) and all(r["run_id"] in planned for r in runs),
         "wall_s_sum_of_runs": sum(r["timing"]["wall_s"] for r in runs),
         "analysis": ANALYSIS,
-        "claims": [dataclasses.asdict(c) for c in SEED_CLAIMS],
+        "claims": [dataclasses.asdict(c) for c in CLAIMS],
+        "scale_differences": differences,
         "baseline_mean": baseline_mean,
+        "regime": regime_summary(regime, runs, seeds),
         "groups": group_summaries(runs, seeds),
+        "family_size": family[0]["family_size"] if family else 0,
         "contrasts": family,
-        "verdicts": claim_verdicts(family, baseline_mean, modes),
+        "verdicts": claim_verdicts(family, baseline_mean, modes, at_this_scale=bool(differences)),
+        "paired_curves": paired_curves(runs, seeds),
         "steps_to_baseline": steps_to_baseline(runs, seeds),
+        "leak_control": leak_control(runs, seeds, baseline_mean),
         "mechanisms": mechanism_summary(runs, seeds),
         "runs": sorted(runs, key=lambda r: (r["seed"], r["arm"], r["mode"])),
     }

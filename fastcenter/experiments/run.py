@@ -5,6 +5,7 @@ Outputs of a run: `runs/<run_id>.json`, written atomically when the run ends (se
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -12,20 +13,32 @@ import math
 import multiprocessing
 import pathlib
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from .. import data
 from ..files import atomic_write_text
-from ..nn import VectorCentering
 from ..training import NonFiniteLossError, Trainer, preserved
-from .plan import ARMS, LEAK_TOLERANCE, RUN_FORMAT, RunSpec, StudyConfig, build_model, file_digest, initial_state, plan_runs, weights_digest
+from .centering import measure_mechanisms
+from .ngram import update_regime
+from .plan import (
+    ARMS,
+    LEAK_TOLERANCE,
+    RUN_FORMAT,
+    RunSpec,
+    StudyConfig,
+    build_model,
+    file_digest,
+    initial_state,
+    plan_runs,
+    weights_digest,
+)
 from .report import build_results, environment
-
+from .stats import seed_of
 
 
 @torch.no_grad()
@@ -76,10 +89,10 @@ class Corpus:
     digest: str
 
 
-def load_corpus(data_dir, cfg: StudyConfig) -> Corpus:
+def load_corpus(data_dir, vocab_size: int, seq_len: int) -> Corpus:
     data_dir = pathlib.Path(data_dir)
-    train = data.load_split(data_dir, "train", vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
-    val = data.load_split(data_dir, "val", vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
+    train = data.load_split(data_dir, "train", vocab_size=vocab_size, seq_len=seq_len)
+    val = data.load_split(data_dir, "val", vocab_size=vocab_size, seq_len=seq_len)
     digest = hashlib.sha256(
         (file_digest(data_dir / "train.bin") + file_digest(data_dir / "val.bin")).encode()
     ).hexdigest()
@@ -98,7 +111,7 @@ def train_run(
     corpus: Corpus,
     device: torch.device,
     *,
-    base_state: Optional[dict] = None,
+    base_state: dict | None = None,
     log: Callable[[str], None] = print,
     prefix: str = "",
 ) -> dict:
@@ -111,9 +124,13 @@ def train_run(
     model = build_model(cfg, spec, base_state)
     base_keys = list(base_state) if base_state is not None else list(initial_state(cfg, spec.seed))
     init_digest = weights_digest(model, base_keys)
-    trainer = Trainer(model.train(), cfg.train_config(spec.seed, device), train_tokens=corpus.train,
-                      val_tokens=corpus.val, device=device, digest_batches=True)  # fmt: skip
-    probe = data.to_inputs_targets(data.gather_windows(corpus.val, trainer.val_positions[: cfg.batch_size], cfg.seq_len), device)
+    run_cfg = cfg.run_config(spec.seed, device)
+    iters, log_interval = run_cfg.max_iters, run_cfg.log_interval
+    trainer = Trainer(
+        model.train(), run_cfg, train_tokens=corpus.train, val_tokens=corpus.val, device=device, digest_batches=True
+    )
+    probe_windows = data.gather_windows(corpus.val, trainer.val_positions[: run_cfg.batch_size], run_cfg.seq_len)
+    probe = data.to_inputs_targets(probe_windows, device)
     eval_steps = set(cfg.eval_steps)
     step_losses, grad_norms = [], []  # device tensors: the loop syncs only at log and eval steps
     curve = {"step": [], "val_loss": []}
@@ -136,10 +153,12 @@ def train_run(
                     for name, stats in measure_mechanisms(model, *probe).items():
                         for key, value in stats.items():
                             mechanisms["modules"].setdefault(name, {}).setdefault(key, []).append(value)
-            if report.step % cfg.log_interval == 0 or report.step == cfg.iters:
+            if report.step % log_interval == 0 or report.step == iters:
                 val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""
-                log(f"{prefix}step {report.step}/{cfg.iters} | loss {row['loss']:.4f}{val} | lr {row['lr']:.2e} | "
-                    f"grad norm {row['grad_norm']:.3g} | {t_train / report.step:.2f} s/step")  # fmt: skip
+                log(
+                    f"{prefix}step {report.step}/{iters} | loss {row['loss']:.4f}{val} | lr {row['lr']:.2e} | "
+                    f"grad norm {row['grad_norm']:.3g} | {t_train / report.step:.2f} s/step"
+                )
     except NonFiniteLossError as e:
         diverged_at = e.step
         log(f"{prefix}{e}: the run diverged; stopping it")
@@ -154,9 +173,10 @@ def train_run(
         "mode": spec.mode,
         "placements": list(ARMS[spec.arm]),
         "config": cfg.result_fields(),
+        "configs": {"model": model.config.to_dict(), "train": dataclasses.asdict(run_cfg)},
         "data_digest": corpus.digest,
         "device": device.type,
-        "ops": ops_name(device, cfg.fused),
+        "ops": ops_name(device, cfg.model.fused),
         "autocast": trainer.precision.name,
         "parameters": model.num_params(),
         "environment": environment(),
@@ -171,7 +191,7 @@ def train_run(
     }
     t_eval = time.perf_counter()
     if diverged_at is None:
-        tail = train_losses[-max(1, cfg.iters // 10):]
+        tail = train_losses[-max(1, iters // 10) :]
         record["final"] = {
             "val_loss": curve["val_loss"][-1],
             "val_loss_train_mode": trainer.evaluate(training=True),
@@ -191,28 +211,6 @@ def train_run(
     }
     record["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return record
-
-
-@torch.no_grad()
-def measure_mechanisms(model, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Per centering module, what it does to one batch in training mode (the view training has), the model left
-    exactly as it was: stream_rms, mean_before, mean_after and running_mean (see VectorCentering._record)."""
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, VectorCentering)}
-    if not modules:
-        return {}
-    with preserved(model, training=True) as reset:
-        reset()
-        for m in modules.values():
-            m.track = True
-        try:
-            model(x, y)
-        finally:
-            for m in modules.values():
-                m.track = False
-    out = {name: {key: float(v) for key, v in m.stats.items()} for name, m in modules.items()}
-    for m in modules.values():
-        m.stats = None
-    return out
 
 
 def ops_name(device: torch.device, fused: bool) -> str:
@@ -238,16 +236,33 @@ def load_runs(out_dir: pathlib.Path) -> list[dict]:
     return runs
 
 
-def check_compatible(records: list[dict], fields: dict, digest: Optional[str], out_dir: pathlib.Path) -> None:
+def check_compatible(records: list[dict], fields: dict, digest: str | None, out_dir: pathlib.Path) -> None:
     """Refuse to mix runs of different configurations or data in one study."""
     for r in records:
         changed = sorted(k for k in set(fields) | set(r["config"]) if fields.get(k) != r["config"].get(k))
         if changed:
             detail = ", ".join(f"{k}: {r['config'].get(k)!r} there, {fields.get(k)!r} now" for k in changed)
-            raise StudyError(f"{out_dir}/runs holds runs of another configuration ({detail}); "
-                             "use another --out, or the same settings")
+            raise StudyError(
+                f"{out_dir}/runs holds runs of another configuration ({detail}); "
+                "use another --out, or the same settings"
+            )
         if digest is not None and r["data_digest"] != digest:
             raise StudyError(f"{out_dir}/runs holds runs trained on other data ({r['run_id']}); use another --out")
+
+
+def regime_of_study(out_dir: pathlib.Path, data_dir, log: Callable[[str], None] = print) -> dict:
+    """OUT/ngrams.json for the planned seeds of a study, from its data (`--report-only --data DIR`)."""
+    runs = load_runs(out_dir)
+    if not runs:
+        raise StudyError(f"no finished runs under {out_dir}/runs")
+    config, digest = runs[0]["config"], runs[0]["data_digest"]
+    corpus = load_corpus(data_dir, config["vocab_size"], config["seq_len"])
+    if corpus.digest != digest:
+        raise StudyError(f"{data_dir} is not the data the runs under {out_dir} trained on (another digest)")
+    plan_path = out_dir / "plan.json"
+    planned = json.loads(plan_path.read_text())["runs"] if plan_path.exists() else [r["run_id"] for r in runs]
+    seeds = sorted({seed_of(run_id) for run_id in planned})
+    return update_regime(out_dir, corpus.train, corpus.val, config, digest, seeds, log)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -255,8 +270,15 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run_study(cfg: StudyConfig, data_dir, out_dir, *, workers: int = 1, threads: Optional[int] = None,
-              log: Callable[[str], None] = print) -> dict:
+def run_study(
+    cfg: StudyConfig,
+    data_dir,
+    out_dir,
+    *,
+    workers: int = 1,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run every planned run not already finished under out_dir/runs, then rebuild the results.
 
     workers > 1 runs that many runs at once in separate processes with `threads` torch threads each (default
@@ -265,33 +287,46 @@ def run_study(cfg: StudyConfig, data_dir, out_dir, *, workers: int = 1, threads:
     """
     out_dir = pathlib.Path(out_dir)
     try:
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.train.device)
     except ValueError as e:
         raise StudyError(str(e)) from e
     if workers < 1:
         raise StudyError(f"--workers must be >= 1, got {workers}")
-    corpus = load_corpus(data_dir, cfg)
+    corpus = load_corpus(data_dir, cfg.model.vocab_size, cfg.train.seq_len)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     finished = {r["run_id"]: r for r in load_runs(out_dir)}
     check_compatible(list(finished.values()), cfg.result_fields(), corpus.digest, out_dir)
     plan = plan_runs(cfg)
-    atomic_write_text(out_dir / "plan.json", json.dumps({"runs": [spec.run_id for spec in plan],
-                                                          "config": cfg.result_fields()}, indent=1) + "\n")  # fmt: skip
+    atomic_write_text(
+        out_dir / "plan.json",
+        json.dumps({"runs": [spec.run_id for spec in plan], "config": cfg.result_fields()}, indent=1) + "\n",
+    )
     todo = [spec for spec in plan if spec.run_id not in finished]
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     parallel = workers > 1 and len(todo) > 1
     log(
-        f"centering study: {len(plan)} runs ({cfg.seeds} seeds x [baseline + {len(cfg.arms) - 1} arms x "
-        f"{len(cfg.modes)} modes]), {len(plan) - len(todo)} already finished in {out_dir / 'runs'}; "
-        f"{cfg.iters} steps of {cfg.tokens_per_step:,} tokens; data {corpus.data_dir} ({len(corpus.train):,} train / "
-        f"{len(corpus.val):,} val tokens, vocabulary {cfg.vocab_size:,}); {device.type}, "
-        f"{ops_name(device, cfg.fused)} ops ({'bf16 autocast' if device.type == 'cuda' else 'float32'}), "
-        + (f"{workers} worker processes x {threads or 1} thread(s)" if parallel else f"{torch.get_num_threads()} threads")
+        f"centering study: {len(plan)} runs ({cfg.seeds} seeds x [baseline + {len(cfg.cells)} arm/mode pairs]), "
+        f"{len(plan) - len(todo)} already finished in {out_dir / 'runs'}; {cfg.train.max_iters} steps of "
+        f"{cfg.train.tokens_per_step:,} tokens; data {corpus.data_dir} ({len(corpus.train):,} train / "
+        f"{len(corpus.val):,} val tokens, vocabulary {cfg.model.vocab_size:,}); {device.type}, "
+        f"{ops_name(device, cfg.model.fused)} ops ({'bf16 autocast' if device.type == 'cuda' else 'float32'}), "
+        + (
+            f"{workers} worker processes x {threads or 1} thread(s)"
+            if parallel
+            else f"{torch.get_num_threads()} threads"
+        )
     )
-    session = {"started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "runs_planned": len(plan), "runs_to_do": len(todo), "runs_done": 0,
-               "workers": workers if parallel else 1}  # fmt: skip
+    log(f"finished: {', '.join(s.run_id for s in plan if s.run_id in finished) or 'none'}")
+    log(f"to run: {', '.join(s.run_id for s in todo) or 'none'}")
+    update_regime(out_dir, corpus.train, corpus.val, cfg.result_fields(), corpus.digest, cfg.seed_list, log)
+    session = {
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "runs_planned": len(plan),
+        "runs_to_do": len(todo),
+        "runs_done": 0,
+        "workers": workers if parallel else 1,
+    }
     t0 = time.perf_counter()
 
     def finished_one(spec: RunSpec, record: dict) -> None:
@@ -299,22 +334,33 @@ def run_study(cfg: StudyConfig, data_dir, out_dir, *, workers: int = 1, threads:
         done = session["runs_done"]
         elapsed = time.perf_counter() - t0
         final, leak = record["final"], record["leak"]
-        leak_text = "-" if leak is None else (
-            f"eval {'YES' if leak['eval']['leak'] else 'no'} / train {'YES' if leak['train']['leak'] else 'no'}")
-        result = "DIVERGED" if final["val_loss"] is None else (
-            f"val {final['val_loss']:.4f} (train mode {final['val_loss_train_mode']:.4f})")
-        log(f"{_prefix(spec, plan)}done: {result}, leak {leak_text}, {record['timing']['wall_s']:.0f} s; "
+        leak_text = (
+            "-"
+            if leak is None
+            else (f"eval {'YES' if leak['eval']['leak'] else 'no'} / train {'YES' if leak['train']['leak'] else 'no'}")
+        )
+        result = (
+            "DIVERGED"
+            if final["val_loss"] is None
+            else (f"val {final['val_loss']:.4f} (train mode {final['val_loss_train_mode']:.4f})")
+        )
+        log(
+            f"{_prefix(spec, plan)}done: {result}, leak {leak_text}, {record['timing']['wall_s']:.0f} s; "
             f"{done}/{len(todo)} this session, elapsed {_format_seconds(elapsed)}, "
-            f"ETA {_format_seconds(elapsed / done * (len(todo) - done))}")  # fmt: skip
+            f"ETA {_format_seconds(elapsed / done * (len(todo) - done))}"
+        )
         build_results(out_dir, log, plots=False)  # partial results stay current
 
     try:
         if parallel:
             context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                     initargs=(threads or 1,)) as pool:  # fmt: skip
-                futures = {pool.submit(_run_and_save, spec, cfg, str(data_dir), str(out_dir), _prefix(spec, plan)): spec
-                           for spec in todo}  # fmt: skip
+            with ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_worker_init, initargs=(threads or 1,)
+            ) as pool:
+                futures = {
+                    pool.submit(_run_and_save, spec, cfg, str(data_dir), str(out_dir), _prefix(spec, plan)): spec
+                    for spec in todo
+                }
                 try:
                     for future in as_completed(futures):
                         finished_one(futures[future], future.result())
@@ -327,8 +373,9 @@ def run_study(cfg: StudyConfig, data_dir, out_dir, *, workers: int = 1, threads:
             for spec in todo:
                 if spec.seed not in base_states:
                     base_states = {spec.seed: initial_state(cfg, spec.seed)}  # one seed at a time in memory
-                record = train_run(spec, cfg, corpus, device, base_state=base_states[spec.seed], log=log,
-                                   prefix=_prefix(spec, plan))  # fmt: skip
+                record = train_run(
+                    spec, cfg, corpus, device, base_state=base_states[spec.seed], log=log, prefix=_prefix(spec, plan)
+                )
                 atomic_write_text(out_dir / "runs" / f"{spec.run_id}.json", json.dumps(record) + "\n")
                 finished_one(spec, record)
     finally:
@@ -351,10 +398,17 @@ def _worker_init(threads: int) -> None:
 
 def _run_and_save(spec: RunSpec, cfg: StudyConfig, data_dir: str, out_dir: str, prefix: str) -> dict:
     """One run in a worker process: everything from the plan and the data, the record written when done."""
-    device = resolve_device(cfg.device)
-    corpus = load_corpus(data_dir, cfg)
-    record = train_run(spec, cfg, corpus, device, base_state=initial_state(cfg, spec.seed),
-                       log=lambda line: print(line, flush=True), prefix=prefix)  # fmt: skip
+    device = resolve_device(cfg.train.device)
+    corpus = load_corpus(data_dir, cfg.model.vocab_size, cfg.train.seq_len)
+    record = train_run(
+        spec,
+        cfg,
+        corpus,
+        device,
+        base_state=initial_state(cfg, spec.seed),
+        log=lambda line: print(line, flush=True),
+        prefix=prefix,
+    )
     atomic_write_text(pathlib.Path(out_dir) / "runs" / f"{spec.run_id}.json", json.dumps(record) + "\n")
     return record
 
