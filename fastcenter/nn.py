@@ -106,9 +106,8 @@ class VectorCentering(nn.Module):
             raise ValueError(f"x must have last dim {self.dim}, got shape {tuple(x.shape)}")
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if x.numel() == 0:  # no tokens, no statistics (their mean is 0/0): centred as in eval, nothing updated
-            return self._eval_center(x, residual)
-        if not self.training:
+        # An empty batch has no statistics (its mean is 0/0): centred as in eval, nothing updated.
+        if not self.training or x.numel() == 0:
             return self._eval_center(x, residual)
 
         # Read running_mean before this forward's update (clone: the update below is in place).
