@@ -16,19 +16,20 @@ directory and a console:
                    allocated; CPU: the process's peak RSS), elapsed_s, and val_loss on evaluation steps
     ckpt.pt        the latest checkpoint, after every evaluation and when stopped (fastcenter/checkpoint.py)
     loss.png       train and validation loss curves (needs matplotlib)
-    run.lock       held while the run lives: a second run into the same directory is refused
+    run.lock       the running run's pid; the run locks the directory (and this file) while it lives: a second
+                   run into the same directory is refused, also when run.lock was removed (fastcenter/files.py)
 
 SIGINT/SIGTERM: the run says at once that it will stop, finishes the current step (under torchrun: the steps up
 to the next log step), checkpoints and exits cleanly; a second Ctrl-C aborts at once, keeping the last
-checkpoint. A non-finite loss stops the run before anything is saved. Mistakes the user can fix (a flag, the
-data, a busy or unusable run directory, an unreadable checkpoint, a full disk) are one line on stderr and exit
-code 2, never a traceback.
+checkpoint (so does a first one while the run is starting or finishing: there is no step to finish). A
+non-finite loss stops the run before anything is saved. Mistakes the user can fix (a flag, the data, a busy or
+unusable run directory, a damaged or foreign checkpoint, another corpus under --resume, a model too large for
+the machine, a full disk or a file-size limit) are one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
 import random
 import signal
 import sys
@@ -42,11 +43,12 @@ from fastcenter import checkpoint, data
 from fastcenter.config import CPU_COMMAND, UsageError, resolve_configs
 from fastcenter.files import RunDirectory, RunDirectoryError
 from fastcenter.model import GPT
-from fastcenter.training import Dist, NonFiniteLossError, Trainer, setup_distributed
+from fastcenter.training import Dist, NonFiniteLossError, Trainer, check_fits, setup_distributed
 
 
 def main(argv=None) -> dict:
     """Train; returns a summary {"step", "loss", "val_loss", "out_dir", "stopped_by"}."""
+    StopSignal.first = None
     cfg, model_cfg, ckpt, notes = resolve_configs(argv)
     dist, device = setup_distributed(cfg.device)
     console = Console(active=dist.master)
@@ -54,13 +56,17 @@ def main(argv=None) -> dict:
     try:
         for note in notes:
             console.say(note)
+        run_dir.check()
         refuse_to_overwrite(cfg, run_dir)
+        check_fits(model_cfg, device)
         # Data first: a corrupt or mismatched file stops the run before anything is built or written.
-        data_dir, train_tokens, val_tokens = load_data(cfg, model_cfg.vocab_size, dist, console)
+        corpus = load_data(cfg, model_cfg.vocab_size, dist, console)
+        if ckpt is not None:
+            check_same_corpus(ckpt, corpus, run_dir.checkpoint, console)
         if dist.master:
             run_dir.open()  # refuses a directory another run holds, before anything is written there
             refuse_to_overwrite(cfg, run_dir)  # again, now that no other run can be writing it
-        return train(cfg, model_cfg, ckpt, dist, device, run_dir, console, (data_dir, train_tokens, val_tokens))
+        return train(cfg, model_cfg, ckpt, dist, device, run_dir, console, corpus)
     finally:
         run_dir.close()
         if dist.enabled:
@@ -69,11 +75,29 @@ def main(argv=None) -> dict:
 
 def refuse_to_overwrite(cfg, run_dir: RunDirectory) -> None:
     if not cfg.resume and run_dir.checkpoint.exists():
-        raise UsageError(f"{run_dir.checkpoint} exists: pass --resume to continue that run, or choose another --out-dir")
+        raise UsageError(
+            f"{run_dir.checkpoint} exists: pass --resume to continue that run, or choose another --out-dir"
+        )
 
 
-def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, console, corpus) -> dict:
-    data_dir, train_tokens, val_tokens = corpus
+def check_same_corpus(ckpt: dict, corpus: data.Corpus, path, console) -> None:
+    """--resume trains on the corpus the checkpoint was trained on, or not at all: ids are only meaningful in
+    their own corpus (a compacted vocabulary numbers them its own way)."""
+    saved_ids = ckpt.get("token_ids")
+    ids = None if corpus.token_ids is None else corpus.token_ids.tolist()
+    problems = [] if ids == saved_ids else ["the vocabulary (meta.json's token_ids) differs"]
+    if "data" in ckpt:
+        problems = corpus.differences(ckpt["data"])
+    elif not problems:
+        console.say(f"note: {path} predates corpus identities: {corpus.path} cannot be checked against its corpus")
+    if problems:
+        raise UsageError(
+            f"--resume: {corpus.path} is not the corpus {path} was trained on ({'; '.join(problems)}): pass the "
+            "run's own --data"
+        )
+
+
+def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, console, corpus: data.Corpus) -> dict:
     if model_cfg.fused and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         console.say("--fused without a GPU: the fused ops run their CPU implementation (fastcenter/cpu.py).")
 
@@ -83,20 +107,27 @@ def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, conso
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
-    trainer = Trainer(GPT(model_cfg), cfg, train_tokens=train_tokens, val_tokens=val_tokens, device=device, dist=dist)
+    try:
+        model = GPT(model_cfg)
+    except (RuntimeError, MemoryError) as e:  # check_fits let it through, but this machine has less free now
+        raise UsageError(f"the model could not be allocated: {str(e).strip().splitlines()[0]}") from None
+    trainer = Trainer(model, cfg, train_tokens=corpus.train, val_tokens=corpus.val, device=device, dist=dist)
     if ckpt is not None:
-        trainer.load_state_dict(ckpt)
-    ids = data.token_ids(data_dir)
-    trainer.token_ids = None if ids is None else ids.tolist()  # sampling maps the model's ids back to GPT-2's
+        try:
+            trainer.load_state_dict(ckpt)
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(f"--resume: {run_dir.checkpoint}: {e}") from None
+    # Sampling maps the model's ids back to GPT-2's; a resumed run checks that it trains on the same corpus.
+    trainer.token_ids = None if corpus.token_ids is None else corpus.token_ids.tolist()
+    trainer.data_identity = corpus.identity
 
     kept, torn = run_dir.metrics_until(trainer.step) if cfg.resume and dist.master else ([], 0)
     if torn:
         console.say(f"note: dropped {torn} unreadable line(s) of {run_dir.metrics} (a write cut short)")
     model = trainer.raw_model
     run_info = {
-        "data_dir": str(pathlib.Path(data_dir).resolve()),
-        "train_tokens": len(train_tokens),
-        "val_tokens": len(val_tokens),
+        "data_dir": str(corpus.path.resolve()),
+        "data": corpus.identity,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world_size": dist.world_size,
         "autocast_dtype": trainer.precision.name,
@@ -108,8 +139,8 @@ def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, conso
         run_dir.start_metrics(kept)
     console.say(
         f"model: {model.num_params():,} parameters, {'fused' if model_cfg.fused else 'reference'} ops, "
-        f"center={','.join(model_cfg.center) or 'none'}; data: {data_dir} ({len(train_tokens):,} train / "
-        f"{len(val_tokens):,} val tokens); {cfg.tokens_per_step:,} tokens per step on {dist.world_size} x "
+        f"center={','.join(model_cfg.center) or 'none'}; data: {corpus.path} ({len(corpus.train):,} train / "
+        f"{len(corpus.val):,} val tokens); {cfg.tokens_per_step:,} tokens per step on {dist.world_size} x "
         f"{device} ({trainer.precision.name}); out: {run_dir.path}"
     )
 
@@ -159,12 +190,17 @@ def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, conso
         result = f"train loss {last_loss:.4f}, " if last_loss is not None else ""
         result += f"val loss {trainer.val_loss:.4f}" if trainer.val_loss is not None else "no validation yet"
         console.say(f"done: {trainer.step} steps, {result}; run directory {run_dir.path}")
-    return {"step": trainer.step, "loss": last_loss, "val_loss": trainer.val_loss, "out_dir": str(run_dir.path),
-            "stopped_by": stopped_by}  # fmt: skip
+    return {
+        "step": trainer.step,
+        "loss": last_loss,
+        "val_loss": trainer.val_loss,
+        "out_dir": str(run_dir.path),
+        "stopped_by": stopped_by,
+    }
 
 
-def load_data(cfg, vocab_size: int, dist: Dist, console) -> tuple[str, np.ndarray, np.ndarray]:
-    """(data directory, train tokens, val tokens), validated; the demo corpus (built by rank 0) without --data."""
+def load_data(cfg, vocab_size: int, dist: Dist, console) -> data.Corpus:
+    """The corpus, validated (fastcenter.data.load_corpus); the demo corpus (built by rank 0) without --data."""
     data_dir = cfg.data
     if not data_dir:
         console.say("No --data given: training on the demo corpus (the Python standard library's own source).")
@@ -174,9 +210,7 @@ def load_data(cfg, vocab_size: int, dist: Dist, console) -> tuple[str, np.ndarra
             box = [data_dir]
             torch.distributed.broadcast_object_list(box, src=0)  # also a barrier: rank 0 has built it
             data_dir = box[0]
-    train_tokens = data.load_split(data_dir, "train", vocab_size=vocab_size, seq_len=cfg.seq_len)
-    val_tokens = data.load_split(data_dir, "val", vocab_size=vocab_size, seq_len=cfg.seq_len)
-    return data_dir, train_tokens, val_tokens
+    return data.load_corpus(data_dir, vocab_size=vocab_size, seq_len=cfg.seq_len)
 
 
 class Console:
@@ -192,8 +226,14 @@ class Console:
         if self.active and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total * tokens_per_step, initial=done * tokens_per_step, unit="tok",
-                            unit_scale=True, dynamic_ncols=True, smoothing=0.1)  # fmt: skip
+            self.bar = tqdm(
+                total=total * tokens_per_step,
+                initial=done * tokens_per_step,
+                unit="tok",
+                unit_scale=True,
+                dynamic_ncols=True,
+                smoothing=0.1,
+            )
 
     def say(self, message: str) -> None:
         if not self.active:
@@ -223,10 +263,12 @@ class Console:
     def cpu_projection(self, row: dict, cfg) -> None:
         """After the first step on a CPU: how long this run would take, and, if that is long, the run that fits."""
         seconds = cfg.max_iters * self.tokens_per_step / row["tokens_per_sec"]
-        note = (f"note: on this CPU the first step ran at {row['tokens_per_sec']:,.0f} tokens/s: {cfg.max_iters:,} "
-                f"steps would take about {format_duration(seconds)}.")  # fmt: skip
+        note = (
+            f"note: on this CPU the first step ran at {row['tokens_per_sec']:,.0f} tokens/s: {cfg.max_iters:,} "
+            f"steps would take about {format_duration(seconds)}."
+        )
         if seconds > 3600:
-            note += f" A run sized for a CPU (README, \"On a CPU\"):\n    {CPU_COMMAND}"
+            note += f' A run sized for a CPU (README, "On a CPU"):\n    {CPU_COMMAND}'
         self.say(note)
 
     def close(self) -> None:
@@ -247,14 +289,18 @@ class StopSignal:
     """SIGINT/SIGTERM: say at once that the run stops after this step, and set the flag the loop reads; a second
     Ctrl-C interrupts at once."""
 
+    first = None  # the first signal received by any StopSignal of this run: cli() tells a second Ctrl-C by it
+
     def __init__(self, console: Console):
         self.console, self.received, self._previous = console, None, {}
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        self.received = StopSignal.first = signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        self.console.say(f"{self.received} received: stopping after the current step, then saving a checkpoint "
-                         "(press Ctrl-C again to abort without saving)")  # fmt: skip
+        self.console.say(
+            f"{self.received} received: stopping after the current step, then saving a checkpoint "
+            "(press Ctrl-C again to abort without saving)"
+        )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -274,11 +320,15 @@ def cli(argv=None) -> int:
     except (UsageError, data.DataError, RunDirectoryError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the messages above did not name (unreadable, a full disk, ...)
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted (second Ctrl-C): the last checkpoint written is kept", file=sys.stderr)
+        when = "second Ctrl-C" if StopSignal.first else "Ctrl-C while the run was starting or finishing, not training"
+        print(f"error: interrupted ({when}): the last checkpoint written, if any, is kept", file=sys.stderr)
         return 130
     return 0
 

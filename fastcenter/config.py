@@ -4,8 +4,9 @@ Flags use dashes (`--grad-accum-steps 8`, `--center qk,v`, booleans as `--fused`
 `--resume`, the run continues from `<out-dir>/ckpt.pt` with the configuration saved there, and the flags given
 on the command line override it (e.g. `--max-iters` to extend a run); the model's shape cannot change.
 
-Every invalid value -- out of range, not finite, of the wrong type -- is a `UsageError` whose message names
-the flag and what it must be: the command line prints it as one line and exits with code 2.
+Every invalid value -- out of range, not finite, beyond float32's range (the precision the run computes in),
+of the wrong type -- is a `UsageError` whose message names the flag and what it must be: the command line
+prints it as one line and exits with code 2.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from . import checkpoint, data
 from .model import GPTConfig
 from .nn import CENTERING_MODES
+from .ops._dispatch import is_real
 
 __all__ = ["UsageError", "TrainConfig", "build_parser", "resolve_configs", "CHOICES", "CPU_COMMAND"]
 
@@ -35,6 +37,9 @@ CPU_COMMAND = (
 
 class UsageError(ValueError):
     """A configuration that cannot run (the message says which flag, and what to do)."""
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: every float flag must fit in float32
 
 
 def opt(default, help: str):
@@ -88,8 +93,15 @@ class TrainConfig:
         def bad(name, expected):
             raise UsageError(f"{flag(name)} must be {expected}, got {getattr(self, name)!r}")
 
-        for name in ("batch_size", "grad_accum_steps", "seq_len", "max_iters", "eval_interval", "eval_iters",
-                     "log_interval"):  # fmt: skip
+        for name in (
+            "batch_size",
+            "grad_accum_steps",
+            "seq_len",
+            "max_iters",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(name, "an integer >= 1")
@@ -97,8 +109,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 bad(name, "an integer >= 0")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            bad("seed", "an integer in [0, 2**63)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            bad("seed", "an integer in [0, 2**32)")  # what NumPy's global generator takes
         ranges = {  # name: (test, what it must be)
             "lr": (lambda v: v > 0, "a finite number > 0"),
             "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -109,8 +121,9 @@ class TrainConfig:
         }
         for name, (ok, expected) in ranges.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-                bad(name, expected)
+            if not _is_float32(value) or not ok(value):
+                big = is_real(value) and math.isfinite(value) and ok(value)  # in range, but not in float32's
+                bad(name, f"within float32's range (at most {FLOAT32_MAX:.4g})" if big else expected)
             setattr(self, name, float(value))
         for name in ("device", "dtype"):
             if getattr(self, name) not in CHOICES[name]:
@@ -171,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(flag(f.name), choices=CHOICES[f.name], help=help_text)
             elif kind in (int, float, str):
                 metavar = {int: "N", float: "F"}.get(kind, "DIR" if f.name in ("data", "out_dir") else "STR")
-                group.add_argument(flag(f.name), type=kind, metavar=metavar, help=help_text)
+                parse = _float_flag if kind is float else kind
+                group.add_argument(flag(f.name), type=parse, metavar=metavar, help=help_text)
             elif kind == typing.Optional[int]:
                 group.add_argument(flag(f.name), type=_optional_int, metavar="N", help=help_text)
             elif kind is tuple:  # center: GPTConfig parses "qk,v"
@@ -183,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional_int(text: str):
     return None if text.lower() == "none" else int(text)
+
+
+def _is_float32(value) -> bool:
+    """A real number that float32 holds without overflow (the run computes in float32)."""
+    return is_real(value) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
+def _float_flag(text: str) -> float:
+    """A float flag's value; one beyond float32's range is refused here, for every float flag alike."""
+    value = float(text)
+    if math.isfinite(value) and not _is_float32(value):
+        raise argparse.ArgumentTypeError(f"{text} is beyond float32's range (at most {FLOAT32_MAX:.4g} in size)")
+    return value
 
 
 def _model_config(fields: dict) -> GPTConfig:
@@ -200,21 +227,33 @@ def resolve_configs(argv) -> tuple[TrainConfig, GPTConfig, dict | None, list[str
     train_given = {k: v for k, v in given.items() if k in TRAIN_FIELDS}
     model_given = {k: v for k, v in given.items() if k in MODEL_FIELDS}
     notes = []
-    train_cfg = TrainConfig(**train_given)
+    if train_given.get("data"):  # absolute: a resumed run finds the same directory from anywhere
+        train_given["data"] = str(pathlib.Path(train_given["data"]).absolute())
+    train_cfg = TrainConfig(**train_given)  # the flags given, checked on their own first
     ckpt = None
     if train_cfg.resume:
         path = pathlib.Path(train_cfg.out_dir) / "ckpt.pt"
         try:
             ckpt = checkpoint.load(path)
+            saved_model = checkpoint.model_config(ckpt, path)
         except checkpoint.CheckpointError as e:
             raise UsageError(f"--resume: {e}") from None
-        saved_model = checkpoint.model_config(ckpt)
         model_cfg = _model_config({**ckpt["config"]["model"], **model_given})
         # The weights fix the shape: only the choice of kernels may change on resume.
         changed = sorted(k for k in MODEL_FIELDS - {"fused"} if getattr(model_cfg, k) != getattr(saved_model, k))
         if changed:
             raise UsageError(f"--resume: cannot change model field(s) {changed} of the checkpoint {path}")
-        train_cfg = TrainConfig(**{**ckpt["config"]["train"], **train_given})
+        saved_train = ckpt["config"]["train"]
+        unknown = sorted(set(saved_train) - TRAIN_FIELDS)
+        if unknown:
+            raise UsageError(
+                f"--resume: {path} has train field(s) {unknown} this version does not know: written "
+                "by another version of fastcenter"
+            )
+        try:
+            train_cfg = TrainConfig(**{**saved_train, **train_given})
+        except UsageError as e:  # the flags given are valid: the checkpoint's value is not
+            raise UsageError(f"--resume: {path} holds an invalid train config ({e}): a damaged checkpoint") from None
         if train_cfg.seed != ckpt["sampler"]["seed"]:
             seed = ckpt["sampler"]["seed"]
             raise UsageError(f"--resume: --seed cannot change (the checkpoint's data stream uses seed {seed})")

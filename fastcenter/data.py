@@ -15,6 +15,14 @@ Preparation
     document, and writes train.bin / val.bin / meta.json. The split is by document and deterministic (see
     `split_documents`).
 
+Identity
+    meta.json names the token files it describes: their token counts and digests (and, for a compacted
+    vocabulary, the GPT-2 id of each token id). prepare writes it *first*, so an interrupted prepare leaves
+    token files that do not match it -- refused on load -- never new token files beside an old mapping, nor
+    compacted ids without their mapping. `load_corpus` checks a directory against its meta.json and returns
+    its identity (the token files' digests and the mapping's), which checkpoints keep, so that --resume
+    refuses another corpus. A directory without meta.json (nanoGPT's own files) holds GPT-2 ids.
+
 Demo corpus
     With no data given, train.py trains on the Python standard library's own source (`ensure_demo_corpus`):
     about 15M tokens from the .py files of this interpreter's stdlib, no download, cached on disk.
@@ -37,6 +45,8 @@ import os
 import pathlib
 import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -52,6 +62,11 @@ __all__ = [
     "open_tokens",
     "check_tokens",
     "load_split",
+    "load_corpus",
+    "Corpus",
+    "read_meta",
+    "check_token_ids",
+    "tokens_digest",
     "write_tokens",
     "get_encoding",
     "split_documents",
@@ -75,6 +90,8 @@ LLMC_TOKEN_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}  # header version -
 
 # Validation scans this many tokens at a time (32 MB of uint16): bounded memory for files of any size.
 SCAN_CHUNK_TOKENS = 1 << 24
+
+SPLITS = ("train", "val")
 
 
 class DataError(ValueError):
@@ -136,35 +153,176 @@ def _open_llmc(path: pathlib.Path, size: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=LLMC_HEADER_BYTES, shape=(count,))
 
 
-def check_tokens(tokens: np.ndarray, path, *, vocab_size: int, min_tokens: int = 1) -> None:
-    """Raise DataError if `tokens` is shorter than `min_tokens` or holds an id >= vocab_size.
+def check_tokens(tokens: np.ndarray, path, *, vocab_size: int, min_tokens: int = 1) -> str:
+    """Raise DataError if `tokens` is shorter than `min_tokens` or holds an id >= vocab_size; return the tokens'
+    digest (see `tokens_digest`), computed in the same pass.
 
-    The scan is vectorised and chunked: one max() per chunk, and the exact offender located only in a bad chunk.
+    The scan is vectorised, chunked and spread over threads (hashing and NumPy's max release the GIL): one
+    max() per chunk, and the exact offender located only in a bad chunk.
     """
     if len(tokens) < min_tokens:
         raise DataError(
             f"{path}: {len(tokens)} tokens, too short for one training window of {min_tokens} tokens "
             f"(seq_len + 1); use a smaller --seq-len or more data"
         )
-    for start in range(0, len(tokens), SCAN_CHUNK_TOKENS):
-        chunk = np.asarray(tokens[start : start + SCAN_CHUNK_TOKENS])
-        if int(chunk.max()) >= vocab_size:
+
+    def scan(start: int) -> tuple[int, bytes]:
+        chunk = np.ascontiguousarray(tokens[start : start + SCAN_CHUNK_TOKENS])
+        return int(chunk.max()), hashlib.sha256(chunk).digest()
+
+    starts = range(0, len(tokens), SCAN_CHUNK_TOKENS)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(starts)))) as pool:
+        results = list(pool.map(scan, starts))
+    for start, (top, _) in zip(starts, results):
+        if top >= vocab_size:
+            chunk = np.asarray(tokens[start : start + SCAN_CHUNK_TOKENS])
             bad = np.flatnonzero(chunk >= vocab_size)
             raise DataError(
                 f"{path}: token id {int(chunk[bad[0]])} at position {start + int(bad[0])} is >= vocab_size "
                 f"{vocab_size} ({len(bad)} such ids in tokens {start}..{start + len(chunk) - 1} alone); "
                 "was the file made with another tokenizer, or is it corrupt?"
             )
+    return _combine([digest for _, digest in results])
 
 
-def load_split(data_dir, split: str, *, vocab_size: int, seq_len: int) -> np.ndarray:
-    """Open and validate `<data_dir>/<split>.bin` for windows of seq_len + 1 tokens."""
+def tokens_digest(tokens: np.ndarray) -> str:
+    """The identity of a token array: sha256 over the sha256 of each SCAN_CHUNK_TOKENS-token chunk of its
+    little-endian bytes (chunks, so that large files hash in parallel)."""
+    starts = range(0, len(tokens), SCAN_CHUNK_TOKENS)
+    return _combine([hashlib.sha256(np.ascontiguousarray(tokens[s : s + SCAN_CHUNK_TOKENS])).digest() for s in starts])
+
+
+def _combine(chunk_digests: list[bytes]) -> str:
+    return hashlib.sha256(b"".join(chunk_digests)).hexdigest()
+
+
+def read_meta(data_dir) -> dict | None:
+    """The meta.json of a data directory, checked field by field (DataError naming the field), or None if absent.
+
+    Its "token_ids" come back as an int64 array.
+    """
+    path = pathlib.Path(data_dir) / "meta.json"
+    if not path.exists() and not path.is_symlink():
+        return None
+    if not path.is_file():
+        raise DataError(f"{path} is not a file: a data directory's meta.json describes its token files")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); run prepare again") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: not a JSON object; run prepare again")
+
+    def expect(name: str, ok: bool, what: str) -> None:
+        if meta.get(name) is not None and not ok:
+            raise DataError(f"{path}: {name} must be {what}, got {meta[name]!r}")
+
+    for split in SPLITS:
+        count, digest = meta.get(f"{split}_tokens"), meta.get(f"{split}_sha256")
+        expect(f"{split}_tokens", _is_int(count) and count >= 0, "a token count (an int >= 0)")
+        expect(f"{split}_sha256", isinstance(digest, str) and len(digest) == 64, "a sha256 digest (64 hex digits)")
+    vocab_size = meta.get("vocab_size")
+    expect("vocab_size", _is_int(vocab_size) and vocab_size >= 1, "an int >= 1")
+    if "token_ids" in meta and meta["token_ids"] is not None:
+        meta["token_ids"] = check_token_ids(meta["token_ids"], path)
+        if vocab_size is not None and vocab_size != len(meta["token_ids"]):
+            raise DataError(f"{path}: vocab_size {vocab_size} disagrees with its {len(meta['token_ids'])} token_ids")
+    return meta
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_token_ids(ids, where) -> np.ndarray:
+    """A compacted vocabulary's mapping (the GPT-2 id of each token id) as int64, or DataError: it must be a
+    non-empty list of distinct ints in [0, GPT2_VOCAB_SIZE) -- a float or a string is never truncated."""
+    if not isinstance(ids, (list, tuple)) or not ids:
+        raise DataError(f"{where}: token_ids must be a non-empty list of GPT-2 token ids, got {ids!r:.40}")
+    for i, x in enumerate(ids):
+        if not _is_int(x) or not 0 <= x < GPT2_VOCAB_SIZE:
+            raise DataError(
+                f"{where}: token_ids[{i}] = {x!r:.40} is not a GPT-2 token id (an int in [0, {GPT2_VOCAB_SIZE}))"
+            )
+    array = np.asarray(ids, dtype=np.int64)
+    if len(np.unique(array)) != len(array):
+        raise DataError(f"{where}: token_ids repeats an id, so the mapping cannot be inverted")
+    return array
+
+
+def _load_split(data_dir, split: str, meta: dict | None, *, vocab_size: int, seq_len: int):
+    """(tokens, digest) of `<data_dir>/<split>.bin`, checked against meta.json's count and digest."""
     path = pathlib.Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise DataError(f"{path}: not found (a data directory holds train.bin and val.bin)")
     tokens = open_tokens(path)
-    check_tokens(tokens, path, vocab_size=vocab_size, min_tokens=seq_len + 1)
-    return tokens
+    count, digest = (meta or {}).get(f"{split}_tokens"), (meta or {}).get(f"{split}_sha256")
+    if count is not None and count != len(tokens):
+        raise _mismatch(path, f"{count:,} tokens", f"{len(tokens):,}")
+    found = check_tokens(tokens, path, vocab_size=vocab_size, min_tokens=seq_len + 1)
+    if digest is not None and digest != found:
+        raise _mismatch(path, f"sha256 {digest[:12]}", found[:12])
+    return tokens, found
+
+
+def _mismatch(path: pathlib.Path, described: str, found: str) -> DataError:
+    return DataError(
+        f"{path} does not match {path.parent / 'meta.json'} ({described}; the file: {found}): an interrupted "
+        "or concurrent prepare, or files copied from elsewhere? Run prepare again"
+    )
+
+
+def load_split(data_dir, split: str, *, vocab_size: int, seq_len: int) -> np.ndarray:
+    """Open and validate `<data_dir>/<split>.bin` for windows of seq_len + 1 tokens (and against meta.json)."""
+    return _load_split(data_dir, split, read_meta(data_dir), vocab_size=vocab_size, seq_len=seq_len)[0]
+
+
+@dataclass
+class Corpus:
+    """A validated data directory: its token files, its mapping (compacted vocabulary) and its identity."""
+
+    path: pathlib.Path
+    train: np.ndarray
+    val: np.ndarray
+    token_ids: np.ndarray | None  # the GPT-2 id of each token id, or None (GPT-2 ids)
+    identity: dict  # {"train.bin": {"tokens", "sha256"}, "val.bin": {...}, "vocabulary": "gpt2" or a sha256}
+
+    @property
+    def vocab_size(self) -> int:
+        """The vocabulary the corpus is written in: its compacted size, or GPT-2's."""
+        return GPT2_VOCAB_SIZE if self.token_ids is None else len(self.token_ids)
+
+    def differences(self, saved: dict) -> list[str]:
+        """How this corpus differs from the identity `saved` (a checkpoint's), in words; [] if it is the same."""
+        out = []
+        for name in (f"{split}.bin" for split in SPLITS):
+            mine, theirs = self.identity[name], saved.get(name)
+            if mine != theirs:
+                theirs = theirs if isinstance(theirs, dict) else {}
+                out.append(
+                    f"{name} holds {mine['tokens']:,} tokens (sha256 {mine['sha256'][:12]}), the run's "
+                    f"{theirs.get('tokens', '?')} (sha256 {str(theirs.get('sha256', '?'))[:12]})"
+                )
+        if self.identity["vocabulary"] != saved.get("vocabulary"):
+            out.append("the vocabulary (meta.json's token_ids) differs")
+        return out
+
+
+def load_corpus(data_dir, *, vocab_size: int | None, seq_len: int) -> Corpus:
+    """Open and validate a data directory (token files against meta.json, ids < vocab_size, at least one window
+    of seq_len + 1 tokens each); vocab_size None: the corpus's own (`Corpus.vocab_size`)."""
+    meta = read_meta(data_dir)
+    ids = None if meta is None else meta.get("token_ids")
+    if vocab_size is None:
+        vocab_size = GPT2_VOCAB_SIZE if ids is None else len(ids)
+    splits, identity = {}, {}
+    for split in SPLITS:
+        splits[split], digest = _load_split(data_dir, split, meta, vocab_size=vocab_size, seq_len=seq_len)
+        identity[f"{split}.bin"] = {"tokens": len(splits[split]), "sha256": digest}
+    identity["vocabulary"] = "gpt2" if ids is None else hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()
+    return Corpus(pathlib.Path(data_dir), splits["train"], splits["val"], ids, identity)
 
 
 def write_tokens(path, ids, *, fmt: str = "nanogpt") -> None:
@@ -283,6 +441,7 @@ def prepare(
     pattern: str = "*.txt",
     skip_dirs: Sequence[str] = (),
     compact_vocab: bool = False,
+    extra_meta: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Tokenize text files into `out_dir`/train.bin, val.bin and meta.json; returns the meta dict.
@@ -293,6 +452,7 @@ def prepare(
     compact_vocab: renumber the token ids that occur in the corpus as 0..K-1 (in the order of the GPT-2 ids, so
     the mapping is monotone) and store the GPT-2 id of each in meta.json ("token_ids"): a model of this corpus
     then needs only K output rows instead of 50257 (train.py reads K from meta.json; sampling maps back).
+    extra_meta: more fields for meta.json.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
@@ -308,7 +468,9 @@ def prepare(
     docs = _encode_documents(texts)
     lengths = [len(d) for d in docs]
     if sum(lengths) == len(docs):  # nothing but the end-of-text token after each document
-        raise DataError(f"no text to tokenize: the {len(docs)} document(s) found in {', '.join(map(str, sources))} are empty")
+        raise DataError(
+            f"no text to tokenize: the {len(docs)} document(s) found in {', '.join(map(str, sources))} are empty"
+        )
 
     if len(docs) == 1:
         cut = int(round(lengths[0] * (1.0 - val_fraction)))
@@ -330,8 +492,7 @@ def prepare(
         train_ids, val_ids = (np.searchsorted(token_ids, ids).astype(np.uint16) for ids in (train_ids, val_ids))
         vocab_size = len(token_ids)
         eot = int(np.searchsorted(token_ids, EOT_TOKEN)) if EOT_TOKEN in token_ids else None
-    write_tokens(out_dir / "train.bin", train_ids)
-    write_tokens(out_dir / "val.bin", val_ids)
+    train_ids, val_ids = train_ids.astype("<u2"), val_ids.astype("<u2")  # as write_tokens stores them
     meta = {
         "format": "nanogpt (raw little-endian uint16, no header)",
         "encoding": ENCODING_NAME,
@@ -339,6 +500,8 @@ def prepare(
         "eot_token": eot,
         "train_tokens": int(len(train_ids)),
         "val_tokens": int(len(val_ids)),
+        "train_sha256": tokens_digest(train_ids),
+        "val_sha256": tokens_digest(val_ids),
         "documents": len(docs),
         "val_fraction": val_fraction,
         "sources": [str(s) for s in sources],
@@ -347,8 +510,17 @@ def prepare(
     }
     if token_ids is not None:
         meta["token_ids"] = token_ids.tolist()  # compact id i is GPT-2 id token_ids[i]
+    meta.update(extra_meta or {})
+    # meta.json first: it names the token files by digest, so a prepare interrupted from here on leaves files
+    # that do not match it (refused on load), never new tokens beside an old mapping or compacted ids without one.
     atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1) + "\n")
-    compacted = f"; vocabulary compacted to the {vocab_size:,} ids that occur (--vocab-size {vocab_size})" if token_ids is not None else ""
+    write_tokens(out_dir / "train.bin", train_ids)
+    write_tokens(out_dir / "val.bin", val_ids)
+    compacted = (
+        f"; vocabulary compacted to the {vocab_size:,} ids that occur (--vocab-size {vocab_size})"
+        if token_ids is not None
+        else ""
+    )
     log(
         f"wrote {out_dir}/train.bin ({len(train_ids):,} tokens, {len(train_names)} documents) and "
         f"val.bin ({len(val_ids):,} tokens, {len(val_names)} documents){compacted}"
@@ -358,14 +530,8 @@ def prepare(
 
 def token_ids(data_dir) -> np.ndarray | None:
     """The GPT-2 id of each token id of a corpus prepared with compact_vocab (from its meta.json), else None."""
-    meta_path = pathlib.Path(data_dir) / "meta.json"
-    if not meta_path.is_file():
-        return None
-    try:
-        ids = json.loads(meta_path.read_text()).get("token_ids")
-    except json.JSONDecodeError:
-        raise DataError(f"{meta_path}: not valid JSON") from None
-    return None if ids is None else np.asarray(ids, dtype=np.int64)
+    meta = read_meta(data_dir)
+    return None if meta is None else meta.get("token_ids")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,12 +573,13 @@ def ensure_demo_corpus(
     if meta_path.is_file() and (cache_dir / "train.bin").is_file() and (cache_dir / "val.bin").is_file():
         try:
             cached = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            cached = {}
-        if cached.get("fingerprint") == fingerprint:
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cached = None
+        # A cache made before meta.json held digests is rebuilt (train.py checks the files against them).
+        if isinstance(cached, dict) and cached.get("fingerprint") == fingerprint and "train_sha256" in cached:
             log(
-                f"Demo corpus: the Python standard library's own source ({cached['train_tokens']:,} train / "
-                f"{cached['val_tokens']:,} val tokens), cached in {cache_dir}"
+                f"Demo corpus: the Python standard library's own source ({cached.get('train_tokens', 0):,} train / "
+                f"{cached.get('val_tokens', 0):,} val tokens), cached in {cache_dir}"
             )
             return cache_dir
 
@@ -420,9 +587,15 @@ def ensure_demo_corpus(
         f"Demo corpus: building it from the Python standard library's own source ({len(documents)} .py files "
         f"under {root}; no download) into {cache_dir} ..."
     )
-    meta = prepare([root], cache_dir, val_fraction=val_fraction, pattern="*.py", skip_dirs=DEMO_SKIP_DIRS, log=log)
-    meta["fingerprint"] = fingerprint
-    atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+    prepare(
+        [root],
+        cache_dir,
+        val_fraction=val_fraction,
+        pattern="*.py",
+        skip_dirs=DEMO_SKIP_DIRS,
+        extra_meta={"fingerprint": fingerprint},
+        log=log,
+    )
     return cache_dir
 
 
@@ -528,8 +701,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens (by document) for val.bin")
     p.add_argument("--pattern", default="*.txt", help="file name pattern inside directories (default: *.txt)")
-    p.add_argument("--compact-vocab", action="store_true",
-                   help="renumber the ids that occur as 0..K-1 (meta.json keeps the mapping): a smaller output layer")
+    p.add_argument(
+        "--compact-vocab",
+        action="store_true",
+        help="renumber the ids that occur as 0..K-1 (meta.json keeps the mapping): a smaller output layer",
+    )
     d = sub.add_parser("demo", help="build (or find) the demo corpus from the Python standard library's source")
     d.add_argument("--out", default=None, metavar="DIR", help=f"output directory (default: {default_demo_dir()})")
     c = sub.add_parser("check", help="validate token files (format, ids < vocab size)")
@@ -543,8 +719,13 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     try:
         if args.command == "prepare":
-            prepare(args.text, args.out, val_fraction=args.val_fraction, pattern=args.pattern,
-                    compact_vocab=args.compact_vocab)
+            prepare(
+                args.text,
+                args.out,
+                val_fraction=args.val_fraction,
+                pattern=args.pattern,
+                compact_vocab=args.compact_vocab,
+            )
         elif args.command == "demo":
             ensure_demo_corpus(args.out)
         else:

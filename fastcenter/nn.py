@@ -29,10 +29,13 @@ x + residual (the residual stream before the fused add), without forming that su
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from . import ops
+from .ops._dispatch import is_real
 
 CENTERING_MODES = ("simple", "adaptive", "momentum", "learnable", "causal")
 
@@ -67,12 +70,12 @@ class VectorCentering(nn.Module):
         super().__init__()
         if mode not in CENTERING_MODES:
             raise ValueError(f"mode must be one of {CENTERING_MODES}, got {mode!r}")
-        if not isinstance(dim, int) or dim < 1:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
-        if prior < 0.0:
-            raise ValueError(f"prior must be >= 0, got {prior!r}")
+        if not is_real(momentum) or not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
+        if not is_real(prior) or not 0.0 <= prior < math.inf:
+            raise ValueError(f"prior must be a finite number >= 0, got {prior!r}")
         self.dim, self.mode, self.momentum, self.prior = dim, mode, float(momentum), float(prior)
         self.register_buffer("running_mean", torch.zeros(dim, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
@@ -97,11 +100,14 @@ class VectorCentering(nn.Module):
 
     def center_for(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """The vector (or, for causal, per-token tensor) to subtract from x (+ residual); updates buffers."""
+        if x.dim() < 2:  # no tokens to average over: a mean over "the leading dims" would average the features
+            raise ValueError(f"x must have shape [..., D] with at least one leading dim (tokens), got {tuple(x.shape)}")
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dim {self.dim}, got shape {tuple(x.shape)}")
-        if self.mode == "causal" and x.dim() < 2:
-            raise ValueError(f"causal centering needs x of shape [..., T, D], got {tuple(x.shape)}")
-        if not self.training:
+        if residual is not None and residual.shape != x.shape:
+            raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+        # An empty batch has no statistics (its mean is 0/0): centred as in eval, nothing updated.
+        if not self.training or x.numel() == 0:
             return self._eval_center(x, residual)
 
         # Read running_mean before this forward's update (clone: the update below is in place).

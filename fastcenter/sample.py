@@ -58,9 +58,11 @@ def sample(
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
     rows = out.tolist()
+    # Ids beyond the vocabulary of the text (the tokenizer's, or a compacted corpus's mapping) can only come from a
+    # model trained with a larger --vocab-size than its data needed, a padded vocabulary: no text has them, so
+    # they are dropped.
     if token_ids is not None:
-        rows = [[token_ids[t] for t in row] for row in rows]
-    # Ids >= the tokenizer's vocabulary can only come from a model with a padded vocabulary: drop them.
+        rows = [[token_ids[t] for t in row if t < len(token_ids)] for row in rows]
     return [enc.decode([t for t in row if t < enc.n_vocab]) for row in rows]
 
 

@@ -19,6 +19,12 @@ Evaluation (`Trainer.evaluate`) is the mean loss over fixed validation windows (
 in eval mode (centering uses its running statistics), or in training mode with every buffer restored before
 each batch and afterwards. Under DDP the batches are dealt round-robin to the processes and the sums combined.
 
+Centering statistics under DDP: each process updates its running means with its own micro-batches (DDP does
+not broadcast buffers here), and after every step the processes average them, so that all hold one set: the
+one evaluation and checkpoints use, and a resumed run restores. It is not one process's statistic over all
+micro-batches (each process's update count and EMA see only its own), so centering modes that read the running
+mean in training (adaptive, momentum, causal) train slightly differently than in one process.
+
 The schedule: linear warmup over warmup_iters, then a cosine from lr down to lr * min_lr_ratio at
 lr_decay_iters (or max_iters), flat after. Precision: parameters and optimizer state stay float32; autocast
 runs the matmuls in bf16 (CUDA default) or float16 (with loss scaling), or nothing (float32, CPU default).
@@ -45,9 +51,19 @@ import torch
 from . import checkpoint, data
 from .config import TrainConfig, UsageError
 from .model import GPT
+from .nn import VectorCentering
 
-__all__ = ["Trainer", "StepReport", "Precision", "Dist", "NonFiniteLossError", "learning_rate", "warmup_cosine_lr",
-           "preserved"]
+__all__ = [
+    "Trainer",
+    "StepReport",
+    "Precision",
+    "Dist",
+    "NonFiniteLossError",
+    "learning_rate",
+    "warmup_cosine_lr",
+    "preserved",
+    "check_fits",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,9 +92,12 @@ def warmup_cosine_lr(step: int, *, lr: float, warmup_iters: int, decay_iters: in
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     return warmup_cosine_lr(
-        step, lr=cfg.lr, warmup_iters=cfg.warmup_iters, decay_iters=cfg.lr_decay_iters or cfg.max_iters,
+        step,
+        lr=cfg.lr,
+        warmup_iters=cfg.warmup_iters,
+        decay_iters=cfg.lr_decay_iters or cfg.max_iters,
         min_lr=cfg.lr * cfg.min_lr_ratio,
-    )  # fmt: skip
+    )
 
 
 class Precision:
@@ -154,6 +173,38 @@ class Dist:
         return t
 
 
+def device_memory(device: torch.device) -> Optional[int]:
+    """Bytes of memory the device has in all (the GPU's, or the machine's RAM), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on every OS
+        return None
+
+
+def check_fits(config, device: torch.device) -> None:
+    """UsageError if training `config` needs more memory than `device` has in all, by a lower bound of what
+    training cannot do without: the embedding and the blocks' matrices with their gradients and AdamW's two
+    moments (16 bytes a parameter), and the RoPE tables (cos and sin of max_seq_len x head_dim / 2 float32).
+    Arithmetic on the config: nothing is allocated, so a size too large to allocate is refused before it is tried.
+    """
+    d = config.dim
+    matrices = config.vocab_size * d + config.n_layers * (4 * d * d + 3 * d * config.hidden_dim)
+    state, rope = 16 * matrices, 4 * config.max_seq_len * config.head_dim
+    available = device_memory(device)
+    if available is not None and state + rope > available:
+
+        def gib(n: int) -> str:
+            return f"{n / 2**30:,.1f} GiB"
+
+        raise UsageError(
+            f"the model needs at least {gib(state + rope)} ({gib(state)} for weights, gradients and optimizer "
+            f"state, {gib(rope)} for the RoPE tables of --max-seq-len {config.max_seq_len}), more than the "
+            f"{gib(available)} of {device}: reduce --max-seq-len, --dim, --n-layers, --mlp-hidden or --vocab-size"
+        )
+
+
 def setup_distributed(device_choice: str) -> tuple[Dist, torch.device]:
     """The process group (NCCL on GPUs, Gloo on CPUs) when launched by torchrun, and this process's device."""
     use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
@@ -194,9 +245,16 @@ class Trainer:
     """
 
     def __init__(
-        self, model: GPT, cfg: TrainConfig, *, train_tokens: np.ndarray, val_tokens: np.ndarray,
-        device: torch.device, dist: Dist = Dist(), digest_batches: bool = False,
-    ):  # fmt: skip
+        self,
+        model: GPT,
+        cfg: TrainConfig,
+        *,
+        train_tokens: np.ndarray,
+        val_tokens: np.ndarray,
+        device: torch.device,
+        dist: Dist = Dist(),
+        digest_batches: bool = False,
+    ):
         if cfg.grad_accum_steps % dist.world_size:
             raise UsageError(
                 f"--grad-accum-steps {cfg.grad_accum_steps} must be divisible by the number of processes "
@@ -209,18 +267,27 @@ class Trainer:
             cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, device_type=device.type
         )
         self.sampler = data.WindowSampler(
-            train_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
-            seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
-        )  # fmt: skip
+            train_tokens,
+            seq_len=cfg.seq_len,
+            batch_size=cfg.batch_size,
+            grad_accum_steps=cfg.grad_accum_steps,
+            seed=cfg.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
         self.val_tokens = val_tokens
         self.val_positions = data.validation_positions(len(val_tokens), cfg.seq_len, cfg.eval_iters * cfg.batch_size)
         self.eval_model = torch.compile(self.raw_model) if cfg.compile else self.raw_model  # evaluation needs no DDP
         self.model = self.eval_model
         if dist.enabled:
+            # broadcast_buffers=False: rank 0's statistics would overwrite the others' at every forward, discarding
+            # their micro-batches; they are averaged after each step instead (`_average_statistics`).
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.eval_model, device_ids=[device.index] if device.type == "cuda" else None
+                self.eval_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
             )
+        self._statistics = [m.running_mean for m in model.modules() if isinstance(m, VectorCentering)]
         self.token_ids: Optional[list[int]] = None  # a compacted corpus's GPT-2 ids, saved for sampling
+        self.data_identity: Optional[dict] = None  # the corpus's (data.Corpus.identity), saved for --resume
         self.step = 0  # optimizer steps completed
         self.lr = learning_rate(0, cfg)
         self.grad_norm: Optional[torch.Tensor] = None  # of the last step, before clipping
@@ -265,10 +332,21 @@ class Trainer:
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self._average_statistics()
         self.step += 1
         step_loss = loss_sum / n_micro
         self._first_bad = torch.where((self._first_bad < 0) & ~torch.isfinite(step_loss), self.step, self._first_bad)
         return step_loss
+
+    @torch.no_grad()
+    def _average_statistics(self) -> None:
+        """Under DDP: average the centering modules' running means over the processes (one all-reduce)."""
+        if not self.dist.enabled or not self._statistics:
+            return
+        flat = torch.cat([s.float() for s in self._statistics])
+        self.dist.all_reduce(flat).div_(self.dist.world_size)
+        for s, mean in zip(self._statistics, flat.split([s.numel() for s in self._statistics])):
+            s.copy_(mean)
 
     # -- evaluation ----------------------------------------------------------------------------------------
 
@@ -292,9 +370,11 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------------
 
     def run(
-        self, *, is_eval_step: Optional[Callable[[int], bool]] = None,
+        self,
+        *,
+        is_eval_step: Optional[Callable[[int], bool]] = None,
         should_stop: Callable[[], bool] = lambda: False,
-    ) -> Iterator[StepReport]:  # fmt: skip
+    ) -> Iterator[StepReport]:
         """Train from the current step to cfg.max_iters, yielding a StepReport after every step.
 
         Log steps (the first step of this call, every log_interval, the last, and any step that evaluates or
@@ -327,7 +407,9 @@ class Trainer:
 
             bad_step = int(dist.all_reduce(self._first_bad.clone(), "max").item())
             if bad_step >= 0:
-                raise NonFiniteLossError(f"the training loss became non-finite (NaN or inf) at step {bad_step}", bad_step)
+                raise NonFiniteLossError(
+                    f"the training loss became non-finite (NaN or inf) at step {bad_step}", bad_step
+                )
             elapsed = time.perf_counter() - t_last
             train_seconds += elapsed
             tokens_per_sec = steps_since_log * self.tokens_per_step / elapsed
@@ -337,7 +419,9 @@ class Trainer:
                 "lr": self.lr,
                 "grad_norm": None if self.grad_norm is None else self.grad_norm.item(),
                 "tokens_per_sec": tokens_per_sec,
-                "mfu": None if peak_flops is None else flops_per_token * tokens_per_sec / (peak_flops * dist.world_size),
+                "mfu": None
+                if peak_flops is None
+                else flops_per_token * tokens_per_sec / (peak_flops * dist.world_size),
                 "peak_mem_mb": peak_memory_mb(self.device),
                 "elapsed_s": train_seconds,
             }
@@ -367,12 +451,34 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"] is not None:
-            self.precision.scaler.load_state_dict(state["scaler"])
-        self.sampler.load_state_dict(state["sampler"])
-        checkpoint.set_rng_state(state["rng"])
+        """Restore a state (a checkpoint); CheckpointError if it does not fit this model and run.
+
+        The optimizer's moments come from the state, its hyperparameters from this run's config (the same unless
+        a resumed run's flags changed them, e.g. --weight-decay: then the flag holds, as config.json says).
+        """
+        try:
+            self.raw_model.load_state_dict(state["model"])
+            hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(state["optimizer"])
+            for group, values in zip(self.optimizer.param_groups, hyper):
+                group.update(values)
+            for param, moments in self.optimizer.state.items():
+                for name, value in moments.items():
+                    if not isinstance(value, torch.Tensor) or (
+                        value.dim() and (value.shape != param.shape or not bool(torch.isfinite(value).all()))
+                    ):
+                        raise ValueError(
+                            f"optimizer state {name!r} does not fit a parameter of shape {tuple(param.shape)}"
+                        )
+            if state["scaler"] is not None:
+                self.precision.scaler.load_state_dict(state["scaler"])
+            self.sampler.load_state_dict(state["sampler"])
+            checkpoint.set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise checkpoint.CheckpointError(
+                f"its state does not fit this model and run ({checkpoint.error_summary(e)}): a damaged checkpoint, "
+                "or one from another version of fastcenter"
+            ) from None
         self.step, self.val_loss = state["step"], state["val_loss"]
 
     def config(self) -> dict:
@@ -382,6 +488,8 @@ class Trainer:
     def save(self, path) -> None:
         """Write a checkpoint of the current state (atomic; CheckpointError when the disk refuses)."""
         extra = {} if self.token_ids is None else {"token_ids": self.token_ids}
+        if self.data_identity is not None:
+            extra["data"] = self.data_identity
         checkpoint.save(path, {**self.state_dict(), "config": self.config(), **extra})
 
 

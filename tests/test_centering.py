@@ -248,3 +248,57 @@ def test_value_centering_shifts_every_attention_output_by_the_same_vector():
     shifted = _attention(q, k, v - mean_v)
     # softmax weights sum to one: sum_s p_s (v_s - m) = sum_s p_s v_s - m (outputs are [B, H, T, Dh])
     assert_close(shifted, _attention(q, k, v) - mean_v[None, :, None, :], torch.float32)
+
+
+# ---- Edge cases: inputs and arguments that would corrupt the statistics are refused, or leave them as they were.
+
+
+def _buffers(vc):
+    return {name: b.clone() for name, b in vc.named_buffers()}
+
+
+@pytest.mark.parametrize("mode", CENTERING_MODES)
+def test_an_input_without_a_token_dimension_is_refused_and_the_statistics_are_untouched(mode):
+    # A [D] vector has no tokens to average over: mean over "all leading dims" would be a mean over its features.
+    vc = _module(mode)
+    _warm(vc)
+    before = _buffers(vc)
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., D\] with at least one leading dim"):
+        vc(torch.randn(D, device=DEVICE))
+    for name, value in _buffers(vc).items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("mode", CENTERING_MODES)
+@pytest.mark.parametrize("shape", [(0, T, D), (B, 0, D)], ids=["no-sequences", "no-tokens"])
+def test_an_empty_batch_leaves_the_statistics_as_they_were(mode, shape):
+    # Its mean is 0/0: one empty batch used to make the running mean NaN for good.
+    vc = _module(mode)
+    _warm(vc)
+    before = _buffers(vc)
+    out = vc(torch.randn(shape, device=DEVICE))
+    assert out.shape == shape
+    for name, value in _buffers(vc).items():
+        assert torch.equal(value, before[name]), name
+    x = _x()
+    vc(x)
+    assert torch.isfinite(vc.running_mean).all() and int(vc.num_updates) == int(before["num_updates"]) + 1
+
+
+def test_bad_arguments_are_refused_by_name():
+    for kwargs, name in [
+        (dict(prior=float("nan")), "prior"),
+        (dict(prior=float("inf")), "prior"),
+        (dict(prior=-1.0), "prior"),
+        (dict(prior="8"), "prior"),
+        (dict(momentum=float("nan")), "momentum"),
+        (dict(momentum=True), "momentum"),
+        (dict(momentum=1.5), "momentum"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=name):
+            VectorCentering(D, "causal", **kwargs)
+    with pytest.raises(ValueError, match="dim"):
+        VectorCentering(True)
+    vc = VectorCentering(D, "adaptive")
+    with pytest.raises(ValueError, match="residual must have the shape of x"):
+        vc.center_for(torch.randn(B, T, D), residual=torch.randn(1, T, D))

@@ -1,5 +1,6 @@
 """fastcenter.data: preparing token files, reading both formats, refusing corrupt ones, and the samplers."""
 
+import hashlib
 import json
 import math
 import re
@@ -99,9 +100,7 @@ def test_prepare_shakespeare_is_deterministic_and_location_independent(tmp_path,
     texts = {p.name: p.read_text(encoding="utf-8") for p in plays}
     decoded = _decode_documents(enc, train)
     assert decoded == [texts[n] for n in sorted(meta_b["train_documents"])]
-    assert meta_a["train_tokens"] + meta_a["val_tokens"] == sum(
-        len(enc.encode_ordinary(t)) + 1 for t in texts.values()
-    )
+    assert meta_a["train_tokens"] + meta_a["val_tokens"] == sum(len(enc.encode_ordinary(t)) + 1 for t in texts.values())
 
 
 def test_split_documents_rules():
@@ -144,7 +143,10 @@ def test_prepare_refuses_empty_text_a_file_as_out_and_an_empty_validation_split(
     with pytest.raises(DataError, match="val.bin would be empty"):
         data.prepare([_write_texts(tmp_path / "tiny", {"a.txt": "hi"})], tmp_path / "out", log=lambda s: None)
     # From the command line: one line, exit code 2, never a traceback.
-    for argv in (["--text", str(src), "--out", str(tmp_path / "o")], ["--text", str(text), "--out", str(tmp_path / "a_file" / "x")]):
+    for argv in (
+        ["--text", str(src), "--out", str(tmp_path / "o")],
+        ["--text", str(text), "--out", str(tmp_path / "a_file" / "x")],
+    ):
         assert data.main(["prepare", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
@@ -413,3 +415,134 @@ def test_validation_windows_are_fixed_and_spread():
     assert math.isclose(gaps.mean(), (n - seq_len - 1) / (count - 1), rel_tol=0.01)
     with pytest.raises(DataError, match="too few"):
         data.validation_positions(seq_len, seq_len, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A data directory proves what it is: meta.json names its token files (token counts, sha256) and mapping
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fake_encoder(texts):
+    """A stand-in for tiktoken (these tests need no tokenizer): each byte -> a GPT-2 id, then EOT."""
+    return [np.array([1000 + b for b in text.encode()] + [data.EOT_TOKEN], dtype=np.uint16) for text in texts]
+
+
+def _prepare(tmp_path, out, words: str, **kw):
+    src = _write_texts(tmp_path / f"src-{words}", {f"{i}.txt": f"{words} {i} " * 40 for i in range(4)})
+    return data.prepare([src], out, val_fraction=0.3, log=lambda s: None, **kw)
+
+
+def _load_both(directory, vocab_size):
+    return [data.load_split(directory, split, vocab_size=vocab_size, seq_len=8) for split in ("train", "val")]
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["gpt2", "compact"])
+@pytest.mark.parametrize("fresh", [False, True], ids=["over-an-old-corpus", "into-a-new-directory"])
+def test_an_interrupted_prepare_never_leaves_a_directory_that_loads_as_another_corpus(
+    tmp_path, monkeypatch, compact, fresh
+):
+    monkeypatch.setattr(data, "_encode_documents", _fake_encoder)
+    out = tmp_path / "d"
+    if not fresh:
+        _prepare(tmp_path, out, "old words", compact_vocab=compact)
+    old = {p.name: p.read_bytes() for p in out.iterdir()} if not fresh else {}
+    real_write, real_write_text = data.atomic_write, data.atomic_write_text
+    for interrupted_at in range(1, 4):  # prepare writes three files; a kill may come before any of them is whole
+        if out.exists():
+            for p in out.iterdir():
+                p.unlink()
+            for name, raw in old.items():
+                (out / name).write_bytes(raw)
+        writes = []
+
+        def counted(write, writes=writes, interrupted_at=interrupted_at):
+            def wrapper(*args):
+                writes.append(args[0])
+                if len(writes) == interrupted_at:
+                    raise KeyboardInterrupt
+                return write(*args)
+
+            return wrapper
+
+        monkeypatch.setattr(data, "atomic_write", counted(real_write))
+        monkeypatch.setattr(data, "atomic_write_text", counted(real_write_text))
+        with pytest.raises(KeyboardInterrupt):
+            _prepare(tmp_path, out, "new text", compact_vocab=compact)
+        monkeypatch.setattr(data, "atomic_write", real_write)
+        monkeypatch.setattr(data, "atomic_write_text", real_write_text)
+        ids = data.token_ids(out) if (out / "meta.json").exists() else None
+        vocab = data.GPT2_VOCAB_SIZE if ids is None else len(ids)
+        # Either the old corpus, whole and as it was, or a refusal: never new tokens read with the old mapping,
+        # nor compacted ids read as GPT-2's.
+        try:
+            loaded = _load_both(out, vocab)
+        except DataError as e:
+            assert re.search("not found|does not match|not the file", str(e)), str(e)
+            continue
+        assert old, f"interrupted at write {interrupted_at}: a half-written new directory loaded"
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == old, f"interrupted at write {interrupted_at}"
+        assert all(len(t) for t in loaded)
+
+
+def test_token_files_that_do_not_match_their_meta_json_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_encode_documents", _fake_encoder)
+    meta = _prepare(tmp_path, tmp_path / "d", "some words", compact_vocab=True)
+    # The digest is sha256 over the sha256 of each chunk of the file's bytes; a small file is one chunk.
+    raw = (tmp_path / "d" / "train.bin").read_bytes()
+    assert meta["train_sha256"] == hashlib.sha256(hashlib.sha256(raw).digest()).hexdigest()
+    _prepare(tmp_path, tmp_path / "other", "other words here", compact_vocab=True)
+    (tmp_path / "d" / "val.bin").write_bytes((tmp_path / "other" / "val.bin").read_bytes())
+    with pytest.raises(DataError, match=r"val\.bin does not match .*meta\.json.*prepare"):
+        _load_both(tmp_path / "d", meta["vocab_size"])
+
+
+def test_a_corpus_knows_its_identity(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_encode_documents", _fake_encoder)
+    monkeypatch.setattr(data, "SCAN_CHUNK_TOKENS", 64)  # many chunks: prepare's digest and the scan's must agree
+    _prepare(tmp_path, tmp_path / "a", "some words", compact_vocab=True)
+    _prepare(tmp_path, tmp_path / "b", "some words", compact_vocab=True)  # the same text: the same corpus
+    _prepare(tmp_path, tmp_path / "c", "other words", compact_vocab=True)
+    a, b, c = (data.load_corpus(tmp_path / n, vocab_size=None, seq_len=8) for n in "abc")
+    assert a.vocab_size == len(a.token_ids) and a.identity == b.identity and a.identity != c.identity
+    assert a.differences(b.identity) == [] and a.differences(c.identity)
+    assert "train.bin" in " ".join(a.differences(c.identity))
+    plain = tmp_path / "plain"
+    for split in ("train", "val"):  # nanoGPT's files: no meta.json, GPT-2 ids
+        data.write_tokens(plain / f"{split}.bin", np.arange(100, dtype=np.uint16))
+    p = data.load_corpus(plain, vocab_size=None, seq_len=8)
+    assert p.token_ids is None and p.vocab_size == data.GPT2_VOCAB_SIZE
+    assert p.identity["train.bin"] == {"tokens": 100, "sha256": p.identity["train.bin"]["sha256"]}
+    assert p.differences(a.identity) and "vocabulary" in " ".join(p.differences(a.identity))
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"token_ids": [1, 2.7, 3]}', r"token_ids\[1\] = 2.7 is not a GPT-2 token id"),
+        ('{"token_ids": [1, true]}', r"token_ids\[1\] = True is not a GPT-2 token id"),
+        ('{"token_ids": [1, "2"]}', r"token_ids\[1\] = '2' is not a GPT-2 token id"),
+        ('{"token_ids": [1, 60000]}', r"token_ids\[1\] = 60000 is not a GPT-2 token id"),
+        ('{"token_ids": [5, 5]}', "repeats"),
+        ('{"token_ids": 7}', "token_ids must be a non-empty list"),
+        ('{"token_ids": [1, 2], "vocab_size": 3}', "vocab_size 3 .* 2 token_ids"),
+        ('{"train_tokens": "many"}', "train_tokens must be"),
+        ('{"val_sha256": 12}', "val_sha256 must be"),
+    ],
+)
+def test_a_malformed_meta_json_is_one_clear_error(tmp_path, meta, message):
+    for split in ("train", "val"):
+        data.write_tokens(tmp_path / f"{split}.bin", np.arange(100, dtype=np.uint16))
+    (tmp_path / "meta.json").write_text(meta)
+    with pytest.raises(DataError, match=message) as err:
+        data.load_corpus(tmp_path, vocab_size=None, seq_len=8)
+    assert "meta.json" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(DataError, match=message):
+        data.token_ids(tmp_path)
+
+
+def test_a_meta_json_that_is_a_directory_is_refused(tmp_path):
+    (tmp_path / "meta.json").mkdir()
+    with pytest.raises(DataError, match="meta.json is not a file"):
+        data.token_ids(tmp_path)

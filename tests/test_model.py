@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, ON_GPU
-from fastcenter import reference
+from fastcenter import data, reference
 from fastcenter.model import GPT, PLACEMENTS, GPTConfig, parse_placements
 from fastcenter.nn import CENTERING_MODES, VectorCentering
 
@@ -70,6 +70,7 @@ def test_the_residual_placement_is_its_inner_and_final_parts():
     assert GPTConfig(center="residual_inner,residual_final").center == ("residual",)  # both are the whole
     assert GPTConfig(center=["residual", "residual_final"]).center == ("residual",)
     assert GPTConfig(center="residual_final,v").center == ("residual_final", "v")
+
 
 def test_seed_model_has_exactly_17062400_parameters():
     config = GPTConfig()
@@ -548,3 +549,36 @@ def test_sample_cli_on_a_checkpoint_from_train_py(tmp_path, gpt2_encoding):
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert missing.returncode != 0 and "error" in missing.stderr
+
+
+def test_sampling_a_checkpoint_with_nan_weights_is_one_line(tiny_checkpoint, capsys):
+    from fastcenter import sample
+
+    path, _ = tiny_checkpoint
+    state = torch.load(path, weights_only=True)
+    state["model"]["norm.weight"][3] = float("nan")
+    torch.save(state, path)
+    assert sample.main(["--ckpt", str(path), "--prompt", "To be", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "norm.weight holds NaN or inf" in err
+
+
+def test_sampling_a_model_whose_vocabulary_outgrows_its_mapping(tmp_path, capsys, gpt2_encoding, monkeypatch):
+    # Trained with --vocab-size 64 on a corpus whose mapping holds 10 ids: ids 10..63 have no text.
+    from fastcenter import sample
+
+    mapping = sorted(set(gpt2_encoding.encode(" the cat sat on a mat and a dog ran")))[:9] + [data.EOT_TOKEN]
+    model = GPT(GPTConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, max_seq_len=64))
+    path = tmp_path / "ckpt.pt"
+    _write_train_style_checkpoint(path, model)
+    state = torch.load(path, weights_only=True)
+    state["token_ids"] = mapping
+    torch.save(state, path)
+    args = ["--ckpt", str(path), "--max-new-tokens", "40", "--temperature", "2", "--device", "cpu", "--seed", "1"]
+    assert sample.main(args) == 0, capsys.readouterr().err
+    # Which ids come out is up to the weights: make them ids beyond the mapping, between ids within it.
+    sampled = [len(mapping) - 1, 63, 2, 10, 40, 1]
+    monkeypatch.setattr(GPT, "generate", lambda self, idx, n, **kw: torch.tensor([idx[0].tolist() + sampled]))
+    [text] = sample.sample(model, "", token_ids=mapping)
+    expected = [data.EOT_TOKEN] + [mapping[i] for i in sampled if i < len(mapping)]  # the prompt, then the rest
+    assert text == gpt2_encoding.decode(expected)

@@ -1,24 +1,33 @@
-"""train.py as a user runs it (a subprocess each time): learning, exact resume, DDP = one process, the run
-directory owned by one run, signals, divergence, a full disk, and every user error as one line with exit code 2.
+"""train.py as a user runs it (a subprocess each time): learning, exact resume, DDP = one process (and one set of
+centering statistics), the run directory owned by one run, signals, divergence, a full disk or a file-size limit,
+and every user error as one line with exit code 2. Damaged checkpoints, other corpora under --resume and other
+mistakes that stop a run before it trains go through train.py's cli() in this process (no start-up to wait for).
 
 Tiny models on the synthetic corpus (tests/helpers.py): nothing here needs ../shared or a tokenizer, except the
 demo-corpus test, which skips without the GPT-2 BPE. The training core itself is tested in test_training.py.
 """
 
+import importlib.util
+import io
 import json
 import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
+import pytest
 import torch
 
 from fastcenter import checkpoint, data
+from fastcenter.config import TrainConfig
+from fastcenter.training import Trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "train.py"
@@ -29,11 +38,23 @@ LN_V = math.log(50257)
 def tiny_args(data_dir, out_dir, **overrides) -> list[str]:
     """Command-line flags of a tiny run; keyword arguments override (True/False -> --flag/--no-flag, None -> absent)."""
     args = dict(
-        data=data_dir, out_dir=out_dir, batch_size=4, grad_accum_steps=2, seq_len=16, dim=32, n_layers=2,
-        n_heads=2, lr=3e-3, warmup_iters=2, eval_interval=5, eval_iters=2, log_interval=1, max_iters=10,
+        data=data_dir,
+        out_dir=out_dir,
+        batch_size=4,
+        grad_accum_steps=2,
+        seq_len=16,
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        lr=3e-3,
+        warmup_iters=2,
+        eval_interval=5,
+        eval_iters=2,
+        log_interval=1,
+        max_iters=10,
         seed=torch.initial_seed() % 2**31,  # the test's fresh seed (conftest): new init and data order each run
         device="cpu",  # CPU tests, also on a GPU machine (exactness and the DDP comparison need one device)
-    )  # fmt: skip
+    )
     args.update(overrides)
     argv = []
     for key, value in args.items():
@@ -59,13 +80,19 @@ def env(**extra) -> dict:
 
 
 def train(argv, timeout=300, **extra_env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TRAIN_PY)] + argv, env=env(**extra_env), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(TRAIN_PY)] + argv, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def start(argv, **extra_env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(TRAIN_PY)] + argv, env=env(**extra_env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(TRAIN_PY)] + argv,
+        env=env(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def ok(result) -> subprocess.CompletedProcess:
@@ -103,8 +130,23 @@ def wait_for_rows(proc, out_dir, n: int, timeout: float = 120) -> None:
 
 def test_loss_falls_and_the_run_directory_is_complete(token_corpus, tmp_path):
     out = tmp_path / "run"
-    result = ok(train(tiny_args(token_corpus, out, batch_size=8, grad_accum_steps=1, seq_len=32, lr=1e-2,
-                                warmup_iters=10, max_iters=60, eval_interval=30, eval_iters=4, log_interval=10)))  # fmt: skip
+    result = ok(
+        train(
+            tiny_args(
+                token_corpus,
+                out,
+                batch_size=8,
+                grad_accum_steps=1,
+                seq_len=32,
+                lr=1e-2,
+                warmup_iters=10,
+                max_iters=60,
+                eval_interval=30,
+                eval_iters=4,
+                log_interval=10,
+            )
+        )
+    )
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 10, 20, 30, 40, 50, 60]  # step 1 at once, then every 10
     for r in rows:
@@ -174,6 +216,10 @@ def test_busy_directory_is_refused_and_a_killed_run_does_not_block_resume(token_
         second = train(tiny_args(token_corpus, out, max_iters=5))
         one_line_error(second, rf"{out} is in use by a running training run \(pid {first.pid} ")
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "metrics.jsonl"} == listing
+        (out / "run.lock").unlink()  # the lock holds without its file: the directory itself is locked
+        one_line_error(train(tiny_args(token_corpus, out, max_iters=5)), f"{out} is in use by a running training run")
+        del listing["run.lock"]
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "metrics.jsonl"} == listing
         first.send_signal(signal.SIGTERM)
         stdout, stderr = first.communicate(timeout=120)
     finally:
@@ -197,8 +243,13 @@ def test_two_process_gloo_run_matches_single_process(token_corpus, tmp_path):
     args = dict(grad_accum_steps=4, max_iters=6, eval_interval=3, eval_iters=3)
     single = start(tiny_args(token_corpus, tmp_path / "single", **args))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAIN_PY)]
-    result = subprocess.run(command + tiny_args(token_corpus, tmp_path / "ddp", **args), env=env(),
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        command + tiny_args(token_corpus, tmp_path / "ddp", **args),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     single.communicate(timeout=300)
     assert result.returncode == 0 and single.returncode == 0, result.stdout + result.stderr
     assert "2 x cpu" in result.stdout
@@ -206,12 +257,54 @@ def test_two_process_gloo_run_matches_single_process(token_corpus, tmp_path):
     assert [r["step"] for r in rows_ddp] == [r["step"] for r in rows_single] == list(range(1, 7))
     # Same windows, same weights; only the order of the gradient sums differs (float32 rounding).
     np.testing.assert_allclose([r["loss"] for r in rows_ddp], [r["loss"] for r in rows_single], rtol=0, atol=1e-5)
-    np.testing.assert_allclose([r["val_loss"] for r in rows_ddp if "val_loss" in r],
-                               [r["val_loss"] for r in rows_single if "val_loss" in r], atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        [r["val_loss"] for r in rows_ddp if "val_loss" in r],
+        [r["val_loss"] for r in rows_single if "val_loss" in r],
+        atol=1e-5,
+    )
     w_single = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["model"]
     w_ddp = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
     for name in w_single:
         torch.testing.assert_close(w_ddp[name], w_single[name], rtol=1e-4, atol=1e-5)
+
+
+def test_under_ddp_every_process_evaluates_and_saves_the_same_centering_statistics(token_corpus, tmp_path):
+    # Each process updates its running means with its own micro-batches; they are averaged after every step, so
+    # evaluation (each process takes some validation batches) and the checkpoint (rank 0's) use one set.
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAIN_PY)]
+    args = tiny_args(
+        token_corpus,
+        tmp_path / "ddp",
+        grad_accum_steps=4,
+        max_iters=4,
+        eval_interval=2,
+        eval_iters=4,
+        center="qk,residual",
+        centering_mode="momentum",
+    )
+    result = subprocess.run(
+        command + args,
+        env=env(FASTCENTER_INJECT="buffers_at_eval:0", FASTCENTER_INJECT_DIR=str(stats)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for n in (1, 2):  # evaluations at steps 2 and 4
+        rank0, rank1 = (torch.load(stats / f"rank{r}-eval{n}.pt", weights_only=True) for r in (0, 1))
+        assert rank0 and set(rank0) == set(rank1)
+        for name in rank0:
+            assert torch.equal(rank0[name], rank1[name]), (n, name)
+    # The reported validation loss is that of the checkpoint's statistics, on every validation batch.
+    ckpt = checkpoint.load(tmp_path / "ddp" / "ckpt.pt")
+    cfg = TrainConfig(**ckpt["config"]["train"])
+    corpus = data.load_corpus(token_corpus, vocab_size=None, seq_len=cfg.seq_len)
+    trainer = Trainer(
+        checkpoint.model_from(ckpt), cfg, train_tokens=corpus.train, val_tokens=corpus.val, device=torch.device("cpu")
+    )
+    assert trainer.evaluate() == pytest.approx(read_metrics(tmp_path / "ddp")[-1]["val_loss"], rel=0, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,8 +316,10 @@ def test_nonfinite_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tok
     # NaN from step 7 (training forwards 13 and 14, two micro-steps per step); logging every 4 steps, it is
     # noticed at step 8 and reported as step 7; the step-5 checkpoint must survive untouched.
     out = tmp_path / "run"
-    result = train(tiny_args(token_corpus, out, max_iters=20, log_interval=4, eval_interval=5),
-                   FASTCENTER_INJECT="nan_from_forward:13")  # fmt: skip
+    result = train(
+        tiny_args(token_corpus, out, max_iters=20, log_interval=4, eval_interval=5),
+        FASTCENTER_INJECT="nan_from_forward:13",
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "non-finite" in result.stderr and "step 7" in result.stderr and "untouched" in result.stderr
     assert "Traceback" not in result.stderr
@@ -256,9 +351,11 @@ def test_corrupt_data_is_refused_before_anything_is_written(token_corpus, tmp_pa
         "id": (tiny_args(bad, tmp_path / "o1"), r"train\.bin: token id 60000 at position 1234"),
         "odd": (tiny_args(odd, tmp_path / "o2"), "odd byte count"),
         "vocab": (tiny_args(token_corpus, tmp_path / "o3", vocab_size=1000), "vocab_size 1000"),
-        "short": (tiny_args(token_corpus, tmp_path / "o4", seq_len=200_000, max_seq_len=200_000),
-                  "too short for one training window"),
-    }  # fmt: skip
+        "short": (
+            tiny_args(token_corpus, tmp_path / "o4", seq_len=200_000, max_seq_len=200_000),
+            "too short for one training window",
+        ),
+    }
     procs = {name: start(argv) for name, (argv, _) in cases.items()}  # at once: each fails within seconds
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=600)
@@ -286,7 +383,7 @@ def test_user_errors_are_one_line_with_exit_code_2(token_corpus, tmp_path):
         (["--out-dir", str(done), "--resume", "--dim", "64"], r"cannot change model field.*dim"),
         (["--out-dir", str(tmp_path / "empty"), "--resume"], "--resume: .*ckpt.pt is empty"),
         (["--out-dir", str(tmp_path / "corrupt"), "--resume"], "--resume: .*not a readable checkpoint"),
-    ]  # fmt: skip
+    ]
     procs = [start(argv) for argv, _ in cases]  # at once: each fails within seconds
     for proc, (argv, pattern) in zip(procs, cases):
         stdout, stderr = proc.communicate(timeout=600)
@@ -306,3 +403,266 @@ def test_fused_without_gpu_says_so_and_the_demo_corpus_is_announced(tmp_path, gp
     assert config["model"]["fused"] is True
     meta = json.loads(pathlib.Path(config["run"]["data_dir"], "meta.json").read_text())
     assert meta["train_tokens"] > 5_000_000  # the whole stdlib, not a sample
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writes the system refuses: a file-size limit (RLIMIT_FSIZE: the real kernel behaviour, no mock)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _file_size_limit(n_bytes: int):
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, n_bytes))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="RLIMIT_FSIZE is POSIX")
+def test_a_file_size_limit_while_writing_the_checkpoint_or_a_metrics_line_is_one_line(token_corpus, tmp_path):
+    # The tiny model's checkpoint is ~20 MB: a 1 MB limit refuses it at the first evaluation; 3000 bytes let
+    # config.json through and stop metrics.jsonl after a dozen rows. (Python ignores SIGXFSZ, so a write past
+    # the limit fails with EFBIG instead of killing the process; torch.save hides that behind a RuntimeError.)
+    cases = {
+        "ckpt": (
+            1 << 20,
+            dict(max_iters=6, eval_interval=5),
+            r"could not write the checkpoint .*ckpt\.pt: File too "
+            r"large \(a file-size limit, ulimit -f.*no checkpoint was written",
+        ),
+        "metrics": (3000, dict(max_iters=40, eval_interval=100), r"could not write .*metrics\.jsonl: File too large"),
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(TRAIN_PY)] + tiny_args(token_corpus, tmp_path / name, **args),
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_file_size_limit(limit),  # noqa: PLW1509 -- only setrlimit, before exec
+        )
+        for name, (limit, args, _) in cases.items()
+    }
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), cases[name][2])
+        assert not list((tmp_path / name).glob("*.fastcenter-tmp")), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-process: train.py's cli() on damaged checkpoints, other corpora and other user errors (fast: no start-up)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("fastcenter_train_script", TRAIN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TRAIN = _train_module()
+
+
+def cli(argv, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of train.py's command line, run in this process."""
+    code = TRAIN.cli([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def cli_error(argv, capsys, pattern: str) -> str:
+    code, out, err = cli(argv, capsys)
+    one_line_error(subprocess.CompletedProcess(argv, code, out, err), pattern)
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained_run(token_corpus, tmp_path_factory):
+    """A finished two-step run (in-process), centering on: its directory is copied, never changed."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    torch.set_num_threads(1)
+    assert TRAIN.cli(tiny_args(token_corpus, out, max_iters=2, center="residual")) == 0
+    return out
+
+
+def _copy_run(run, tmp_path) -> pathlib.Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def _resave(path, mutate) -> None:
+    ckpt = torch.load(path, weights_only=True)
+    mutate(ckpt)
+    torch.save(ckpt, path)
+
+
+DAMAGED_FIELDS = {
+    "weights of another shape": (
+        lambda c: c["model"].__setitem__("tok_emb.weight", torch.zeros(10, 32)),
+        "does not fit this model.*size mismatch for tok_emb.weight",
+    ),
+    "a weight missing": (
+        lambda c: c["model"].pop("norm.weight"),
+        'does not fit this model.*Missing key.*"norm.weight"',
+    ),
+    "NaN weights": (lambda c: c["model"]["norm.weight"].fill_(float("nan")), "norm.weight holds NaN or inf"),
+    "another format version": (
+        lambda c: c.__setitem__("format", "fastcenter.train/2"),
+        "another version of fastcenter",
+    ),
+    "a train field from a newer version": (
+        lambda c: c["config"]["train"].__setitem__("warmup_ratio", 0.1),
+        r"train field\(s\) \['warmup_ratio'\] this version does not know",
+    ),
+    "a model field from a newer version": (
+        lambda c: c["config"]["model"].__setitem__("qk_norm", True),
+        r"model config is not valid \(unknown GPTConfig field",
+    ),
+    "a step that is text": (lambda c: c.__setitem__("step", "2"), "'step' is not a step count"),
+    "a negative step": (lambda c: c.__setitem__("step", -1), "'step' is not a step count"),
+    "a sampler at another step": (lambda c: c["sampler"].__setitem__("step", 7), "sampler is at step 7"),
+    "RNG states missing": (lambda c: c.__setitem__("rng", {}), "'rng' is not a set of RNG states"),
+    "an RNG state of another kind": (
+        lambda c: c["rng"].__setitem__("torch", torch.zeros(3)),
+        "does not fit this model",
+    ),
+    "no optimizer state": (lambda c: c.__setitem__("optimizer", {}), "'optimizer' is not an optimizer state"),
+    "optimizer moments of another shape": (
+        lambda c: c["optimizer"]["state"][0].__setitem__("exp_avg", torch.zeros(3)),
+        "optimizer state 'exp_avg' does not fit",
+    ),
+    "an optimizer group too many": (
+        lambda c: c["optimizer"]["param_groups"].append(c["optimizer"]["param_groups"][0]),
+        "does not fit this model",
+    ),
+    "a train config that is a list": (lambda c: c["config"].__setitem__("train", [1]), "config has no train part"),
+    "an invalid train value": (
+        lambda c: c["config"]["train"].__setitem__("lr", "abc"),
+        "holds an invalid train config",
+    ),
+    "a val loss that is text": (lambda c: c.__setitem__("val_loss", "low"), "'val_loss' is not a finite loss"),
+    "a fractional token id": (lambda c: c.__setitem__("token_ids", [1, 2.5]), r"token_ids\[1\] = 2.5 is not"),
+    "weights that are not a dict": (lambda c: c.__setitem__("model", [1]), "'model' is not a dict of named tensors"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_FIELDS, ids=list(DAMAGED_FIELDS))
+def test_a_damaged_or_foreign_checkpoint_is_one_line_and_left_as_it_was(trained_run, tmp_path, capsys, damage):
+    out = _copy_run(trained_run, tmp_path)
+    mutate, pattern = DAMAGED_FIELDS[damage]
+    _resave(out / "ckpt.pt", mutate)
+    before = (out / "ckpt.pt").read_bytes()
+    cli_error(["--out-dir", out, "--resume", "--max-iters", 3], capsys, pattern)
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_a_checkpoint_with_damaged_bytes_or_not_an_archive_is_refused(trained_run, tmp_path, capsys):
+    out = _copy_run(trained_run, tmp_path)
+    raw = (out / "ckpt.pt").read_bytes()
+    # One byte flipped inside a tensor record: torch.load reads it as another weight without a word.
+    with zipfile.ZipFile(out / "ckpt.pt") as archive:
+        member = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 1000)
+    inside = member.header_offset + 30 + len(member.filename) + len(member.extra) + member.file_size // 2
+    damaged = bytearray(raw)
+    damaged[inside] ^= 0x10
+    (out / "ckpt.pt").write_bytes(bytes(damaged))
+    cli_error(["--out-dir", out, "--resume", "--max-iters", 3], capsys, f"is damaged: its member {member.filename}")
+    assert (out / "ckpt.pt").read_bytes() == bytes(damaged)  # refused, not rewritten with a valid checksum
+    legacy = io.BytesIO()
+    torch.save(torch.load(trained_run / "ckpt.pt", weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    (out / "ckpt.pt").write_bytes(legacy.getvalue())
+    cli_error(["--out-dir", out, "--resume"], capsys, "not a readable checkpoint.*not a zip archive")
+
+
+def test_a_first_ctrl_c_before_training_is_not_called_the_second(token_corpus, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what Python's SIGINT handler raises before the run installs its own
+
+    monkeypatch.setattr(data, "open_tokens", interrupted)
+    code, _, err = cli(tiny_args(token_corpus, tmp_path / "run"), capsys)
+    assert code == 130 and "second" not in err and "starting or finishing" in err and err.count("\n") == 1
+
+
+def test_a_model_too_large_to_allocate_is_one_line(token_corpus, tmp_path, capsys):
+    for flags, pattern in [
+        (dict(max_seq_len=10**12), r"needs at least .* GiB .*RoPE tables of --max-seq-len 1000000000000.*reduce"),
+        (dict(max_seq_len=2**62), r"needs at least .*RoPE tables of --max-seq-len 4611686018427387904"),
+        (dict(dim=2**20, n_heads=2, max_seq_len=16), r"needs at least .* GiB .*reduce --max-seq-len, --dim"),
+    ]:
+        cli_error(tiny_args(token_corpus, tmp_path / "run", **flags), capsys, pattern)
+    assert not (tmp_path / "run").exists()
+
+
+def _compact_corpus(path, words: str, monkeypatch):
+    """A compacted corpus made without a tokenizer (bytes as GPT-2 ids), big enough for the tiny runs."""
+    monkeypatch.setattr(
+        data,
+        "_encode_documents",
+        lambda texts: [np.array([1000 + b for b in t.encode()] + [data.EOT_TOKEN], dtype=np.uint16) for t in texts],
+    )
+    src = path.parent / f"{path.name}-text"
+    src.mkdir(parents=True)
+    for i in range(4):
+        (src / f"{i}.txt").write_text(f"{words} {i} " * 300)
+    data.prepare([src], path, val_fraction=0.3, compact_vocab=True, log=lambda s: None)
+    monkeypatch.undo()
+    return path
+
+
+def test_resume_refuses_another_corpus_given_by_flag(token_corpus, tmp_path, capsys, monkeypatch):
+    a = _compact_corpus(tmp_path / "a", "the same words", monkeypatch)
+    b = _compact_corpus(tmp_path / "b", "the other words", monkeypatch)
+    run = tmp_path / "run"
+    assert cli(tiny_args(a, run, max_iters=2), capsys)[0] == 0
+    before = (run / "ckpt.pt").read_bytes()
+    remapped = tmp_path / "remapped"  # a's token files under another mapping
+    shutil.copytree(a, remapped)
+    meta = json.loads((a / "meta.json").read_text())
+    meta["token_ids"] = [i - 1 for i in meta["token_ids"]]
+    (remapped / "meta.json").write_text(json.dumps(meta))
+    for other, what in [(b, r"train\.bin holds"), (remapped, "the vocabulary")]:
+        cli_error(
+            ["--out-dir", run, "--resume", "--max-iters", 3, "--data", other],
+            capsys,
+            f"--resume: {other} is not the corpus .*ckpt.pt was trained on.*{what}",
+        )
+        assert (run / "ckpt.pt").read_bytes() == before
+    code, out, _ = cli(["--out-dir", run, "--resume", "--max-iters", 3, "--data", a], capsys)
+    assert code == 0 and "done: 3 steps" in out
+
+
+def test_resume_from_another_directory_trains_on_the_runs_own_corpus(token_corpus, tmp_path, capsys, monkeypatch):
+    # --data given relative; the resumed run starts where the same relative path names another corpus.
+    (tmp_path / "first").mkdir()
+    shutil.copytree(token_corpus, tmp_path / "first" / "corpus")
+    _compact_corpus(tmp_path / "second" / "corpus", "another corpus", monkeypatch)
+    monkeypatch.chdir(tmp_path / "first")
+    assert cli(tiny_args("corpus", tmp_path / "run", max_iters=2), capsys)[0] == 0
+    monkeypatch.chdir(tmp_path / "second")
+    code, _, err = cli(["--out-dir", tmp_path / "run", "--resume", "--max-iters", 3], capsys)
+    assert code == 0, err
+    used = json.loads((tmp_path / "run" / "config.json").read_text())["run"]["data_dir"]
+    assert used == str((tmp_path / "first" / "corpus").resolve())
+
+
+def test_resume_refuses_a_corpus_whose_files_changed_under_the_same_name(trained_run, tmp_path, capsys):
+    out = _copy_run(trained_run, tmp_path)
+    corpus = tmp_path / "corpus"
+    shutil.copytree(json.loads((out / "config.json").read_text())["run"]["data_dir"], corpus)
+    _resave(out / "ckpt.pt", lambda c: c["config"]["train"].__setitem__("data", str(corpus)))
+    ids = np.fromfile(corpus / "val.bin", dtype="<u2")
+    data.write_tokens(corpus / "val.bin", np.roll(ids, 1))  # the same tokens in another order
+    cli_error(["--out-dir", out, "--resume", "--max-iters", 3], capsys, r"is not the corpus .*val\.bin holds")
+
+
+def test_a_checkpoint_from_before_corpus_identities_resumes_with_a_note(trained_run, tmp_path, capsys, monkeypatch):
+    out = _copy_run(trained_run, tmp_path)
+    _resave(out / "ckpt.pt", lambda c: c.pop("data"))
+    code, stdout, err = cli(["--out-dir", out, "--resume", "--max-iters", 3], capsys)
+    assert code == 0 and "predates corpus identities" in stdout and "done: 3 steps" in stdout, err
+    assert "data" in torch.load(out / "ckpt.pt", weights_only=True)  # the new checkpoint has one
+    # Its compacted mapping, if it has one, is still checked.
+    compact = _compact_corpus(tmp_path / "compact", "some words", monkeypatch)
+    assert cli(tiny_args(compact, tmp_path / "run2", max_iters=2), capsys)[0] == 0
+    _resave(tmp_path / "run2" / "ckpt.pt", lambda c: (c.pop("data"), c.__setitem__("token_ids", c["token_ids"][1:])))
+    cli_error(["--out-dir", tmp_path / "run2", "--resume", "--max-iters", 3], capsys, "the vocabulary .* differs")

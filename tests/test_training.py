@@ -6,18 +6,22 @@ a user runs it, is tested in test_train.py.
 
 import dataclasses
 import errno
+import io
 import json
 import math
 import os
+import pathlib
+import tempfile
+import typing
 
 import pytest
 import torch
 
-from fastcenter import checkpoint, data
+from fastcenter import checkpoint, data, files, training
 from fastcenter.config import TrainConfig, UsageError, build_parser, resolve_configs
 from fastcenter.files import RunDirectory, RunDirectoryError, atomic_write, read_jsonl
 from fastcenter.model import GPT, GPTConfig
-from fastcenter.training import NonFiniteLossError, Trainer, gpu_peak_flops, learning_rate
+from fastcenter.training import NonFiniteLossError, Trainer, check_fits, gpu_peak_flops, learning_rate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,8 +29,19 @@ TINY = dict(vocab_size=50257, dim=32, n_layers=2, n_heads=2, max_seq_len=16)
 
 
 def make_trainer(corpus, *, seed=0, model=None, **train_overrides) -> Trainer:
-    fields = dict(batch_size=4, grad_accum_steps=2, seq_len=16, max_iters=12, lr=3e-3, warmup_iters=2,
-                  eval_interval=5, eval_iters=2, log_interval=4, seed=seed, device="cpu")  # fmt: skip
+    fields = dict(
+        batch_size=4,
+        grad_accum_steps=2,
+        seq_len=16,
+        max_iters=12,
+        lr=3e-3,
+        warmup_iters=2,
+        eval_interval=5,
+        eval_iters=2,
+        log_interval=4,
+        seed=seed,
+        device="cpu",
+    )
     cfg = TrainConfig(**{**fields, **train_overrides})
     tokens = data.load_split(corpus, "train", vocab_size=50257, seq_len=cfg.seq_len)
     val = data.load_split(corpus, "val", vocab_size=50257, seq_len=cfg.seq_len)
@@ -170,9 +185,25 @@ def test_every_config_field_is_a_flag():
             if isinstance(f.default, bool):
                 assert "--no-" + f.name.replace("_", "-") in options
     cfg, model_cfg, ckpt, notes = resolve_configs(
-        ["--center", "mlp,embeddings,qk,v,residual", "--centering-mode", "causal", "--no-fused", "--mlp-hidden",
-         "none", "--seq-len", "1024", "--grad-accum-steps", "8", "--lr", "2e-4", "--compile", "--dtype", "float16"]
-    )  # fmt: skip
+        [
+            "--center",
+            "mlp,embeddings,qk,v,residual",
+            "--centering-mode",
+            "causal",
+            "--no-fused",
+            "--mlp-hidden",
+            "none",
+            "--seq-len",
+            "1024",
+            "--grad-accum-steps",
+            "8",
+            "--lr",
+            "2e-4",
+            "--compile",
+            "--dtype",
+            "float16",
+        ]
+    )
     assert model_cfg.center == ("embeddings", "mlp", "qk", "residual", "v")
     assert model_cfg.centering_mode == "causal" and model_cfg.fused is False and model_cfg.mlp_hidden is None
     assert model_cfg.max_seq_len == 1024 and any("max_seq_len" in n for n in notes)  # raised to fit seq_len
@@ -198,7 +229,7 @@ BAD_VALUES = {
     "--log-interval": ["0"],
     "--warmup-iters": ["-1"],
     "--lr-decay-iters": ["-5"],
-    "--seed": ["-1"],
+    "--seed": ["-1", str(2**32)],  # NumPy's global generator takes seeds below 2**32
     "--lr": ["0", "-1e-3", "nan", "inf"],
     "--min-lr-ratio": ["-0.1", "1.5", "nan"],
     "--weight-decay": ["-0.1", "inf", "nan"],
@@ -226,10 +257,43 @@ def test_invalid_flag_values_are_usage_errors_naming_the_flag(flag, values):
         with pytest.raises(UsageError) as err:
             resolve_configs([flag, value])
         message = str(err.value)
-        assert flag in message or (flag == "--dim" and "--n-heads" in message) or (
-            flag == "--n-heads" and "--dim" in message
+        assert (
+            flag in message
+            or (flag == "--dim" and "--n-heads" in message)
+            or (flag == "--n-heads" and "--dim" in message)
         ), (flag, value, message)
         assert "\n" not in message
+
+
+def test_every_float_flag_refuses_values_beyond_float32s_range():
+    # The run computes in float32: 1e300 as --lr overflowed inside the optimizer (a traceback), as others would.
+    floats = [
+        f.name
+        for cls in (TrainConfig, GPTConfig)
+        for f in dataclasses.fields(cls)
+        if typing.get_type_hints(cls)[f.name] is float
+    ]
+    assert {"lr", "weight_decay", "grad_clip", "rope_base", "norm_eps"} <= set(floats)
+    for name in floats:
+        flag = "--" + name.replace("_", "-")
+        for value in ("1e300", "-3.5e38"):
+            with pytest.raises(UsageError, match=f"argument {flag}: {value} is beyond float32's range"):
+                resolve_configs([f"{flag}={value}"])
+    with pytest.raises(UsageError, match="--lr must be within float32's range"):
+        TrainConfig(lr=1e300)  # in-process too
+
+
+@pytest.mark.parametrize("fields", [{}, dict(dim=48, n_heads=4, n_layers=3, mlp_hidden=100, center="all")])
+def test_check_fits_refuses_only_what_cannot_fit(monkeypatch, fields):
+    config = GPTConfig(**{**TINY, **fields})
+    model = GPT(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    need = 16 * parameters + sum(b.numel() * b.element_size() for b in model.buffers())  # float32 x 4, buffers
+    monkeypatch.setattr(training, "device_memory", lambda device: need)
+    check_fits(config, torch.device("cpu"))  # what the model really needs passes: the bound is a lower bound
+    monkeypatch.setattr(training, "device_memory", lambda device: need // 2)
+    with pytest.raises(UsageError, match="needs at least .* GiB"):
+        check_fits(config, torch.device("cpu"))
 
 
 def test_unknown_flag_is_a_usage_error():
@@ -309,20 +373,133 @@ def test_atomic_write_leaves_the_old_file_whole(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.name != "posix", reason="the run-directory lock uses fcntl.flock (POSIX)")
+POSIX_LOCKS = pytest.mark.skipif(os.name != "posix", reason="the run-directory lock uses fcntl.flock (POSIX)")
+
+
+def killed_mid_write(path) -> pathlib.Path:
+    """The temp file a run killed inside atomic_write leaves beside `path` (the same name atomic_write makes)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=files.TEMP_SUFFIX)
+    os.close(fd)
+    return pathlib.Path(tmp)
+
+
+@POSIX_LOCKS
 def test_a_run_directory_is_held_by_one_run(tmp_path):
     first = RunDirectory(tmp_path / "run").open()
-    (first.path / "ckpt.pt.abc123.tmp").write_bytes(b"x")  # what a kill mid-write leaves
+    killed_mid_write(first.checkpoint)
     before = sorted(p.name for p in first.path.iterdir())
     with pytest.raises(RunDirectoryError, match=f"in use by a running training run \\(pid {os.getpid()}"):
         RunDirectory(tmp_path / "run").open()
     assert sorted(p.name for p in first.path.iterdir()) == before  # the refused run wrote nothing
     first.close()
     with RunDirectory(tmp_path / "run") as again:  # released when the holder closes (or dies)
-        assert not list(again.path.glob("*.tmp"))  # the new holder removed the stale temp file
+        assert sorted(p.name for p in again.path.iterdir()) == ["run.lock"]  # the stale temp file is gone
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirectoryError, match="is a file, not a directory"):
         RunDirectory(tmp_path / "file").open()
+
+
+@POSIX_LOCKS
+def test_removing_the_lock_file_does_not_let_a_second_run_in(tmp_path):
+    first = RunDirectory(tmp_path / "run").open()
+    (first.path / "run.lock").unlink()
+    with pytest.raises(RunDirectoryError, match="in use by a running training run \\(another process\\)"):
+        RunDirectory(tmp_path / "run").open()
+    assert list(first.path.iterdir()) == []  # the refused run created nothing, not even a lock file
+    first.close()
+    RunDirectory(tmp_path / "run").open().close()
+
+
+@POSIX_LOCKS
+def test_a_file_system_without_locks_is_refused_without_naming_a_stale_process(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.lock").write_text("pid 12345 on a-host-long-gone\n")  # left by a run long dead
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    with pytest.raises(RunDirectoryError) as err:
+        RunDirectory(tmp_path / "run").open()
+    assert "No locks available" in str(err.value) and "choose an --out-dir" in str(err.value)
+    assert "12345" not in str(err.value) and "in use" not in str(err.value)
+
+
+def test_only_the_runs_own_temp_files_are_removed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --out-dir . : the run shares the user's working directory
+    users = ["notes.tmp", "ckpt.pt.tmp", "ckpt.pt.backup.tmp", "draft.txt.abc123.tmp", "results.csv"]
+    users.append(killed_mid_write(tmp_path / "corpus.bin").name)  # atomic_write's, but not of a run's file
+    for name in users[:-1]:
+        (tmp_path / name).write_text("the user's")
+    for name in RunDirectory.FILES:
+        killed_mid_write(tmp_path / name)
+    with RunDirectory("."):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(users + ["run.lock"])
+
+
+@pytest.mark.parametrize("name", RunDirectory.FILES)
+def test_a_run_file_that_is_a_directory_is_refused_before_anything_is_written(tmp_path, name):
+    (tmp_path / "run" / name).mkdir(parents=True)
+    with pytest.raises(RunDirectoryError, match=f"{name} is not a file.*move it away"):
+        RunDirectory(tmp_path / "run").open()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [name]
+
+
+def test_every_write_of_a_run_directory_that_fails_is_one_clear_error(tmp_path, monkeypatch):
+    full = OSError(errno.ENOSPC, "No space left on device")
+    real_write = os.write
+
+    def full_disk_write(fd, data):
+        raise full
+
+    monkeypatch.setattr(os, "write", full_disk_write)  # the lock file's pid line
+    with pytest.raises(RunDirectoryError, match=r"could not write .*run.lock: No space left on device \(the disk"):
+        RunDirectory(tmp_path / "run").open()
+    monkeypatch.setattr(os, "write", real_write)
+    with RunDirectory(tmp_path / "run") as run_dir:  # the failed attempt released its locks
+        run_dir.start_metrics([])
+        run_dir.log({"step": 1, "loss": 2.0})
+
+        class FullFile(io.StringIO):
+            def flush(self):
+                raise full
+
+        run_dir._metrics_file = FullFile()
+        with pytest.raises(RunDirectoryError, match=r"could not write .*metrics.jsonl: No space.*no checkpoint yet"):
+            run_dir.log({"step": 2, "loss": 1.0})
+
+        def refuse(path, text):
+            raise OSError(errno.EFBIG, "File too large")
+
+        monkeypatch.setattr(files, "atomic_write_text", refuse)
+        with pytest.raises(RunDirectoryError, match=r"config.json: File too large \(a file-size limit"):
+            run_dir.write_config({})
+        monkeypatch.undo()
+        monkeypatch.setattr(files, "atomic_write", lambda path, write: refuse(path, None))
+        run_dir.rows = [{"step": 1, "loss": 2.0}]
+        with pytest.raises(RunDirectoryError, match=r"loss.png: File too large"):
+            run_dir.plot()
+
+
+def test_atomic_write_raises_the_write_error_a_writer_hid(tmp_path):
+    # torch.save turns a failed write into "RuntimeError: unexpected pos"; the cause must come out.
+    def writer_that_wraps_errors(f):
+        try:
+            f.write(b"x")
+        except OSError:
+            raise RuntimeError("unexpected pos 704 vs 598") from None
+
+    class Full(io.BytesIO):
+        def write(self, b):
+            raise OSError(errno.EFBIG, "File too large")
+
+    real_fdopen = os.fdopen
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, "fdopen", lambda fd, mode: (real_fdopen(fd, mode).close(), Full())[1])
+        with pytest.raises(OSError, match="File too large"):
+            atomic_write(tmp_path / "f.bin", writer_that_wraps_errors)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_metrics_keep_rows_up_to_the_checkpoint_and_drop_a_torn_line(tmp_path):

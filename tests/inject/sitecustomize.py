@@ -4,6 +4,8 @@ start-up when tests/inject is on PYTHONPATH, and it acts only when FASTCENTER_IN
     FASTCENTER_INJECT=nan_from_forward:13   the 13th training-mode forward of the GPT, and every later one,
                                             returns a NaN loss
     FASTCENTER_INJECT=enospc_on_save:2      the 2nd torch.save writes a few bytes, then fails as a full disk
+    FASTCENTER_INJECT=buffers_at_eval:0     every evaluation first saves this process's centering statistics to
+                                            $FASTCENTER_INJECT_DIR/rank<R>-eval<N>.pt (what each DDP rank uses)
 """
 
 import os
@@ -43,5 +45,18 @@ if _fault:
             return _save(obj, f, *args, **kwargs)
 
         torch.save = _full_disk_save
+    elif _kind == "buffers_at_eval":
+        from fastcenter.training import Trainer
+
+        _evaluate = Trainer.evaluate
+
+        def _recording_evaluate(self, *args, **kwargs):
+            _calls["n"] += 1
+            stats = {k: v.clone() for k, v in self.raw_model.state_dict().items() if k.endswith("running_mean")}
+            name = f"rank{self.dist.rank}-eval{_calls['n']}.pt"
+            torch.save(stats, os.path.join(os.environ["FASTCENTER_INJECT_DIR"], name))
+            return _evaluate(self, *args, **kwargs)
+
+        Trainer.evaluate = _recording_evaluate
     else:
         raise ValueError(f"FASTCENTER_INJECT: unknown fault {_fault!r}")
