@@ -327,7 +327,9 @@ def _norm_plans() -> list[Plan]:
             normed, hidden, rstd = norm.norm_forward(x, w, c, r, 1e-6)
             stored = hidden if hidden.numel() else x
             grad_hidden = torch.empty_like(x) if (residual or center != "none") else None
-            norm.norm_backward(torch.empty_like(x), grad_hidden, stored, w, rstd, center == "vector")
+            # With a residual the kernel also stores the residual's own gradient, in its dtype (ops/norm.py).
+            residual_grad_dtype = other_dtype if residual else None
+            norm.norm_backward(torch.empty_like(x), grad_hidden, stored, w, rstd, center == "vector", residual_grad_dtype)
 
         plans.append(Plan(label, launch, ci))
 
