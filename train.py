@@ -39,7 +39,7 @@ import time
 import numpy as np
 import torch
 
-from fastcenter import checkpoint, data
+from fastcenter import checkpoint, data, ops
 from fastcenter.config import CPU_COMMAND, UsageError, resolve_configs
 from fastcenter.files import RunDirectory, RunDirectoryError
 from fastcenter.model import GPT
@@ -49,6 +49,10 @@ from fastcenter.training import Dist, NonFiniteLossError, Trainer, check_fits, s
 def main(argv=None) -> dict:
     """Train; returns a summary {"step", "loss", "val_loss", "out_dir", "stopped_by"}."""
     StopSignal.first = None
+    try:  # a mistyped FASTCENTER_BACKEND / FASTCENTER_CHECKS: said before anything else, not at the first op
+        ops.check_environment()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     cfg, model_cfg, ckpt, notes = resolve_configs(argv)
     dist, device = setup_distributed(cfg.device)
     console = Console(active=dist.master)
@@ -99,7 +103,7 @@ def check_same_corpus(ckpt: dict, corpus: data.Corpus, path, console) -> None:
 
 def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, console, corpus: data.Corpus) -> dict:
     if model_cfg.fused and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        console.say("--fused without a GPU: the fused ops run their CPU implementation (fastcenter/cpu.py).")
+        console.say("--fused without a GPU: the fused ops run their CPU implementation (fastcenter/ops/<family>.py).")
 
     # The same seed on every process gives identical initial weights (DDP broadcasts them anyway).
     random.seed(cfg.seed)

@@ -396,7 +396,7 @@ def test_fused_without_gpu_says_so_and_the_demo_corpus_is_announced(tmp_path, gp
     # built from the stdlib (a few seconds) into a private cache; it needs the GPT-2 BPE (gpt2_encoding skips).
     argv = tiny_args(None, tmp_path / "run", fused=True, max_iters=2, batch_size=2, grad_accum_steps=1, eval_iters=1)
     result = ok(train(argv, FASTCENTER_CACHE=str(tmp_path / "cache")))
-    assert "fused ops run their CPU implementation" in result.stdout
+    assert "fused ops run their CPU implementation (fastcenter/ops/<family>.py)" in result.stdout
     assert "No --data given" in result.stdout and "Python standard library" in result.stdout
     assert str(tmp_path / "cache") in result.stdout
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -581,6 +581,46 @@ def test_a_first_ctrl_c_before_training_is_not_called_the_second(token_corpus, t
     monkeypatch.setattr(data, "open_tokens", interrupted)
     code, _, err = cli(tiny_args(token_corpus, tmp_path / "run"), capsys)
     assert code == 130 and "second" not in err and "starting or finishing" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("variable", ["FASTCENTER_BACKEND", "FASTCENTER_CHECKS"])
+def test_an_unknown_environment_value_is_one_line_before_anything_runs(
+    token_corpus, tmp_path, capsys, monkeypatch, variable
+):
+    monkeypatch.setenv(variable, "bogus")
+    cli_error(
+        tiny_args(token_corpus, tmp_path / "run"), capsys, rf"environment variable {variable}='bogus' is not one of"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_offline_machine_without_the_tokenizer_fails_at_once_naming_tiktoken_cache_dir(
+    tmp_path, capsys, monkeypatch
+):
+    # No --data: the demo corpus needs GPT-2's BPE, which is not cached here and cannot be downloaded (every
+    # connection fails, as on a machine whose network drops packets). tiktoken would wait forever; the run fails
+    # in one line, having tried the download host once, with a timeout.
+    import socket
+
+    import tiktoken
+
+    attempts = []
+
+    def unreachable(address, timeout=None, *args, **kwargs):
+        attempts.append((address, timeout))
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: pytest.fail("tiktoken would download with no timeout"))
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("FASTCENTER_CACHE", str(tmp_path / "cache"))
+    argv = tiny_args(None, tmp_path / "run", max_iters=1)
+    cli_error(argv, capsys, r"'r50k_base' encoding .* not cached .*cannot be reached .*TIKTOKEN_CACHE_DIR")
+    assert [host for (host, _), _ in attempts] == ["openaipublic.blob.core.windows.net"]
+    assert all(0 < timeout <= data.NETWORK_TIMEOUT_S for _, timeout in attempts)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_model_too_large_to_allocate_is_one_line(token_corpus, tmp_path, capsys):
