@@ -115,7 +115,9 @@ def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, conso
         model = GPT(model_cfg)
     except (RuntimeError, MemoryError) as e:  # check_fits let it through, but this machine has less free now
         raise UsageError(f"the model could not be allocated: {str(e).strip().splitlines()[0]}") from None
-    trainer = Trainer(model, cfg, train_tokens=corpus.train, val_tokens=corpus.val, device=device, dist=dist)
+    trainer = Trainer(
+        model, cfg, train_tokens=corpus.train, val_tokens=corpus.val, device=device, dist=dist, say=console.say
+    )
     if ckpt is not None:
         try:
             trainer.load_state_dict(ckpt)
@@ -134,6 +136,7 @@ def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, conso
         "data": corpus.identity,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world_size": dist.world_size,
+        "micro_batch": trainer.micro_batch,  # what --micro-batch resolved to (auto: measured)
         "autocast_dtype": trainer.precision.name,
         "parameters": model.num_params(),
         "torch": torch.__version__,
@@ -144,8 +147,9 @@ def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, conso
     console.say(
         f"model: {model.num_params():,} parameters, {'fused' if model_cfg.fused else 'reference'} ops, "
         f"center={','.join(model_cfg.center) or 'none'}; data: {corpus.path} ({len(corpus.train):,} train / "
-        f"{len(corpus.val):,} val tokens); {cfg.tokens_per_step:,} tokens per step on {dist.world_size} x "
-        f"{device} ({trainer.precision.name}); out: {run_dir.path}"
+        f"{len(corpus.val):,} val tokens); {cfg.tokens_per_step:,} tokens per step ({trainer.micro_steps} x "
+        f"{trainer.micro_batch} sequences per process) on {dist.world_size} x {device} ({trainer.precision.name}); "
+        f"out: {run_dir.path}"
     )
 
     def save() -> None:

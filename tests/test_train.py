@@ -240,11 +240,13 @@ def test_busy_directory_is_refused_and_a_killed_run_does_not_block_resume(token_
 
 
 def test_two_process_gloo_run_matches_single_process(token_corpus, tmp_path):
+    # The processes also split the global batch differently: each runs its 8 windows as 4 micro-steps of 2
+    # (the middle ones summed by the trainer's multi-tensor add, the last by autograd for DDP's all-reduce).
     args = dict(grad_accum_steps=4, max_iters=6, eval_interval=3, eval_iters=3)
     single = start(tiny_args(token_corpus, tmp_path / "single", **args))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAIN_PY)]
     result = subprocess.run(
-        command + tiny_args(token_corpus, tmp_path / "ddp", **args),
+        command + tiny_args(token_corpus, tmp_path / "ddp", micro_batch=2, **args),
         env=env(),
         capture_output=True,
         text=True,
@@ -252,7 +254,7 @@ def test_two_process_gloo_run_matches_single_process(token_corpus, tmp_path):
     )
     single.communicate(timeout=300)
     assert result.returncode == 0 and single.returncode == 0, result.stdout + result.stderr
-    assert "2 x cpu" in result.stdout
+    assert "(4 x 2 sequences per process) on 2 x cpu" in result.stdout
     rows_single, rows_ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
     assert [r["step"] for r in rows_ddp] == [r["step"] for r in rows_single] == list(range(1, 7))
     # Same windows, same weights; only the order of the gradient sums differs (float32 rounding).
