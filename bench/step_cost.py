@@ -612,6 +612,7 @@ class Recorder(TorchDispatchMode):
         self.excluded = Counter()  # ops seen that launch nothing (views, allocations, ...)
         self.fp32_accumulation = None
         self.captured = False  # recording inside Trainer.accumulate_gradients
+        self.loading = False  # recording inside Trainer._load_batch (the batch's copy to the device)
 
     def reset(self) -> None:
         """Forget what was recorded (after the warm-up step)."""
@@ -656,8 +657,8 @@ class Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if name == "aten::_local_scalar_dense":
             self.syncs += 1
-        if name == "aten::copy_" and self.inside is None and not _is_fake(args[1]):
-            self.excluded["host-to-device copy of the batch"] += 1  # a DMA from (pinned) host memory, no kernel
+        if self.loading:  # the batch's host-to-device copy: a DMA from pinned host memory, no kernel
+            self.excluded[f"{func} (host-to-device copy of the batch)"] += 1
             return out
         if self.inside is not None:
             kernels = aten_kernels(func, args, kwargs, out, self.inside.klass)
@@ -704,12 +705,6 @@ class Recorder(TorchDispatchMode):
         if self.inside is None:
             raise RuntimeError(f"Triton kernel {jit_fn.fn.__name__} launched outside a fastcenter custom op")
         self.inside.kernels.append(triton_kernel(jit_fn, args, kwargs, grid, self.inside.klass, self.inside.name))
-
-
-def _is_fake(t) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
 
 
 def _to_device(device: str):
@@ -907,7 +902,7 @@ def record_step(spec: StepSpec) -> Recorder:
         model.configure_optimizer = functools.partial(_fused_optimizer, model)
         trainer = training.Trainer(model, cfg, train_tokens=tokens, val_tokens=tokens, device=torch.device("cpu"))
         _phase_hooks(recorder, model, trainer.optimizer)
-        _mark_captured(recorder, trainer)
+        _mark_regions(recorder, trainer)
         with recorder:
             trainer.train_step()
             recorder.reset()
@@ -916,18 +911,22 @@ def record_step(spec: StepSpec) -> Recorder:
     return recorder
 
 
-def _mark_captured(recorder: Recorder, trainer) -> None:
-    """Tag the ops of `Trainer.accumulate_gradients`, what train.py --cuda-graph replays as one graph."""
-    accumulate = trainer.accumulate_gradients
+def _mark_regions(recorder: Recorder, trainer) -> None:
+    """Flag the ops of `Trainer.accumulate_gradients` (what train.py --cuda-graph replays as one graph) and of
+    `Trainer._load_batch` (the batch's copy to the device)."""
 
-    def captured(batch):
-        recorder.captured = True
-        try:
-            return accumulate(batch)
-        finally:
-            recorder.captured = False
+    def flagged(method, flag: str):
+        def run(*args):
+            setattr(recorder, flag, True)
+            try:
+                return method(*args)
+            finally:
+                setattr(recorder, flag, False)
 
-    trainer.accumulate_gradients = captured
+        return run
+
+    trainer.accumulate_gradients = flagged(trainer.accumulate_gradients, "captured")
+    trainer._load_batch = flagged(trainer._load_batch, "loading")
 
 
 def _fused_optimizer(model, *args, **kwargs):

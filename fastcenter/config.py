@@ -67,8 +67,12 @@ class TrainConfig:
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt with its saved config (flags given override)")
     # The global batch: batch_size x grad_accum_steps sequences of seq_len tokens per optimizer step, run in
     # micro-batches of micro_batch sequences per process (any split computes the same mean loss and gradient).
-    batch_size: int = opt(16, "sequences per micro-batch of the global batch (batch_size x grad_accum_steps)")
-    grad_accum_steps: int = opt(4, "micro-batches of batch_size per optimizer step, over all processes")
+    batch_size: int = opt(
+        16, "the global batch is batch_size x grad_accum_steps sequences per step; also the validation batch"
+    )
+    grad_accum_steps: int = opt(
+        4, "see --batch-size (micro-batches of batch_size over all processes; --micro-batch says how they run)"
+    )
     micro_batch: typing.Union[int, str] = opt(
         "auto",
         "sequences per forward and backward (per process), a divisor of the sequences each process runs per "
