@@ -43,7 +43,7 @@ from fastcenter import checkpoint, data, ops
 from fastcenter.config import CPU_COMMAND, UsageError, resolve_configs
 from fastcenter.files import RunDirectory, RunDirectoryError
 from fastcenter.model import GPT
-from fastcenter.training import Dist, NonFiniteLossError, Trainer, check_fits, setup_distributed
+from fastcenter.training import Dist, NonFiniteLossError, Trainer, check_fits, check_split, setup_distributed
 
 
 def main(argv=None) -> dict:
@@ -63,6 +63,7 @@ def main(argv=None) -> dict:
         run_dir.check()
         refuse_to_overwrite(cfg, run_dir)
         check_fits(model_cfg, device)
+        check_split(cfg, dist)
         # Data first: a corrupt or mismatched file stops the run before anything is built or written.
         corpus = load_data(cfg, model_cfg.vocab_size, dist, console)
         if ckpt is not None:

@@ -72,6 +72,7 @@ __all__ = [
     "warmup_cosine_lr",
     "preserved",
     "check_fits",
+    "check_split",
     "largest_fitting_divisor",
     "StepGraph",
 ]
@@ -237,6 +238,23 @@ def setup_distributed(device_choice: str) -> tuple[Dist, torch.device]:
     return dist, device
 
 
+def check_split(cfg: TrainConfig, dist: Dist) -> None:
+    """UsageError unless the global batch splits evenly: its grad_accum_steps micro-batches of batch_size over the
+    processes, and each process's share into micro-batches of cfg.micro_batch (when a number)."""
+    if cfg.grad_accum_steps % dist.world_size:
+        raise UsageError(
+            f"--grad-accum-steps {cfg.grad_accum_steps} must be divisible by the number of processes "
+            f"({dist.world_size}): the global batch stays batch_size x grad_accum_steps"
+        )
+    sequences = cfg.batch_size * cfg.grad_accum_steps // dist.world_size
+    if cfg.micro_batch != "auto" and sequences % cfg.micro_batch:
+        per = f" / {dist.world_size} processes" if dist.enabled else ""
+        raise UsageError(
+            f"--micro-batch {cfg.micro_batch} must divide the {sequences} sequences each process trains on per "
+            f"step (--batch-size {cfg.batch_size} x --grad-accum-steps {cfg.grad_accum_steps}{per})"
+        )
+
+
 def largest_fitting_divisor(sequences: int, *, per_sequence: float, fixed: float, budget: float) -> int:
     """The largest divisor m of `sequences` with fixed + m * per_sequence <= budget (bytes), or 1 if none fits
     (then the run is as small as it can be, and a real shortage of memory shows itself as CUDA's error)."""
@@ -379,11 +397,7 @@ class Trainer:
         digest_batches: bool = False,
         say: Callable[[str], None] = print,
     ):
-        if cfg.grad_accum_steps % dist.world_size:
-            raise UsageError(
-                f"--grad-accum-steps {cfg.grad_accum_steps} must be divisible by the number of processes "
-                f"({dist.world_size}): the global batch stays batch_size x grad_accum_steps"
-            )
+        check_split(cfg, dist)
         self.cfg, self.device, self.dist, self.say = cfg, device, dist, say
         self.raw_model = model.to(device)
         self.precision = Precision(device, cfg.dtype)
@@ -447,13 +461,7 @@ class Trainer:
         math), and on CUDA the largest divisor of this process's sequences that fits (`_fitting_micro_batch`)."""
         cfg, sequences = self.cfg, self.sequences_per_process
         if cfg.micro_batch != "auto":
-            if sequences % cfg.micro_batch:
-                per = f" / {self.dist.world_size} processes" if self.dist.enabled else ""
-                raise UsageError(
-                    f"--micro-batch {cfg.micro_batch} must divide the {sequences} sequences each process trains on "
-                    f"per step (--batch-size {cfg.batch_size} x --grad-accum-steps {cfg.grad_accum_steps}{per})"
-                )
-            return cfg.micro_batch, None
+            return cfg.micro_batch, None  # check_split has checked it
         if self.device.type != "cuda":
             return cfg.batch_size, None
         if self.raw_model.config.center:

@@ -585,6 +585,11 @@ def test_a_first_ctrl_c_before_training_is_not_called_the_second(token_corpus, t
     assert code == 130 and "second" not in err and "starting or finishing" in err and err.count("\n") == 1
 
 
+def test_a_micro_batch_that_does_not_divide_the_batch_is_one_line_before_the_run_starts(token_corpus, tmp_path, capsys):
+    cli_error(tiny_args(token_corpus, tmp_path / "run", micro_batch=3), capsys, r"--micro-batch 3 must divide the 8")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("variable", ["FASTCENTER_BACKEND", "FASTCENTER_CHECKS"])
 def test_an_unknown_environment_value_is_one_line_before_anything_runs(
     token_corpus, tmp_path, capsys, monkeypatch, variable
