@@ -303,15 +303,26 @@ def cuda_trainer(corpus, **overrides) -> Trainer:
 
 @needs_cuda
 def test_the_captured_step_is_the_uncaptured_step_bit_for_bit(token_corpus):
-    # 3 eager warm-up steps, the capture and its replay at step 4, replays after: the same losses, gradient norms
-    # and weights as the run that never captures.
-    graphed, eager = cuda_trainer(token_corpus, cuda_graph=True), cuda_trainer(token_corpus)
+    # 3 eager warm-up steps, the capture and its replay at step 4, replays after; 4 micro-steps a step, so the
+    # graph holds the multi-tensor gradient adds too. The same losses, gradient norms and weights as the run
+    # that never captures, bit for bit -- where two uncaptured runs agree bit for bit (the control): a GPU whose
+    # kernels are not deterministic can only show closeness.
+    graphed, eager, control = (cuda_trainer(token_corpus, micro_batch=2, cuda_graph=g) for g in (True, False, False))
+    runs = {"graphed": [], "eager": [], "control": []}
     for step in range(8):
-        a, b = graphed.train_step(), eager.train_step()
+        for name, trainer in zip(runs, (graphed, eager, control)):
+            runs[name].append((trainer.train_step(), trainer.grad_norm))
         assert graphed._graph is not None and graphed._graph.captured == (step >= 3)
-        assert torch.equal(a, b) and torch.equal(graphed.grad_norm, eager.grad_norm), step
-    for a, b in zip(graphed.raw_model.parameters(), eager.raw_model.parameters()):
-        assert torch.equal(a, b)
+    weights = {name: list(t.raw_model.parameters()) for name, t in zip(runs, (graphed, eager, control))}
+
+    def same(a, b, exact):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y) if exact else torch.allclose(x, y, rtol=1e-3, atol=1e-4)
+
+    exact = all(torch.equal(x, y) for pair in zip(runs["eager"], runs["control"]) for x, y in zip(*pair))
+    for (loss, norm), (eager_loss, eager_norm) in zip(runs["graphed"], runs["eager"]):
+        same((loss, norm), (eager_loss, eager_norm), exact)
+    same(weights["graphed"], weights["eager"], exact)
 
 
 @needs_cuda
