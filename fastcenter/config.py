@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 
 from . import checkpoint, data
-from .model import GPTConfig
+from .model import MLPS, NORMS, POSITIONS, GPTConfig
 from .nn import CENTERING_MODES
 from .ops._dispatch import is_real
 
@@ -51,6 +51,9 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "centering_mode": CENTERING_MODES,
+    "norm": NORMS,
+    "mlp": MLPS,
+    "positions": POSITIONS,
 }
 
 
@@ -165,15 +168,19 @@ MODEL_HELP = {
     "vocab_size": "vocabulary size (GPT-2 BPE: 50257; a compacted corpus: its meta.json says)",
     "dim": "model width",
     "n_layers": "transformer blocks",
-    "n_heads": "attention heads (dim / n_heads must be even)",
-    "max_seq_len": "longest sequence (RoPE table); raised to --seq-len if smaller and not given",
-    "mlp_hidden": "SwiGLU hidden width; none: 4 * dim",
-    "rope_base": "RoPE base",
-    "norm_eps": "RMSNorm epsilon",
+    "n_heads": "attention heads (with RoPE, dim / n_heads must be even)",
+    "max_seq_len": "longest sequence (RoPE table, or learned positions); raised to --seq-len if smaller and not given",
+    "mlp_hidden": "MLP hidden width; none: 4 * dim",
+    "rope_base": "RoPE base (with --positions rope)",
+    "norm_eps": "epsilon of the norms (nanoGPT's LayerNorm: 1e-5)",
     "center": "vector centering placements: comma list of embeddings,qk,v,residual,mlp (or all, none)",
     "centering_mode": "how the centre is computed",
     "fused": "use fastcenter's fused ops (Triton kernels on a GPU, the CPU implementation on a CPU); "
     "--no-fused: the eager reference ops",
+    "norm": "rmsnorm, or layernorm (nanoGPT's; eager PyTorch)",
+    "mlp": "swiglu, or gelu (nanoGPT's: up, exact GELU, down; eager PyTorch)",
+    "positions": "rope, or learned (nanoGPT's absolute position embedding)",
+    "bias": "a bias in every linear and LayerNorm (nanoGPT's GPTConfig default)",
 }
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}

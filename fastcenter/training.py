@@ -207,8 +207,9 @@ def check_fits(config, device: torch.device) -> None:
     Arithmetic on the config: nothing is allocated, so a size too large to allocate is refused before it is tried.
     """
     d = config.dim
-    matrices = config.vocab_size * d + config.n_layers * (4 * d * d + 3 * d * config.hidden_dim)
-    state, rope = 16 * matrices, 4 * config.max_seq_len * config.head_dim
+    mlp = (3 if config.mlp == "swiglu" else 2) * d * config.hidden_dim  # gate|up and down, or up and down
+    matrices = config.vocab_size * d + config.n_layers * (4 * d * d + mlp)
+    state, rope = 16 * matrices, (4 * config.max_seq_len * config.head_dim if config.positions == "rope" else 0)
     available = device_memory(device)
     if available is not None and state + rope > available:
 

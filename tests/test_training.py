@@ -21,7 +21,7 @@ import torch
 from fastcenter import checkpoint, data, files, training
 from fastcenter.config import TrainConfig, UsageError, build_parser, resolve_configs
 from fastcenter.files import RunDirectory, RunDirectoryError, atomic_write, read_jsonl
-from fastcenter.model import GPT, GPTConfig
+from fastcenter.model import GPT, NANOGPT, GPTConfig
 from fastcenter.training import NonFiniteLossError, Trainer, check_fits, gpu_peak_flops, learning_rate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -410,6 +410,9 @@ BAD_VALUES = {
     "--norm-eps": ["-1", "nan", "inf"],
     "--center": ["bogus"],
     "--centering-mode": ["mean"],
+    "--norm": ["batchnorm"],
+    "--mlp": ["relu"],
+    "--positions": ["alibi"],
     "--device": ["tpu"],
     "--dtype": ["float64"],
     "--micro-batch": ["0", "-2", "x", "2.5"],
@@ -448,7 +451,10 @@ def test_every_float_flag_refuses_values_beyond_float32s_range():
         TrainConfig(lr=1e300)  # in-process too
 
 
-@pytest.mark.parametrize("fields", [{}, dict(dim=48, n_heads=4, n_layers=3, mlp_hidden=100, center="all")])
+@pytest.mark.parametrize(
+    "fields",
+    [{}, dict(dim=48, n_heads=4, n_layers=3, mlp_hidden=100, center="all"), dict(mlp_hidden=4096, **NANOGPT)],
+)
 def test_check_fits_refuses_only_what_cannot_fit(monkeypatch, fields):
     config = GPTConfig(**{**TINY, **fields})
     model = GPT(config)
