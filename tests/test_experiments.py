@@ -33,10 +33,10 @@ from fastcenter.experiments import (
 )
 from fastcenter.experiments.centering import NaiveCentering, measure_mechanisms, recording
 from fastcenter.experiments.ngram import KneserNey, seen_windows
-from fastcenter.experiments.plan import RUN_FORMAT, weights_digest
-from fastcenter.experiments.run import load_runs
+from fastcenter.experiments.plan import RUN_FORMAT, scale_differences, weights_digest
+from fastcenter.experiments.records import load_runs
 from fastcenter.experiments.stats import adjust, direction_verdict, holm, paired, size_verdict
-from fastcenter.model import GPT, GPTConfig
+from fastcenter.model import GPT, NANOGPT, GPTConfig
 from fastcenter.nn import CENTERING_MODES, VectorCentering
 from fastcenter.training import preserved
 
@@ -484,6 +484,46 @@ def test_resume_skips_finished_runs_and_reruns_a_missing_one_identically(study, 
     assert new_groups == pytest.approx(old_groups, abs=1e-6)
 
 
+def test_runs_name_their_data_by_the_corpus_identity(study, corpus):
+    """Every record holds the identity fastcenter.data gives the corpus, and the digest of it."""
+    _, _, results = study
+    identity = data.load_corpus(corpus, vocab_size=None, seq_len=TINY["seq_len"]).identity
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    assert {json.dumps(r["data_identity"], sort_keys=True) for r in results["runs"]} == {
+        json.dumps(identity, sort_keys=True)
+    }
+    assert {r["data_digest"] for r in results["runs"]} == {digest}
+
+
+def test_a_directory_begun_before_the_identity_keeps_its_digest(study, corpus, tmp_path):
+    """Records written before they held the corpus identity name the data by the sha256 of its files' bytes
+    (as bench/results/centering/cpu-dim256 and cpu-dim256-1600 do): such a directory still resumes, its new runs
+    take its digest, and other data is still refused."""
+    cfg, out, _ = study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    files = [hashlib.sha256((corpus / name).read_bytes()).hexdigest() for name in ("train.bin", "val.bin")]
+    legacy = hashlib.sha256("".join(files).encode()).hexdigest()
+    for path in (copy / "runs").glob("*.json"):
+        record = json.loads(path.read_text())
+        del record["data_identity"]
+        path.write_text(json.dumps({**record, "data_digest": legacy}))
+    (copy / "runs" / "s1-qk_v-simple.json").unlink()
+    lines = []
+    experiments.run_study(cfg, corpus, copy, log=lines.append)
+    assert "11 already finished" in lines[0]
+    rerun = json.loads((copy / "runs" / "s1-qk_v-simple.json").read_text())
+    assert rerun["data_digest"] == legacy and "data_identity" in rerun
+    other = tmp_path / "other"
+    shutil.copytree(corpus, other)
+    with open(other / "val.bin", "r+b") as f:  # one token changed: another corpus
+        first = f.read(2)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1, first[1]]))
+    with pytest.raises(experiments.StudyError, match="other data"):
+        experiments.run_study(cfg, other, copy, log=lambda line: None)
+
+
 def test_runs_of_another_configuration_are_refused(study, corpus, tmp_path, capsys):
     _, out, _ = study
     copy = tmp_path / "study"
@@ -721,9 +761,13 @@ def test_study_config_holds_the_model_and_training_configurations():
     # A field with no flag of its own joins the result fields when it leaves its default.
     assert not any("." in k for k in cfg.result_fields())
     other = StudyConfig(
-        model=dataclasses.replace(cfg.model, norm_eps=1e-5), train=cfg.train, arms=cfg.arms, modes=cfg.modes
+        model=dataclasses.replace(cfg.model, rope_base=500.0), train=cfg.train, arms=cfg.arms, modes=cfg.modes
     )
-    assert other.result_fields() == {**cfg.result_fields(), "model.norm_eps": 1e-5}
+    assert other.result_fields() == {**cfg.result_fields(), "model.rope_base": 500.0}
+    # So does an architecture flag, under its own name: the default model's studies keep their result fields.
+    nanogpt = StudyConfig.from_flags(**CPU_DIM256, **NANOGPT)
+    assert nanogpt.result_fields() == {**cfg.result_fields(), **NANOGPT}
+    assert StudyConfig.from_flags(**CPU_DIM256, norm="rmsnorm", bias=False).result_fields() == cfg.result_fields()
 
 
 def test_arm_mode_pairs_extend_the_horizon_into_the_confirmatory_design():
@@ -758,6 +802,26 @@ def test_the_study_flags_name_themselves_in_errors(tmp_path, capsys):
     assert experiments.main(["centering", "--out", str(tmp_path / "x"), "--iters", "0"]) == 2
     err = capsys.readouterr().err
     assert "--iters" in err and "--max-iters" not in err
+
+
+def test_a_study_of_nanogpts_architecture_says_which_it_ran(corpus, tmp_path):
+    """The architecture flags reach the model of every run, its record and the report's comparison with the
+    claims: on nanoGPT's architecture the architecture is no difference (the width still is)."""
+    out = tmp_path / "nanogpt"
+    flags = dict(seeds=1, arms="baseline,v/simple", modes="simple", iters=2, eval_points=1)
+    args = cli_args(corpus, out, **flags) + ["--norm", "layernorm", "--mlp", "gelu", "--positions", "learned"]
+    assert experiments.main(args + ["--bias", "--norm-eps", "1e-5"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for r in results["runs"]:
+        assert {k: r["configs"]["model"][k] for k in NANOGPT} == NANOGPT and r["config"]["norm"] == "layernorm"
+        assert r["parameters"] == GPT(GPTConfig.from_dict(r["configs"]["model"])).num_params()
+    notes = results["scale_differences"]
+    assert not any(n.startswith("architecture") for n in notes) and any(n.startswith("width 16") for n in notes)
+    default = scale_differences(results["config"], {})  # a record without a model config: the default model
+    assert default[0] == (
+        "architecture: RMSNorm, rotary positions, SwiGLU MLP; the claims': LayerNorm, learned absolute positions, "
+        "GELU MLP (nanoGPT)"
+    )
 
 
 def test_the_committed_study_rebuilds_from_its_records(tmp_path):

@@ -61,6 +61,7 @@ Code
     plan.py       arms, modes, the claims, StudyConfig, the plan of runs, the paired initial weights
     centering.py  the study's own centering code: the mechanism probe and the naive leak control
     run.py        one run through the training core, the leak check, the whole study (workers, resume)
+    records.py    the run records of a study directory, their compatibility, the data they name
     ngram.py      the n-gram baselines
     stats.py      the analysis: paired t, Holm, simultaneous intervals, verdicts, secondary outcomes
     report.py     results.json, results.md, plots
@@ -82,8 +83,9 @@ from .plan import (
     model_config,
     plan_runs,
 )
+from .records import Corpus, StudyError, load_corpus
 from .report import build_results
-from .run import Corpus, StudyError, leak_check, load_corpus, run_study, train_run
+from .run import leak_check, run_study, train_run
 from .stats import claim_verdicts, contrasts, direction_verdict, holm, paired, size_verdict
 
 __all__ = [

@@ -9,9 +9,11 @@ import sys
 import torch
 
 from .. import data
+from ..config import CHOICES
 from .plan import ARMS, DEFAULT_ARMS, DEFAULT_MODES, FLAGS, STUDY_MODES, StudyConfig
+from .records import StudyError
 from .report import build_results
-from .run import StudyError, prepare_text_corpus, regime_of_study, run_study
+from .run import prepare_text_corpus, regime_of_study, run_study
 
 # Flags whose default is decided later: from --iters, from the data.
 _LATE_DEFAULTS = {"warmup_iters", "vocab_size"}
@@ -57,15 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"evaluation too; default {','.join(DEFAULT_MODES)})",
     )
     defaults = StudyConfig()
-    for name, (_, _, help_text) in FLAGS.items():
+    for name, (_, name_there, help_text) in FLAGS.items():
         option = "--" + name.replace("_", "-")
         default = None if name in _LATE_DEFAULTS else defaults.flag_value(name)
-        if name == "fused":
-            p.add_argument(
-                option, action=argparse.BooleanOptionalAction, default=None, help=f"{help_text} (default: fused)"
-            )
-        elif name == "device":
-            p.add_argument(option, choices=("auto", "cpu", "cuda"), default=None, help=f"{help_text} (default auto)")
+        if isinstance(default, bool):
+            shown = f" (default: {'yes' if default else 'no'})"
+            p.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=help_text + shown)
+        elif name_there in CHOICES:
+            choices = CHOICES[name_there]
+            p.add_argument(option, choices=choices, default=None, help=f"{help_text} (default {default})")
         else:
             kind = int if name in _LATE_DEFAULTS else type(default)
             shown = "" if default is None else f" (default {default:g})"

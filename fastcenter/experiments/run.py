@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import multiprocessing
@@ -15,9 +14,7 @@ import pathlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .. import data
@@ -32,11 +29,11 @@ from .plan import (
     RunSpec,
     StudyConfig,
     build_model,
-    file_digest,
     initial_state,
     plan_runs,
     weights_digest,
 )
+from .records import Corpus, StudyError, check_compatible, load_corpus, load_runs, uses_legacy_digest
 from .report import build_results, environment
 from .stats import seed_of
 
@@ -79,24 +76,6 @@ def leak_check(model, tokens: torch.Tensor, seed: int = 0) -> dict:
         }
         result[phase]["leak"] = result[phase]["future_leak"] or result[phase]["batch_leak"]
     return result
-
-
-@dataclass
-class Corpus:
-    train: np.ndarray
-    val: np.ndarray
-    data_dir: str
-    digest: str
-
-
-def load_corpus(data_dir, vocab_size: int, seq_len: int) -> Corpus:
-    data_dir = pathlib.Path(data_dir)
-    train = data.load_split(data_dir, "train", vocab_size=vocab_size, seq_len=seq_len)
-    val = data.load_split(data_dir, "val", vocab_size=vocab_size, seq_len=seq_len)
-    digest = hashlib.sha256(
-        (file_digest(data_dir / "train.bin") + file_digest(data_dir / "val.bin")).encode()
-    ).hexdigest()
-    return Corpus(train, val, str(data_dir.resolve()), digest)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -175,6 +154,7 @@ def train_run(
         "config": cfg.result_fields(),
         "configs": {"model": model.config.to_dict(), "train": dataclasses.asdict(run_cfg)},
         "data_digest": corpus.digest,
+        "data_identity": corpus.identity,
         "device": device.type,
         "ops": ops_name(device, cfg.model.fused),
         "autocast": trainer.precision.name,
@@ -219,44 +199,13 @@ def ops_name(device: torch.device, fused: bool) -> str:
     return "triton" if device.type == "cuda" else "cpu"
 
 
-class StudyError(ValueError):
-    """The study cannot run as asked (the message says why)."""
-
-
-def load_runs(out_dir: pathlib.Path) -> list[dict]:
-    runs = []
-    for path in sorted((out_dir / "runs").glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise StudyError(f"{path}: not valid JSON ({e}); delete it to rerun that run") from e
-        if record.get("format") != RUN_FORMAT:
-            raise StudyError(f"{path}: not a run record of {RUN_FORMAT}")
-        runs.append(record)
-    return runs
-
-
-def check_compatible(records: list[dict], fields: dict, digest: str | None, out_dir: pathlib.Path) -> None:
-    """Refuse to mix runs of different configurations or data in one study."""
-    for r in records:
-        changed = sorted(k for k in set(fields) | set(r["config"]) if fields.get(k) != r["config"].get(k))
-        if changed:
-            detail = ", ".join(f"{k}: {r['config'].get(k)!r} there, {fields.get(k)!r} now" for k in changed)
-            raise StudyError(
-                f"{out_dir}/runs holds runs of another configuration ({detail}); "
-                "use another --out, or the same settings"
-            )
-        if digest is not None and r["data_digest"] != digest:
-            raise StudyError(f"{out_dir}/runs holds runs trained on other data ({r['run_id']}); use another --out")
-
-
 def regime_of_study(out_dir: pathlib.Path, data_dir, log: Callable[[str], None] = print) -> dict:
     """OUT/ngrams.json for the planned seeds of a study, from its data (`--report-only --data DIR`)."""
     runs = load_runs(out_dir)
     if not runs:
         raise StudyError(f"no finished runs under {out_dir}/runs")
     config, digest = runs[0]["config"], runs[0]["data_digest"]
-    corpus = load_corpus(data_dir, config["vocab_size"], config["seq_len"])
+    corpus = load_corpus(data_dir, config["vocab_size"], config["seq_len"], legacy=uses_legacy_digest(runs))
     if corpus.digest != digest:
         raise StudyError(f"{data_dir} is not the data the runs under {out_dir} trained on (another digest)")
     plan_path = out_dir / "plan.json"
@@ -292,9 +241,10 @@ def run_study(
         raise StudyError(str(e)) from e
     if workers < 1:
         raise StudyError(f"--workers must be >= 1, got {workers}")
-    corpus = load_corpus(data_dir, cfg.model.vocab_size, cfg.train.seq_len)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     finished = {r["run_id"]: r for r in load_runs(out_dir)}
+    legacy = uses_legacy_digest(list(finished.values()))  # a directory begun before records held the identity
+    corpus = load_corpus(data_dir, cfg.model.vocab_size, cfg.train.seq_len, legacy=legacy)
     check_compatible(list(finished.values()), cfg.result_fields(), corpus.digest, out_dir)
     plan = plan_runs(cfg)
     atomic_write_text(
@@ -358,7 +308,9 @@ def run_study(
                 workers, mp_context=context, initializer=_worker_init, initargs=(threads or 1,)
             ) as pool:
                 futures = {
-                    pool.submit(_run_and_save, spec, cfg, str(data_dir), str(out_dir), _prefix(spec, plan)): spec
+                    pool.submit(
+                        _run_and_save, spec, cfg, str(data_dir), str(out_dir), legacy, _prefix(spec, plan)
+                    ): spec
                     for spec in todo
                 }
                 try:
@@ -396,10 +348,11 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_and_save(spec: RunSpec, cfg: StudyConfig, data_dir: str, out_dir: str, prefix: str) -> dict:
-    """One run in a worker process: everything from the plan and the data, the record written when done."""
+def _run_and_save(spec: RunSpec, cfg: StudyConfig, data_dir: str, out_dir: str, legacy: bool, prefix: str) -> dict:
+    """One run in a worker process: everything from the plan and the data, the record written when done (naming
+    the data by the legacy digest where the study directory does)."""
     device = resolve_device(cfg.train.device)
-    corpus = load_corpus(data_dir, cfg.model.vocab_size, cfg.train.seq_len)
+    corpus = load_corpus(data_dir, cfg.model.vocab_size, cfg.train.seq_len, legacy=legacy)
     record = train_run(
         spec,
         cfg,
