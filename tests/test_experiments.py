@@ -14,6 +14,7 @@ import math
 import pathlib
 import random
 import shutil
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -522,6 +523,68 @@ def test_a_directory_begun_before_the_identity_keeps_its_digest(study, corpus, t
         f.write(bytes([first[0] ^ 1, first[1]]))
     with pytest.raises(experiments.StudyError, match="other data"):
         experiments.run_study(cfg, other, copy, log=lambda line: None)
+
+
+def test_a_time_budget_leaves_runs_for_the_next_session_and_the_same_call_resumes(study, corpus, tmp_path):
+    cfg, out, _ = study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    for name in ("s1-embeddings-naive.json", "s1-qk_v-simple.json"):
+        (copy / "runs" / name).unlink()
+    lines = []
+    experiments.run_study(cfg, corpus, copy, time_budget_s=1e-6, log=lines.append)  # spent before the first run
+    assert any("2 run(s) left for the next session" in line for line in lines)
+    assert not any(line.startswith("[run") for line in lines)
+    sessions = [json.loads(line) for line in (copy / "sessions.jsonl").read_text().splitlines()]
+    assert sessions[-1]["stopped_by_time_budget"] == 2 and sessions[-1]["runs_done"] == 0
+    lines, bundle = [], copy / "bundle.tar.gz"  # inside the study directory: it leaves itself out
+    experiments.run_study(cfg, corpus, copy, time_budget_s=1e6, bundle=bundle, log=lines.append)
+    assert len({line.split(":")[0] for line in lines if line.startswith("[run")}) == 2
+    assert len(list((copy / "runs").glob("*.json"))) == 12
+    # The bundle is the study directory: unpacked elsewhere, it holds every record and rebuilds the same report.
+    with tarfile.open(bundle) as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert "study/bundle.tar.gz" not in names and len([n for n in names if n.startswith("study/runs/")]) == 12
+    rebuilt = experiments.build_results(tmp_path / "unpacked" / "study", log=lambda line: None, plots=False)
+    assert rebuilt["contrasts"] == json.loads((copy / "results.json").read_text())["contrasts"]
+    with pytest.raises(experiments.StudyError, match="--time-budget"):
+        experiments.run_study(cfg, corpus, copy, workers=2, time_budget_s=60, log=lambda line: None)
+
+
+def test_the_regime_can_wait_for_the_report(corpus, tmp_path):
+    """--no-regime computes no n-gram baselines (a GPU lease's time); --report-only --data adds them later."""
+    out = tmp_path / "later"
+    args = cli_args(corpus, out, seeds=1, arms="baseline", iters=2, eval_points=1) + ["--no-regime"]
+    assert experiments.main(args) == 0
+    assert not (out / "ngrams.json").exists()
+    assert json.loads((out / "results.json").read_text())["regime"] is None
+    assert "Not computed" in (out / "results.md").read_text()
+    assert experiments.main(["centering", "--out", str(out), "--report-only", "--data", str(corpus)]) == 0
+    assert json.loads((out / "results.json").read_text())["regime"]["seeds"] == [0]
+
+
+def test_the_python_corpus_is_the_source_of_the_standard_library_and_the_packages(tmp_path, monkeypatch, gpt2_encoding):
+    std, site = tmp_path / "std", tmp_path / "site"
+    for path, text in {
+        std / "a.py": "import os\nprint(os.sep)\n",
+        std / "json" / "b.py": "def f(x):\n    return x + 1\n",
+        std / "site-packages" / "skipped.py": "x = 1\n",  # installed packages are not the standard library
+        site / "mypkg" / "__init__.py": "__version__ = '0.1'\n",
+        site / "mypkg" / "core.py": "class A:\n    pass\n",
+    }.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.setattr(data, "stdlib_root", lambda: std)
+    monkeypatch.syspath_prepend(str(site))
+    out = tmp_path / "corpus"
+    assert experiments.main(["python-corpus", "--out", str(out), "--packages", "mypkg"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["python_corpus"]["packages"] == {"mypkg": "0.1"}
+    assert sorted(meta["train_documents"] + meta["val_documents"]) == ["__init__.py", "a.py", "core.py", "json/b.py"]
+    tokens = np.concatenate([data.open_tokens(out / f"{split}.bin") for split in ("train", "val")])
+    assert (tokens == data.EOT_TOKEN).sum() == 4 and len(tokens) == meta["train_tokens"] + meta["val_tokens"]
+    assert experiments.main(["python-corpus", "--out", str(tmp_path / "x"), "--packages", "no_such_pkg"]) == 2
 
 
 def test_runs_of_another_configuration_are_refused(study, corpus, tmp_path, capsys):

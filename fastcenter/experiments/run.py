@@ -11,6 +11,7 @@ import json
 import math
 import multiprocessing
 import pathlib
+import tarfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -18,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import torch
 
 from .. import data
-from ..files import atomic_write_text
+from ..files import TEMP_SUFFIX, atomic_write, atomic_write_text
 from ..training import NonFiniteLossError, Trainer, preserved
 from .centering import measure_mechanisms
 from .ngram import update_regime
@@ -226,6 +227,9 @@ def run_study(
     *,
     workers: int = 1,
     threads: int | None = None,
+    time_budget_s: float | None = None,
+    regime: bool = True,
+    bundle=None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run every planned run not already finished under out_dir/runs, then rebuild the results.
@@ -233,8 +237,16 @@ def run_study(
     workers > 1 runs that many runs at once in separate processes with `threads` torch threads each (default
     1): on a CPU, two single-thread processes do far more work than one two-thread process at these sizes.
     Each run writes its record when it ends, so an interruption loses at most the runs in progress.
+    time_budget_s: start no run that would end past this many seconds after the call, judged by the longest run
+    of this session so far (none before the first); the runs left wait for the next session, which the same
+    call resumes (one worker only). regime=False: leave the n-gram baselines for later (`--report-only --data`).
+    bundle: a .tar.gz path, rewritten with the whole study directory after every finished run and at the end
+    (`write_bundle`): one file that a GPU lease brings back, complete whenever the session is cut off.
     """
+    t_call = time.perf_counter()
     out_dir = pathlib.Path(out_dir)
+    if time_budget_s is not None and (workers > 1 or not time_budget_s > 0):
+        raise StudyError(f"--time-budget must be a number of seconds > 0, with --workers 1; got {time_budget_s}")
     try:
         device = resolve_device(cfg.train.device)
     except ValueError as e:
@@ -269,7 +281,8 @@ def run_study(
     )
     log(f"finished: {', '.join(s.run_id for s in plan if s.run_id in finished) or 'none'}")
     log(f"to run: {', '.join(s.run_id for s in todo) or 'none'}")
-    update_regime(out_dir, corpus.train, corpus.val, cfg.result_fields(), corpus.digest, cfg.seed_list, log)
+    if regime:
+        update_regime(out_dir, corpus.train, corpus.val, cfg.result_fields(), corpus.digest, cfg.seed_list, log)
     session = {
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "runs_planned": len(plan),
@@ -300,6 +313,8 @@ def run_study(
             f"ETA {_format_seconds(elapsed / done * (len(todo) - done))}"
         )
         build_results(out_dir, log, plots=False)  # partial results stay current
+        if bundle is not None:
+            write_bundle(out_dir, bundle)
 
     try:
         if parallel:
@@ -322,7 +337,17 @@ def run_study(
                     raise
         else:
             base_states: dict[int, dict] = {}
+            longest = 0.0  # the longest run of this session, seconds
             for spec in todo:
+                if time_budget_s is not None and time.perf_counter() - t_call + longest > time_budget_s:
+                    left = len(todo) - session["runs_done"]
+                    session["stopped_by_time_budget"] = left
+                    log(
+                        f"time budget of {time_budget_s:g} s: {left} run(s) left for the next session "
+                        "(the same command resumes)"
+                    )
+                    break
+                started = time.perf_counter()
                 if spec.seed not in base_states:
                     base_states = {spec.seed: initial_state(cfg, spec.seed)}  # one seed at a time in memory
                 record = train_run(
@@ -330,6 +355,7 @@ def run_study(
                 )
                 atomic_write_text(out_dir / "runs" / f"{spec.run_id}.json", json.dumps(record) + "\n")
                 finished_one(spec, record)
+                longest = max(longest, time.perf_counter() - started)
     finally:
         session["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         session["wall_s"] = time.perf_counter() - t0
@@ -337,7 +363,28 @@ def run_study(
             f.write(json.dumps(session) + "\n")
     results = build_results(out_dir, log)
     log(f"wrote {out_dir / 'results.json'}, results.md and the plots")
+    if bundle is not None:
+        write_bundle(out_dir, bundle)
+        log(f"wrote {bundle}")
     return results
+
+
+def write_bundle(out_dir: pathlib.Path, path) -> None:
+    """The study directory as one .tar.gz at `path`, written atomically (the bundle itself and temp files left out).
+
+    Unpacked into the parent of a study directory of the same name, it resumes there."""
+    out_dir, path = pathlib.Path(out_dir), pathlib.Path(path).resolve()
+
+    def keep(info: tarfile.TarInfo):
+        name = pathlib.Path(info.name).name
+        left_out = name.endswith(TEMP_SUFFIX) or (out_dir.parent / info.name).resolve() == path
+        return None if left_out else info
+
+    def write(f) -> None:
+        with tarfile.open(fileobj=f, mode="w:gz") as tar:
+            tar.add(out_dir, arcname=out_dir.name, filter=keep)
+
+    atomic_write(path, write)
 
 
 def _prefix(spec: RunSpec, plan: list[RunSpec]) -> str:
