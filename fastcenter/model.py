@@ -50,7 +50,8 @@ They run as eager PyTorch ops whatever `fused` says (fastcenter has no kernel fo
 keep their fused ops where chosen. LayerNorm takes the same fused-residual interface as RMSNorm
 (`add_and_norm`), so every placement works with every option: `embeddings` centres the stream entering the first
 block (token plus position embedding), `qk` centres right after the projection (with no RoPE there is nothing to
-come before), `mlp` centres the GELU hidden activation.
+come before; then a centre common to every key, as every mode but `causal` subtracts, is a per-query constant in
+the scores and changes nothing: only the query centring acts), `mlp` centres the GELU hidden activation.
 
 Parameter count of the seed config (vocab 50257, dim 256, 4 layers, MLP hidden 1024, embedding tied to the head):
     embedding 50257 * 256 = 12,865,792;  per layer: qkv 3 * 256^2 + out 256^2 + gate|up 256 * 2048 + down 1024 * 256

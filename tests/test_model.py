@@ -648,6 +648,23 @@ def test_simple_centering_zeroes_the_batch_mean_where_placed_in_nanogpts_archite
         assert mean.abs().max() < 1e-5 * typical + 1e-7, (placement, mean.abs().max().item(), typical.item())
 
 
+def test_without_rope_a_key_centre_changes_nothing_and_a_query_centre_does():
+    """With learned positions nothing rotates the keys: one vector subtracted from every key shifts each query's
+    scores by a constant (softmax ignores it), so of the qk placement only the query centring acts."""
+    model = GPT(small_config(center="qk", centering_mode="learnable", **NANOGPT)).to(DEVICE).eval()
+    idx = tokens(model.config, 2, 13)
+    with torch.no_grad():
+        base = model(idx)
+        for block in model.blocks:
+            block.attn.k_center.center.normal_(0.0, 1.0)
+        keys_shifted = model(idx)
+        for block in model.blocks:
+            block.attn.q_center.center.normal_(0.0, 1.0)
+        queries_shifted = model(idx)
+    torch.testing.assert_close(keys_shifted, base, rtol=1e-4, atol=1e-5)
+    assert (queries_shifted[:, 1:] - base[:, 1:]).abs().max() > 1e-3  # position 0 attends to itself only
+
+
 def test_nanogpts_architecture_at_384_wide_has_30044544_parameters():
     """The claims' width with nanoGPT's 384-wide shape (6 layers, 6 heads, block 256) and GPT-2's vocabulary,
     counted by hand: the tied token embedding, the position embedding, per layer two LayerNorms (gain and bias),
