@@ -815,6 +815,8 @@ def test_study_config_holds_the_model_and_training_configurations():
     assert cfg.train.eval_iters == 20 and cfg.eval_steps == [50, 100, 150, 200, 250, 300, 350, 400]
     run = cfg.run_config(3, torch.device("cpu"))
     assert (run.seed, run.device, run.dtype, run.max_iters, run.lr) == (3, "cpu", "float32", 400, 1e-3)
+    # Every arm, the baseline included, splits its batch alike (train.py's "auto" would not on a GPU).
+    assert run.micro_batch == run.batch_size == 4
     # The committed study's runs agree with these flags: same result fields, same plan.
     committed = json.loads((RESULTS / "cpu-dim256" / "plan.json").read_text())
     assert cfg.result_fields() == committed["config"]

@@ -312,6 +312,9 @@ class StudyConfig:
             device=device.type,
             eval_interval=self.train.max_iters,
             dtype="bfloat16" if device.type == "cuda" else "float32",
+            # Every arm splits its batch the same way: train.py's "auto" micro-batch keeps batch_size only for
+            # models with centering, and a baseline split otherwise would round differently from its arms.
+            micro_batch=self.train.batch_size,
         )
 
     @property
