@@ -48,7 +48,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 SCHEMA = "fastcenter-cpu-bench/1"
 SIDES = ("fastcenter", "plain")
-LABELS = {"fastcenter": "train.py --fused (CPU implementation)", "plain": "plain PyTorch GPT (bench/plain_gpt.py)"}
+LABELS = report.CPU_LABELS
 TARGET_PEAK_RSS_BYTES, TARGET_SPEEDUP = 3e9, 1.1  # the CPU targets, at the default config
 
 

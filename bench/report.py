@@ -443,6 +443,12 @@ def describe_noise(r: dict) -> str:
     return "; ".join(parts) or "no noise figures on this platform"
 
 
+# How the CPU comparison's two sides are named (bench/compare_plain.py runs them): the report names them, so a
+# results file written under older labels renders as a new one does.
+CPU_LABELS = {
+    "fastcenter": "train.py --fused (the ops' CPU implementation)",
+    "plain": "plain PyTorch GPT (bench/plain_gpt.py)",
+}
 CPU_TARGETS = (
     "Peak RSS of `train.py --fused` on a CPU at the default config (batch 16 x 512): <= 3 GB",
     "tokens/s of `train.py --fused` on a CPU: >= 1.1x a plain-PyTorch GPT of the same architecture, side by side",
@@ -454,8 +460,9 @@ def cpu_section(cpu_results: list[tuple[str, dict]]) -> list[str]:
     lines = [
         "## On a CPU: train.py --fused against a plain-PyTorch GPT",
         "",
-        "`python -m bench.compare_plain` runs `train.py --fused` on the CPU (where the fused ops take their CPU "
-        "implementation: the chunked linear cross-entropy never forms the [N, V] logits) and "
+        "`python -m bench.compare_plain` runs `train.py --fused` on the CPU (where `fastcenter.ops` take their CPU "
+        "implementation, fastcenter/ops/<family>.py: the chunked linear cross-entropy never forms the [N, V] logits) "
+        "and "
         "`bench/plain_gpt.py`, a nanoGPT-style GPT of the same architecture, init and optimizer that forms the "
         "full logits and calls `F.cross_entropy`. Each run is its own process with the same thread count and "
         "synthetic data; the two alternate, the order swapped every round. A run's tokens/s is the median of "
@@ -485,7 +492,7 @@ def cpu_section(cpu_results: list[tuple[str, dict]]) -> list[str]:
         ["results file", f"`bench/results/{source}`" if source else "not filed"],
     ]
     figures = []
-    for side, label in r["labels"].items():
+    for side, label in CPU_LABELS.items():
         tps, n_failed = s[side]["tokens_per_sec"], s[side]["failed"]
         runs = str(tps["n"] if tps else 0) + (f" ({n_failed} failed)" if n_failed else "")
         figures.append([label, fmt_spread(tps), fmt_spread(s[side]["peak_rss_bytes"], 1e-6), runs])
