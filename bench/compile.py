@@ -275,18 +275,24 @@ _SPILL = re.compile(r"\b(LDL|STL)(\.\w+)*\b")
 
 
 def analyse(record: Compiled, arch: Arch) -> None:
-    """Fill in registers, stack, local memory and spill instructions from the cubin, and whether it fits."""
+    """Fill in registers, stack, local memory and spill instructions from the cubin, and whether it fits.
+
+    The SASS (a disassembly: most of this function's time) is read only for a cubin with a stack frame or local
+    memory: without either there is no local memory for an LDL/STL to address, so it spills nothing."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(record.cubin)
         f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True)
-    match = _RES_USAGE.search(usage.stdout)
-    if match is None:
-        record.error = f"cuobjdump -res-usage gave no resource line: {usage.stdout[:200]!r}"
-        return
-    record.registers, record.stack, _, record.local = (int(g) for g in match.groups())
-    record.spill_instructions = sum(1 for line in sass.stdout.splitlines() if _SPILL.search(line))
+        cuobjdump = lambda option: subprocess.run(  # noqa: E731
+            [_tool("cuobjdump"), option, f.name], capture_output=True, text=True, check=True
+        ).stdout
+        usage = cuobjdump("-res-usage")
+        match = _RES_USAGE.search(usage)
+        if match is None:
+            record.error = f"cuobjdump -res-usage gave no resource line: {usage[:200]!r}"
+            return
+        record.registers, record.stack, _, record.local = (int(g) for g in match.groups())
+        sass = cuobjdump("-sass") if record.stack or record.local else ""
+    record.spill_instructions = sum(1 for line in sass.splitlines() if _SPILL.search(line))
     threads = record.num_warps * 32
     allocated = -(-record.registers // 8) * 8  # registers are allocated per thread in units of 8
     record.fits = record.shared <= arch.max_shared and threads * allocated <= arch.registers_per_sm
