@@ -18,7 +18,8 @@ records how much CPU time *other* processes took while it ran, and the speed rat
 / plain of the same round), which cancels slow drifts in the load.
 
 Writes bench/results/cpu-<cpu>-<date>.json and regenerates BENCHMARKS.md. `pytest bench/ --benchmark-only` runs the
-same comparison on a machine without a GPU (bench/test_compare_plain.py, sized by FASTCENTER_BENCH_CPU_*).
+same comparison on a machine without a GPU (bench/test_compare_plain.py, sized by FASTCENTER_BENCH_CPU_*). `run` (one
+child process with a deadline, its log, its CPU time and peak RSS) and `write_tokens` serve bench/first_contact.py too.
 """
 
 from __future__ import annotations

@@ -562,8 +562,11 @@ def main(argv=None) -> int:
     plans = [p for p in all_plans() if (args.plans == "all" or p.ci) and args.only in p.label]
     if not plans:
         parser.error(f"no plan matches --only {args.only!r}")
-    print(f"compiling {len(plans)} launch plans for {', '.join(f'sm_{a.capability}' for a in archs)} "
-          f"(triton {triton.__version__}, torch {torch.__version__})", flush=True)  # fmt: skip
+    print(
+        f"compiling {len(plans)} launch plans for {', '.join(f'sm_{a.capability}' for a in archs)} "
+        f"(triton {triton.__version__}, torch {torch.__version__})",
+        flush=True,
+    )
     records = compile_plans(plans, archs, log=lambda line: print(line, flush=True))
     shown = [r for r in records if not r.ok] if args.quiet else records
     if shown:
@@ -577,18 +580,30 @@ def main(argv=None) -> int:
                     f.write(r.cubin)
     cache = os.environ.get("TRITON_CACHE_DIR")
     if cache:  # the compiled kernels are in Triton's cache there: say what warmed it, for bench.first_contact
-        warmed = {"triton": triton.__version__, "python": sys.version.split()[0], "triton_build": triton_build(),
-                  "archs": [a.capability for a in archs], "kernels": len(records)}  # fmt: skip
+        warmed = {
+            "triton": triton.__version__,
+            "python": sys.version.split()[0],
+            "triton_build": triton_build(),
+            "archs": [a.capability for a in archs],
+            "kernels": len(records),
+        }
         with open(os.path.join(cache, WARM_MANIFEST), "w") as f:
             json.dump(warmed, f, indent=1)
     if args.json:
         with open(args.json, "w") as f:
             archs_json = {a.capability: dataclasses.asdict(a) for a in archs}
             env = collect_environment()
-            run = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "machine": machine_record(env, torch.get_num_threads()), **env, "argv": " ".join(sys.argv)}  # fmt: skip
-            json.dump({"versions": versions(), "run": run, "archs": archs_json,
-                       "records": [r.to_json() for r in records]}, f, indent=1)  # fmt: skip
+            run = {
+                "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "machine": machine_record(env, torch.get_num_threads()),
+                **env,
+                "argv": " ".join(sys.argv),
+            }
+            json.dump(
+                {"versions": versions(), "run": run, "archs": archs_json, "records": [r.to_json() for r in records]},
+                f,
+                indent=1,
+            )
     return 0 if all(r.ok for r in records) else 1
 
 

@@ -560,30 +560,10 @@ def test_cpu_comparison_commands_and_command_line(tmp_path, monkeypatch, capsys)
     argv, metrics = compare_plain.commands(compare_plain.settings_for(), tmp_path / "data", tmp_path / "out")[
         "fastcenter"
     ]
-    assert argv[1:] == [
-        "train.py",
-        "--fused",
-        "--device",
-        "cpu",
-        "--batch-size",
-        "16",
-        "--grad-accum-steps",
-        "1",
-        "--seq-len",
-        "512",
-        "--max-iters",
-        "4",
-        "--eval-interval",
-        "4",
-        "--eval-iters",
-        "1",
-        "--log-interval",
-        "1",
-        "--data",
-        str(tmp_path / "data"),
-        "--out-dir",
-        str(tmp_path / "out" / "fastcenter"),
-    ]
+    flags = "--fused --device cpu --batch-size 16 --grad-accum-steps 1 --seq-len 512 --max-iters 4 --eval-interval 4"
+    flags += " --eval-iters 1 --log-interval 1"
+    data, out = str(tmp_path / "data"), str(tmp_path / "out" / "fastcenter")
+    assert argv[1:] == ["train.py", *flags.split(), "--data", data, "--out-dir", out]
     assert metrics == tmp_path / "out" / "fastcenter" / "metrics.jsonl"
     tiny, _ = compare_plain.commands(compare_plain.settings_for("tiny"), tmp_path, tmp_path)["fastcenter"]
     assert "--dim=32" in tiny and not any(a.startswith("--dim") for a in argv)  # model flags only where not default
