@@ -49,7 +49,8 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 SCHEMA = report.CPU_SCHEMA
 LABELS = report.CPU_LABELS
 SIDES = tuple(LABELS)
-TARGET_PEAK_RSS_BYTES, TARGET_SPEEDUP = 3e9, 1.1  # the CPU targets, at the default config
+TARGET_PEAK_RSS_BYTES = report.CPU_TARGETS["peak_rss"]["at_most"]  # the CPU targets (bench/targets.json)
+TARGET_SPEEDUP = report.CPU_TARGETS["speedup"]["at_least"]
 
 
 @dataclass(frozen=True)
