@@ -65,9 +65,21 @@ class TrainConfig:
     data: str = opt("", "directory holding train.bin and val.bin; empty: the demo corpus (stdlib source)")
     out_dir: str = opt("out", "run directory: config.json, metrics.jsonl, ckpt.pt, loss.png")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt with its saved config (flags given override)")
-    # The batch: batch_size x grad_accum_steps sequences of seq_len tokens per optimizer step.
-    batch_size: int = opt(16, "sequences per micro-batch (per process)")
-    grad_accum_steps: int = opt(4, "micro-batches per optimizer step, over all processes")
+    # The global batch: batch_size x grad_accum_steps sequences of seq_len tokens per optimizer step, run in
+    # micro-batches of micro_batch sequences per process (any split computes the same mean loss and gradient).
+    batch_size: int = opt(
+        16, "the global batch is batch_size x grad_accum_steps sequences per step; also the validation batch"
+    )
+    grad_accum_steps: int = opt(
+        4, "see --batch-size (micro-batches of batch_size over all processes; --micro-batch says how they run)"
+    )
+    micro_batch: typing.Union[int, str] = opt(
+        "auto",
+        "sequences per forward and backward (per process), a divisor of the sequences each process runs per "
+        "step; the global batch and the data order stay those of batch_size x grad_accum_steps. auto: on CUDA "
+        "the largest that fits the GPU's free memory (measured with two small trial steps before training), "
+        "batch_size on a CPU or with centering (its statistics are per forward)",
+    )
     seq_len: int = opt(512, "tokens per training sequence")
     # Optimisation: AdamW, linear warmup, cosine decay to lr * min_lr_ratio at lr_decay_iters.
     max_iters: int = opt(50_000, "optimizer steps to train for")
@@ -88,6 +100,13 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda if available), cpu or cuda")
     dtype: str = opt("auto", "autocast dtype; auto: bfloat16 on CUDA (float16 if unsupported), float32 on CPU")
     compile: bool = opt(False, "wrap the model in torch.compile")
+    cuda_graph: bool = opt(
+        False,
+        "run each step's forwards, backwards and clipping as one CUDA graph (captured after 3 eager steps); "
+        "off by default until a GPU run shows it right and faster. Where it cannot run (no CUDA, float16, "
+        "torchrun, --compile, FASTCENTER_CHECKS=1, or a capture that fails) the run says so in one line and "
+        "trains uncaptured",
+    )
 
     def __post_init__(self):
         def bad(name, expected):
@@ -128,6 +147,14 @@ class TrainConfig:
         for name in ("device", "dtype"):
             if getattr(self, name) not in CHOICES[name]:
                 bad(name, f"one of {', '.join(CHOICES[name])}")
+        micro = self.micro_batch
+        if isinstance(micro, str) and micro.strip().isdigit():  # as config.json or a command line spells it
+            micro = int(micro)
+        if isinstance(micro, str) and micro.strip().lower() == "auto":
+            micro = "auto"
+        if micro != "auto" and (not isinstance(micro, int) or isinstance(micro, bool) or micro < 1):
+            bad("micro_batch", "auto or an integer >= 1")
+        self.micro_batch = micro
 
     @property
     def tokens_per_step(self) -> int:
@@ -186,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar = {int: "N", float: "F"}.get(kind, "DIR" if f.name in ("data", "out_dir") else "STR")
                 parse = _float_flag if kind is float else kind
                 group.add_argument(flag(f.name), type=parse, metavar=metavar, help=help_text)
+            elif f.name == "micro_batch":
+                group.add_argument(flag(f.name), type=str, metavar="auto|N", help=help_text)
             elif kind == typing.Optional[int]:
                 group.add_argument(flag(f.name), type=_optional_int, metavar="N", help=help_text)
             elif kind is tuple:  # center: GPTConfig parses "qk,v"
