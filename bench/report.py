@@ -7,8 +7,8 @@ RUN.json is what `pytest bench/ --benchmark-json=...` writes (or its FASTCENTER_
 results.json of `python -m bench.first_contact`; several runs of one device merge into one results file.
 BENCHMARKS.md shows the newest GPU results file in full, the newest CPU comparison (bench/results/cpu-*.json,
 `python -m bench.compare_plain`), the compile check (bench/results/compile/*.json, `python -m bench.compile`) and
-the performance targets (bench/targets.json: each names a case and a record field with a bound, or rival cases it must be
-faster than); where nothing was measured it says so.
+the performance targets (bench/targets.json: a GPU target names a case and a record field with a bound, or rival cases
+it must be faster than; a CPU target, a figure of the CPU comparison); where nothing was measured it says so.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import sys
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 MARKDOWN_PATH = REPO_ROOT / "BENCHMARKS.md"
-# The performance targets: a GPU target names a case of bench/cases.py, a CPU target a figure of the CPU comparison.
 _TARGETS = json.loads((pathlib.Path(__file__).parent / "targets.json").read_text())
 TARGETS = [t for t in _TARGETS if "case" in t]
 CPU_TARGETS = {t["cpu"]: t for t in _TARGETS if "cpu" in t}
