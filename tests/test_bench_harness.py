@@ -174,12 +174,20 @@ def test_tensor_bytes_counts_storages_once_and_leaves_out_inputs():
     assert tensor_bytes((q, fresh), exclude={"qkv": qkv}) == nbytes(fresh)
 
 
-def test_skip_reason_without_cuda(monkeypatch):
+def test_skip_reasons_with_and_without_cuda(monkeypatch):
+    """The GPU cases run on a GPU or in a dry run; the CPU comparison where they cannot, in a dry run, or when
+    asked for (FASTCENTER_BENCH_CPU=1)."""
+    for name in ("FASTCENTER_BENCH_DRY_RUN", "FASTCENTER_BENCH_CPU"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("FASTCENTER_BENCH_DRY_RUN", raising=False)
-    assert skip_reason() == CUDA_SKIP_REASON
+    assert skip_reason() == CUDA_SKIP_REASON and skip_reason(cpu_comparison=True) is None
     monkeypatch.setenv("FASTCENTER_BENCH_DRY_RUN", "1")
-    assert skip_reason() is None
+    assert skip_reason() is None and skip_reason(cpu_comparison=True) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("FASTCENTER_BENCH_DRY_RUN", "0")
+    assert skip_reason() is None and "FASTCENTER_BENCH_CPU=1" in skip_reason(cpu_comparison=True)
+    monkeypatch.setenv("FASTCENTER_BENCH_CPU", "1")
+    assert skip_reason(cpu_comparison=True) is None
 
 
 def test_environment_commit_override_and_source_hash(monkeypatch):
