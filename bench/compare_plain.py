@@ -157,8 +157,10 @@ def run(cmd: list[str], timeout_s: float, log_path: pathlib.Path, env: dict, *, 
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(map(str, cmd)) + "\n")
         log.flush()
+        # Its own process group, in this session (whatever ends the session ends it too): a deadline ends the
+        # command and whatever it started (compile workers, xdist workers).
         proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=os.setpgrp
         )
         try:
             while not (reaped := os.wait4(proc.pid, os.WNOHANG))[0]:
