@@ -282,9 +282,10 @@ def analyse(record: Compiled, arch: Arch) -> None:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(record.cubin)
         f.flush()
-        cuobjdump = lambda option: subprocess.run(  # noqa: E731
-            [_tool("cuobjdump"), option, f.name], capture_output=True, text=True, check=True
-        ).stdout
+
+        def cuobjdump(option: str) -> str:
+            return subprocess.run([_tool("cuobjdump"), option, f.name], capture_output=True, text=True, check=True).stdout
+
         usage = cuobjdump("-res-usage")
         match = _RES_USAGE.search(usage)
         if match is None:
