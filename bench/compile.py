@@ -284,7 +284,9 @@ def analyse(record: Compiled, arch: Arch) -> None:
         f.flush()
 
         def cuobjdump(option: str) -> str:
-            return subprocess.run([_tool("cuobjdump"), option, f.name], capture_output=True, text=True, check=True).stdout
+            return subprocess.run(
+                [_tool("cuobjdump"), option, f.name], capture_output=True, text=True, check=True
+            ).stdout
 
         usage = cuobjdump("-res-usage")
         match = _RES_USAGE.search(usage)
