@@ -109,7 +109,6 @@ import json
 import os
 import pathlib
 import pkgutil
-import subprocess
 import sys
 import textwrap
 import time
@@ -126,6 +125,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fastcenter import ops, training
 from fastcenter.config import TrainConfig
+from fastcenter.environment import collect as collect_environment
 from fastcenter.model import GPT, GPTConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -1087,11 +1087,12 @@ def predict(
     micro_batch: Optional[int] = None,
 ) -> dict:
     """The whole prediction (what the JSON holds) for the model (default: the default model) on each path."""
-    model = model or GPTConfig()
+    model, env = model or GPTConfig(), collect_environment()
     result = {
         "tool": "bench.step_cost",
-        "commit": _commit(),
-        "versions": {"torch": torch.__version__, "triton": importlib.import_module("triton").__version__},
+        "commit": env["git"]["commit"],
+        "git": env["git"],  # the commit, whether the tree differed from it, the source hash
+        "versions": {name: env[name] for name in ("torch", "triton", "python")},
         "gpus": {k: dataclasses.asdict(g) for k, g in GPUS.items()},
         "step": {
             "model": model.to_dict() | {"fused": None},
@@ -1118,23 +1119,6 @@ def predict(
         recorder = record_step(spec)
         result["paths"][path] = summarize(recorder, spec) | {"seconds_to_count": round(time.perf_counter() - t0, 1)}
     return result
-
-
-def _commit() -> Optional[str]:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "fastcenter", "kernels", "train.py"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return out.stdout.strip() + ("+changes" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ the emulation's launch plan, and a whole step of a tiny model (no timings: count
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -21,22 +20,8 @@ from fastcenter import ops  # noqa: E402
 from fastcenter.model import GPTConfig  # noqa: E402
 
 TINY = dict(vocab_size=1000, dim=64, n_layers=2, n_heads=2, max_seq_len=64)
-TINY_FLAGS = [
-    "--vocab-size",
-    "1000",
-    "--dim",
-    "64",
-    "--n-layers",
-    "2",
-    "--n-heads",
-    "2",
-    "--max-seq-len",
-    "64",
-    "--batch-size",
-    "2",
-    "--grad-accum-steps",
-    "2",
-]
+TINY_FLAGS = [f"--{name.replace('_', '-')}={value}" for name, value in TINY.items()]
+TINY_FLAGS += ["--batch-size=2", "--grad-accum-steps=2"]
 
 
 def meta(*shape, dtype=torch.bfloat16):
@@ -244,7 +229,7 @@ def test_one_micro_step_of_the_whole_batch_launches_less_per_token():
 
 def test_the_json_has_the_fields_a_reader_needs(tiny):
     data = json.loads(step_cost.dumps(tiny))
-    assert {"commit", "versions", "gpus", "step", "paths"} <= set(data)
+    assert {"commit", "git", "versions", "gpus", "step", "paths"} <= set(data) and data["git"]["source_sha256"]
     assert set(data["gpus"]) == {"H100", "H200"}
     for r in data["paths"].values():
         assert {"micro_step", "first_micro_step", "clip", "optimizer", "optimizer_step", "kernels"} <= set(r)
@@ -258,23 +243,14 @@ def test_the_prediction_prints_beside_a_measurement(tiny):
     assert "H200 floor" in text and "| fused | micro-step time, ms |" in text and "| 3.00 |" in text
 
 
-def test_the_command_runs_on_a_tiny_config(tmp_path):
+def test_the_command_runs_on_a_tiny_config(tmp_path, capsys):
+    """The command line, in this process (the counting is the module's, above): a table per path and the JSON;
+    a user error is one line and exit status 2."""
     out = tmp_path / "cost.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.step_cost", *TINY_FLAGS, "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "| class | host ops | kernels |" in result.stdout and "eager path" in result.stdout
-    assert set(json.loads(out.read_text())["paths"]) == {"fused", "eager"}
-    bad = subprocess.run(
-        [sys.executable, "-m", "bench.step_cost", "--paths", "fast"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert step_cost.main([*TINY_FLAGS, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| class | host ops | kernels |" in printed and "eager path" in printed
+    data = json.loads(out.read_text())
+    assert set(data["paths"]) == {"fused", "eager"} and data["step"]["model"]["dim"] == TINY["dim"]
+    assert step_cost.main(["--paths", "fast"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
