@@ -334,6 +334,26 @@ def test_compile_fullgraph_of_every_op_matches_eager(backend, monkeypatch):
         _close(c, e.double(), f"compiled gradient {i}")
 
 
+def test_cpu_outputs_are_fresh_tensors_under_compile():
+    """The CPU implementations' forwards return their outputs through `as_output`: while torch.compile traces, a
+    fresh tensor, never an in-place op's result or a `.to` that changes nothing. torch 2.11's Dynamo drops an
+    autograd.Function's backward when an output is such an alias (zero gradients: the test above fails there
+    without it); torch 2.13's does not, so this checks the mechanism itself."""
+    from fastcenter.ops._dispatch import as_output
+
+    def f(x):
+        y = x * 2.0
+        return as_output(y.mul_(3.0), x.dtype), y
+
+    x = torch.randn(4)
+    out, y = f(x)
+    assert out.data_ptr() == y.data_ptr(), "eager: no copy"
+    torch._dynamo.reset()
+    out, y = torch.compile(f, fullgraph=True, backend="eager")(x)
+    assert out.data_ptr() != y.data_ptr(), "under torch.compile the output must be a fresh tensor"
+    torch.testing.assert_close(out, 6.0 * x)
+
+
 class _FastcenterOps(TorchDispatchMode):
     """Records the fastcenter custom ops called."""
 

@@ -25,7 +25,7 @@ and the environment here is cheap, and torch.compile specialises on both at trac
 variable of ours with a value it does not know is an error (`check_environment`), never silently ignored.
 
 Also here, shared by the families: the argument checks (metadata only, so no host sync), `as_rows`,
-`math_dtype` (the CPU implementations' arithmetic dtype) and `differentiable_backward`.
+`math_dtype` (the CPU implementations' arithmetic dtype), `as_output` and `differentiable_backward`.
 """
 
 from __future__ import annotations
@@ -189,6 +189,18 @@ def math_dtype(*tensors: Tensor | None) -> torch.dtype:
         if t is not None and t.dtype == torch.float64:
             return torch.float64
     return torch.float32
+
+
+def as_output(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t` in `dtype`, as a CPU implementation's autograd.Function returns it from its forward.
+
+    Eager, `t` itself when it has that dtype. While torch.compile traces, a copy: an output that an op returned as
+    an alias (an in-place op's result, or a `.to` that changes nothing) makes torch 2.11's Dynamo drop the
+    Function's backward (its inputs get zero gradients); the compiler fuses the copy away.
+    """
+    if t.dtype != dtype:
+        return t.to(dtype)
+    return t.clone() if torch.compiler.is_compiling() else t
 
 
 def differentiable_backward(

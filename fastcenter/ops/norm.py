@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import reference
 from ._dispatch import (
+    as_output,
     as_rows,
     backend,
     check_eps,
@@ -306,7 +307,7 @@ class _CPURMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(input, weight, dims, eps):
         dtype = math_dtype(input, weight)
-        return _normalize(input.to(dtype), weight, dims, eps).to(input.dtype)
+        return as_output(_normalize(input.to(dtype), weight, dims, eps), input.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -343,7 +344,7 @@ class _CPUCenterRMSNorm(torch.autograd.Function):
         if center is not None:
             hidden = hidden - center.to(dtype)
         normed = _normalize(hidden, weight, (-1,), eps)
-        return normed.to(input.dtype), hidden.to(input.dtype)
+        return as_output(normed, input.dtype), as_output(hidden, input.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._dispatch import backend, check_float_tensor, check_same_device, is_int, is_real, math_dtype
+from ._dispatch import as_output, backend, check_float_tensor, check_same_device, is_int, is_real, math_dtype
 
 
 def rope_cache(seq_len: int, head_dim: int, base: float = 10000.0, device=None) -> tuple[Tensor, Tensor]:
@@ -152,7 +152,9 @@ class _CPURope(torch.autograd.Function):
         dtype = math_dtype(q, k)
         T = q.shape[1]
         cos, sin = cos[:T].to(dtype), sin[:T].to(dtype)
-        return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+        return as_output(_rotate(q, cos, sin, interleaved), q.dtype), as_output(
+            _rotate(k, cos, sin, interleaved), k.dtype
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):

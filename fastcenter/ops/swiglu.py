@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from ._dispatch import (
+    as_output,
     as_rows,
     backend,
     check_float_tensor,
@@ -129,7 +130,7 @@ class _CPUSwiGLU(torch.autograd.Function):
     def forward(gate, up):
         g, u = _split(gate, up)
         dtype = math_dtype(g, u)
-        return torch.nn.functional.silu(g.to(dtype)).mul_(u).to(gate.dtype)
+        return as_output(torch.nn.functional.silu(g.to(dtype)).mul_(u), gate.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
