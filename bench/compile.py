@@ -318,26 +318,27 @@ def _norm_plans() -> list[Plan]:
 
     plans = []
 
-    def add(label, n, d, x_dtype, other_dtype, *, residual, center, weight, ci=False):
+    def add(label, n, d, x_dtype, other_dtype, *, residual, center, weight, out_dtype=None, ci=False):
         def launch():
             x = _meta(n, d, dtype=x_dtype)
             r = _meta(n, d, dtype=other_dtype) if residual else None
             c = {"none": None, "vector": _meta(d, dtype=other_dtype), "token": _meta(n, d, dtype=other_dtype)}[center]
             w = _meta(d, dtype=other_dtype) if weight else None
-            normed, hidden, rstd = norm.norm_forward(x, w, c, r, 1e-6)
+            normed, hidden, rstd = norm.norm_forward(x, w, c, r, 1e-6, out_dtype)
             stored = hidden if hidden.numel() else x
             grad_hidden = torch.empty_like(x) if (residual or center != "none") else None
-            norm.norm_backward(torch.empty_like(x), grad_hidden, stored, w, rstd, center == "vector")
+            norm.norm_backward(torch.empty_like(normed), grad_hidden, stored, w, rstd, center == "vector")
 
         plans.append(Plan(label, launch, ci))
 
     n, d = DEFAULT["tokens"], DEFAULT["dim"]
     # The default model under bf16 autocast: a float32 stream, bf16 branch outputs added as the residual, float32
-    # weights; the first norm has neither residual nor centre.
+    # weights, `normed` written (and its gradient read) in bf16 for the next linear; the first norm has neither
+    # residual nor centre.
     add("model: first norm (fp32 stream)", n, d, torch.float32, torch.float32, residual=False, center="none",
-        weight=True, ci=True)  # fmt: skip
+        weight=True, out_dtype=torch.bfloat16, ci=True)  # fmt: skip
     add("model: norm + bf16 residual", n, d, torch.float32, torch.bfloat16, residual=True, center="none",
-        weight=True, ci=True)  # fmt: skip
+        weight=True, out_dtype=torch.bfloat16, ci=True)  # fmt: skip
     for name, dtype in DTYPES.items():
         for width, ci in ((256, False), (4096, False), (8192, False), (MAX_FUSED_NORM_DIM, True)):
             rows = n if width <= 4096 else 512

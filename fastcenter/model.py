@@ -222,9 +222,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, last: bool):
         super().__init__()
-        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps, autocast_output=True)
         self.attn = Attention(config)
-        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps, autocast_output=True)
         self.mlp = MLP(config)
         self.residual_center = _centering(config, "residual_final" if last else "residual_inner", config.dim)
 
@@ -249,7 +249,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)  # also the output head (tied)
         self.emb_center = _centering(config, "embeddings", config.dim)
         self.blocks = nn.ModuleList(Block(config, last=i == config.n_layers - 1) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.norm = RMSNorm(config.dim, config.norm_eps, autocast_output=True)  # feeds the head
         # RoPE tables for every position: not parameters, not saved (recomputed from the config).
         cos, sin = ops.rope_cache(config.max_seq_len, config.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)

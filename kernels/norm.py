@@ -169,14 +169,15 @@ def _block_shape(block_d: int, elements_per_program: int) -> tuple[int, int]:
     return block_m, num_warps
 
 
-def norm_forward(x, weight, center, residual, eps: float):
+def norm_forward(x, weight, center, residual, eps: float, out_dtype=None):
     """x, residual: [N, D] with unit column stride; center: [D] or [N, D] view, weight: [D] (any strides).
 
-    Returns (normed [N, D], hidden [N, D] or empty when there is nothing to add or subtract, rstd [N] fp32).
+    Returns (normed [N, D] in out_dtype (default x's), hidden [N, D] in x's dtype or empty when there is nothing
+    to add or subtract, rstd [N] fp32).
     """
     n_rows, n_cols = x.shape
     store_hidden = residual is not None or center is not None
-    normed = torch.empty_like(x)
+    normed = torch.empty_like(x, dtype=out_dtype)  # the kernel rounds to whatever dtype it stores into
     hidden = torch.empty_like(x) if store_hidden else x.new_empty(0)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if center is None:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import reference
 from ._dispatch import (
+    FLOAT_DTYPES,
     as_output,
     as_rows,
     backend,
@@ -32,9 +33,20 @@ from ._dispatch import (
 MAX_FUSED_NORM_DIM = 16384
 
 
-def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+def rms_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
     """Drop-in for `torch.nn.functional.rms_norm`. The Triton kernel normalises over the last dim only; other
-    shapes take the CPU implementation on CPU tensors and the reference elsewhere."""
+    shapes take the CPU implementation on CPU tensors and the reference elsewhere.
+
+    `out_dtype` (default: the input's dtype) is the output's dtype, written straight from the float32 math: e.g.
+    bf16 under autocast for a norm that feeds a linear layer, which would otherwise cast it in a kernel of its own.
+    """
     check_float_tensor("input", input)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
@@ -55,13 +67,14 @@ def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps:
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     check_eps(eps)
+    _check_out_dtype(out_dtype)
     implementation = backend(input, weight)
     fusable = len(normalized_shape) == 1 and normalized_shape[0] <= MAX_FUSED_NORM_DIM and input.numel() > 0
     if implementation == "triton" and fusable:
-        return _triton_norm(input, weight, None, None, eps)[0]
+        return _triton_norm(input, weight, None, None, eps, out_dtype)[0]
     if implementation == "cpu":
-        return cpu_rms_norm(input, normalized_shape, weight, eps)
-    return reference.rms_norm(input, normalized_shape, weight, eps)
+        return cpu_rms_norm(input, normalized_shape, weight, eps, out_dtype=out_dtype)
+    return reference.rms_norm(input, normalized_shape, weight, eps, out_dtype=out_dtype)
 
 
 def center_rms_norm(
@@ -71,12 +84,14 @@ def center_rms_norm(
     center: Tensor | None = None,
     residual: Tensor | None = None,
     eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused (residual add) + centering + RMSNorm over the last dim. Returns (normed, hidden).
 
     hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * weight.
-    `center` broadcasts to `input`: a [D] vector or a per-token tensor. Outputs are in input's dtype; residual,
-    center and weight may be any float dtype (read and computed in float32).
+    `center` broadcasts to `input`: a [D] vector or a per-token tensor. `hidden` is in input's dtype, `normed` in
+    `out_dtype` (default: input's dtype; e.g. bf16 under autocast when it feeds a linear layer, with a float32
+    residual stream); residual, center and weight may be any float dtype (read and computed in float32).
     """
     check_float_tensor("input", input)
     D = input.shape[-1]
@@ -100,12 +115,18 @@ def center_rms_norm(
             )
     check_same_device(input=input, weight=weight, center=center, residual=residual)
     check_eps(eps)
+    _check_out_dtype(out_dtype)
     implementation = backend(input, weight, center, residual)
     if implementation == "triton" and D <= MAX_FUSED_NORM_DIM and input.numel() > 0:
-        return _triton_norm(input, weight, center, residual, eps)
+        return _triton_norm(input, weight, center, residual, eps, out_dtype)
     if implementation == "cpu":
-        return cpu_center_rms_norm(input, weight, center=center, residual=residual, eps=eps)
-    return reference.center_rms_norm(input, weight, center=center, residual=residual, eps=eps)
+        return cpu_center_rms_norm(input, weight, center=center, residual=residual, eps=eps, out_dtype=out_dtype)
+    return reference.center_rms_norm(input, weight, center=center, residual=residual, eps=eps, out_dtype=out_dtype)
+
+
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {out_dtype!r}")
 
 
 def _check_norm_weight(weight, width: int) -> None:
@@ -128,21 +149,23 @@ def _norm_fwd(
     center: Optional[Tensor],
     residual: Optional[Tensor],
     eps: float,
+    out_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x, residual: [N, D]; center: [D] or an [N, D] (possibly stride-0) view. Returns (normed, hidden, rstd).
+    """x, residual: [N, D]; center: [D] or an [N, D] (possibly stride-0) view. Returns (normed in out_dtype or
+    x's dtype, hidden, rstd).
 
     `hidden` is empty when there is neither residual nor center (it would equal x).
     """
     from ..kernels import norm
 
-    return norm.norm_forward(x, weight, center, residual, eps)
+    return norm.norm_forward(x, weight, center, residual, eps, out_dtype)
 
 
 @_norm_fwd.register_fake
-def _(x, weight, center, residual, eps):
+def _(x, weight, center, residual, eps, out_dtype):
     store_hidden = center is not None or residual is not None
     hidden = torch.empty_like(x) if store_hidden else x.new_empty(0)
-    return torch.empty_like(x), hidden, x.new_empty(x.shape[0], dtype=torch.float32)
+    return torch.empty_like(x, dtype=out_dtype), hidden, x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastcenter::norm_bwd", mutates_args=())
@@ -178,11 +201,11 @@ def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual
 
 
 def _triton_setup_context(ctx, inputs, output):
-    x, weight, center, residual, eps = inputs
+    x, weight, center, residual, eps, out_dtype = inputs
     normed, hidden, rstd = output
     stored = hidden if hidden.numel() > 0 else x  # without residual/centre, hidden is x itself
     ctx.save_for_backward(stored, weight, rstd)
-    ctx.eps = eps
+    ctx.eps, ctx.out_dtype = eps, out_dtype
     ctx.center_is_vector = center is not None and center.dim() == 1
     ctx.center_dtype = None if center is None else center.dtype
     ctx.residual_dtype = None if residual is None else residual.dtype
@@ -192,7 +215,7 @@ def _triton_setup_context(ctx, inputs, output):
 
 def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
     hidden, weight, rstd = ctx.saved_tensors
-    need_input, _, _, need_residual, _ = ctx.needs_input_grad
+    need_input, _, _, need_residual = ctx.needs_input_grad[:4]
     if grad_hidden is not None and grad_hidden.numel() == 0:
         grad_hidden = None
     # input and residual have the same gradient, but each gets a tensor of its own: autograd may keep a gradient
@@ -202,7 +225,9 @@ def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
     if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate again
         # `hidden` is this op's own output where one was stored, so terms through it come back here as grad_hidden.
         grad_h, grad_weight = differentiable_backward(
-            lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps), [hidden, weight], [grad_normed, grad_hidden]
+            lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps, out_dtype=ctx.out_dtype),
+            [hidden, weight],
+            [grad_normed, grad_hidden],
         )
         grad_center_vec = None if grad_h is None or not ctx.center_is_vector else -grad_h.sum(0, dtype=torch.float32)
         grad_residual = grad_h.clone() if own_residual_grad and grad_h is not None else grad_h
@@ -223,13 +248,13 @@ def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
         grad_residual = None
     if weight is None:
         grad_weight = None
-    return grad_h, grad_weight, grad_center, grad_residual, None
+    return grad_h, grad_weight, grad_center, grad_residual, None, None
 
 
 _norm_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
-def _triton_norm(input: Tensor, weight, center, residual, eps: float) -> tuple[Tensor, Tensor]:
+def _triton_norm(input: Tensor, weight, center, residual, eps: float, out_dtype) -> tuple[Tensor, Tensor]:
     """Reshape to rows, run the custom op, reshape back. Returns (normed, hidden-or-input)."""
     D = input.shape[-1]
     x2d = as_rows(input, D)
@@ -240,7 +265,7 @@ def _triton_norm(input: Tensor, weight, center, residual, eps: float) -> tuple[T
             c = center.reshape(D)  # one [D] vector: the kernel reduces its gradient with the weight's
         else:  # a broadcast or per-token centre: a stride-0 view where it can be, one copy where not
             c = center.expand(input.shape).reshape(-1, D)
-    normed, hidden, _ = _norm_fwd(x2d, weight, c, r2d, float(eps))
+    normed, hidden, _ = _norm_fwd(x2d, weight, c, r2d, float(eps), out_dtype)
     normed = normed.view(input.shape)
     hidden = input if hidden.numel() == 0 else hidden.view(input.shape)
     return normed, hidden
@@ -251,12 +276,19 @@ def _triton_norm(input: Tensor, weight, center, residual, eps: float) -> tuple[T
 # ---------------------------------------------------------------------------------------------------------
 
 
-def cpu_rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+def cpu_rms_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
     """`torch.nn.functional.rms_norm` (see fastcenter.reference.rms_norm), over any trailing dims."""
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
-    return _CPURMSNorm.apply(input, weight, dims, float(eps))
+    return _CPURMSNorm.apply(input, weight, dims, float(eps), out_dtype or input.dtype)
 
 
 def cpu_center_rms_norm(
@@ -266,11 +298,13 @@ def cpu_center_rms_norm(
     center: Tensor | None = None,
     residual: Tensor | None = None,
     eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(normed, hidden), hidden = input (+ residual) (- center) (see fastcenter.reference.center_rms_norm)."""
+    out_dtype = out_dtype or input.dtype
     if residual is None and center is None:  # hidden is the input itself: returned as it is (as the reference)
-        return _CPURMSNorm.apply(input, weight, (-1,), float(eps)), input
-    return _CPUCenterRMSNorm.apply(input, weight, center, residual, float(eps))
+        return _CPURMSNorm.apply(input, weight, (-1,), float(eps), out_dtype), input
+    return _CPUCenterRMSNorm.apply(input, weight, center, residual, float(eps), out_dtype)
 
 
 def _rstd(h: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
@@ -302,16 +336,17 @@ def _normalize_backward(grad_out: Tensor, h: Tensor, weight: Tensor | None, dims
 
 
 class _CPURMSNorm(torch.autograd.Function):
-    """y = x * rsqrt(mean(x**2) + eps) * weight over the trailing `len(dims)` dims; saves x and weight."""
+    """y = x * rsqrt(mean(x**2) + eps) * weight over the trailing `len(dims)` dims, in out_dtype; saves x and
+    weight."""
 
     @staticmethod
-    def forward(input, weight, dims, eps):
+    def forward(input, weight, dims, eps, out_dtype):
         dtype = math_dtype(input, weight)
-        return as_output(_normalize(input.to(dtype), weight, dims, eps), input.dtype)
+        return as_output(_normalize(input.to(dtype), weight, dims, eps), out_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, ctx.dims, ctx.eps = inputs
+        input, weight, ctx.dims, ctx.eps, ctx.out_dtype = inputs
         ctx.save_for_backward(input, weight)
 
     @staticmethod
@@ -320,13 +355,15 @@ class _CPURMSNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate again
             normalized_shape = input.shape[len(input.shape) - len(ctx.dims) :]
             grad_input, grad_weight = differentiable_backward(
-                lambda x, w: reference.rms_norm(x, normalized_shape, w, ctx.eps), [input, weight], [grad_out]
+                lambda x, w: reference.rms_norm(x, normalized_shape, w, ctx.eps, out_dtype=ctx.out_dtype),
+                [input, weight],
+                [grad_out],
             )
-            return grad_input, grad_weight, None, None
+            return grad_input, grad_weight, None, None, None
         dtype = math_dtype(input, weight)
         grad_h, grad_weight = _normalize_backward(grad_out.to(dtype), input.to(dtype), weight, ctx.dims, ctx.eps)
         grad_weight = None if weight is None else grad_weight.to(weight.dtype)
-        return grad_h.to(input.dtype), grad_weight, None, None
+        return grad_h.to(input.dtype), grad_weight, None, None, None
 
 
 class _CPUCenterRMSNorm(torch.autograd.Function):
@@ -336,7 +373,7 @@ class _CPUCenterRMSNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(input, weight, center, residual, eps):
+    def forward(input, weight, center, residual, eps, out_dtype):
         dtype = math_dtype(input, weight, center, residual)
         hidden = input.to(dtype)
         if residual is not None:
@@ -344,11 +381,11 @@ class _CPUCenterRMSNorm(torch.autograd.Function):
         if center is not None:
             hidden = hidden - center.to(dtype)
         normed = _normalize(hidden, weight, (-1,), eps)
-        return as_output(normed, input.dtype), as_output(hidden, input.dtype)
+        return as_output(normed, out_dtype), as_output(hidden, input.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, center, residual, ctx.eps = inputs
+        input, weight, center, residual, ctx.eps, ctx.out_dtype = inputs
         ctx.save_for_backward(output[1], weight)
         ctx.center_shape = None if center is None else center.shape
         ctx.dtypes = tuple([None if t is None else t.dtype for t in (input, center, residual)])
@@ -361,7 +398,9 @@ class _CPUCenterRMSNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference; terms through the saved
             # `hidden` (this op's own output) come back to this node as grad_hidden.
             grad_h, grad_weight = differentiable_backward(
-                lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps), [hidden, weight], [grad_normed, grad_hidden]
+                lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps, out_dtype=ctx.out_dtype),
+                [hidden, weight],
+                [grad_normed, grad_hidden],
             )
             if grad_h is None:
                 grad_h = grad_hidden
@@ -375,11 +414,11 @@ class _CPUCenterRMSNorm(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_h = grad_hidden.to(dtype) if grad_h is None else grad_h.add_(grad_hidden)
         if grad_h is None:  # neither output reached the loss
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         grad_center = None if center_dtype is None else (-grad_h).sum_to_size(ctx.center_shape).to(center_dtype)
         grad_input = grad_h.to(input_dtype) if ctx.needs_input_grad[0] else None
         grad_residual = None if residual_dtype is None else grad_h.to(residual_dtype)
         if grad_residual is grad_input and grad_input is not None:
             # One gradient for two inputs: each gets a tensor of its own (see _triton_backward).
             grad_residual = grad_residual.clone()
-        return grad_input, grad_weight, grad_center, grad_residual, None
+        return grad_input, grad_weight, grad_center, grad_residual, None, None
