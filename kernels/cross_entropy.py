@@ -87,7 +87,9 @@ PROGRAMS_PER_SM = 2
 NUM_WARPS = 16
 # Default chunk: as many rows as fit in this many bytes of logits (a power of two, at least 128 rows).
 CHUNK_BYTES = 128 * 2**20
-# Chunk rows are padded to a multiple of this many elements (128-byte rows in bf16).
+# Chunk rows are padded to a multiple of this many elements (128-byte rows in bf16): cuBLAS gets aligned rows,
+# and the row kernel reads and writes whole rows padding included, so that its masks are constant over 16-byte
+# vectors (a mask at V = 50257 is not) and its loads and stores are vectorised.
 ROW_ALIGN = 64
 
 
@@ -105,7 +107,7 @@ def _tanh(y):
 @triton.jit
 def _cross_entropy_kernel(
     LOGITS, GRAD, TARGET, LOSS, LSE, GRAD_SCALE,
-    n_rows, n_cols, stride_logits, stride_grad, stride_grad_scale,
+    n_rows, n_cols, row_width, stride_logits, stride_grad, stride_grad_scale,
     ignore_index, label_smoothing, z_loss, softcap,
     COMPUTE_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -126,7 +128,7 @@ def _cross_entropy_kernel(
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + block_cols
                 mask = cols < n_cols
-                z = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+                z = tl.load(logits_row + cols, mask=cols < row_width, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
                     z = softcap * _tanh(z / softcap)
                 if HAS_SMOOTHING:
@@ -160,8 +162,8 @@ def _cross_entropy_kernel(
             grad_row = GRAD + row64 * stride_grad
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + block_cols
-                mask = cols < n_cols
-                z = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+                wide = cols < row_width
+                z = tl.load(logits_row + cols, mask=wide, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
                     tanh_z = _tanh(z / softcap)
                     z = softcap * tanh_z
@@ -169,7 +171,8 @@ def _cross_entropy_kernel(
                 g -= tl.where(cols == target, 1.0 - label_smoothing, 0.0)
                 if HAS_SOFTCAP:
                     g *= 1.0 - tanh_z * tanh_z
-                tl.store(grad_row + cols, (g * scale).to(GRAD.dtype.element_ty), mask=mask)
+                g = tl.where(cols < n_cols, g * scale, 0.0)  # the row's padding gets zeros, never garbage
+                tl.store(grad_row + cols, g.to(GRAD.dtype.element_ty), mask=wide)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,11 +200,14 @@ def _launch_rows(
     label_smoothing,
     z_loss,
     softcap,
+    row_width=None,
 ):
     """Run `_cross_entropy_kernel` over the rows of `logits` [R, V] (unit column stride, any row stride).
 
     target [R] int64. compute_stats: write loss [R] and lse [R] (float32); else read lse. write_grad: write
     the gradient into `grad` [R, V] (may be `logits` itself), times grad_scale ([R] or a 0-dim tensor).
+    row_width (>= V, default V): how many columns of every row of logits and grad may be read and written (the
+    padded rows of a buffer of ours; the padding gets zeros), see ROW_ALIGN.
     """
     n_rows, n_cols = logits.shape
     if n_rows == 0:
@@ -212,7 +218,8 @@ def _launch_rows(
     scale_stride = 0 if grad_scale is None or grad_scale.dim() == 0 else grad_scale.stride(0)
     _cross_entropy_kernel[(n_programs,)](
         logits, grad, target, loss, lse, grad_scale,
-        n_rows, n_cols, logits.stride(0), 0 if grad is None else grad.stride(0), scale_stride,
+        n_rows, n_cols, n_cols if row_width is None else row_width,
+        logits.stride(0), 0 if grad is None else grad.stride(0), scale_stride,
         ignore_index, label_smoothing, z_loss, 1.0 if softcap is None else softcap,
         COMPUTE_STATS=compute_stats, WRITE_GRAD=write_grad,
         HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block_v,
@@ -419,6 +426,7 @@ def _chunked_pass(
             label_smoothing=label_smoothing,
             z_loss=z_loss,
             softcap=softcap,
+            row_width=buffer.stride(0),
         )
         if not write_grad:
             continue

@@ -154,6 +154,25 @@ def test_linear_cross_entropy_gpt2_vocabulary():
     )
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_padding_of_the_chunk_rows_never_leaks(reduction, small_blocks, monkeypatch):
+    """The row kernel reads and writes the chunk buffer's rows whole, their padding to ROW_ALIGN included (its
+    loads and stores are then vectorised): padding that holds NaN (uninitialised memory may) changes nothing."""
+    chunk_buffer = ce._chunk_buffer
+
+    def nan_buffer(rows, vocab, dtype, device):
+        buffer = chunk_buffer(rows, vocab, dtype, device)
+        assert buffer.stride(0) > vocab  # 300 columns padded to 320: there is padding to poison
+        return buffer.as_strided((rows, buffer.stride(0)), buffer.stride()).fill_(math.nan)[:, :vocab]
+
+    monkeypatch.setattr(ce, "_chunk_buffer", nan_buffer)
+    n, dim, vocab = 19, 16, 300
+    x, w = torch.randn(n, dim, device=DEVICE), torch.randn(vocab, dim, device=DEVICE) * 0.5
+    options = OPTION_SETS["everything"]
+    target = _targets(n, vocab, options["ignore_index"])
+    _check_lce(x, w, None, target, reduction=reduction, chunk_size=8, **options)
+
+
 def test_linear_cross_entropy_none_with_broadcast_grad_output(small_blocks):
     """loss.sum().backward() hands the 'none' backward a stride-0 grad_output."""
     x = torch.randn(9, 16, device=DEVICE, requires_grad=True)
