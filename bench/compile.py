@@ -437,8 +437,24 @@ def _cross_entropy_plans() -> list[Plan]:
 
         plans.append(Plan(label, launch, ci))
 
+    def add_dw(label, dtype, d, ci=False):
+        """The weight gradient's Triton GEMM ("triton" accumulation mode: a torch that refuses cuBLAS's in-place
+        float32 output), on one chunk of the default size: the first chunk (=) and the others (+=)."""
+
+        def launch():
+            chunk = ce.default_chunk_size(n, vocab, dtype)
+            grad_logits = ce._chunk_buffer(chunk, vocab, dtype, "meta")
+            acc, x_c = _meta(vocab, d), _meta(chunk, d, dtype=dtype)
+            for first in (True, False):
+                ce.add_matmul_triton(acc, grad_logits.t(), x_c, first=first)
+
+        plans.append(Plan(label, launch, ci))
+
     add_lce("model: linear_cross_entropy bf16 x, fp32 weight", torch.bfloat16, torch.float32, dim, CE_OPTIONS["plain"],
             "mean", ci=True)  # fmt: skip
+    add_dw("model: linear_cross_entropy dW triton GEMM bf16", torch.bfloat16, dim, ci=True)
+    add_dw("linear_cross_entropy dW triton GEMM fp16", torch.float16, dim)
+    add_dw("linear_cross_entropy dW triton GEMM bf16 D=2048", torch.bfloat16, 2048)
     for name, dtype in DTYPES.items():
         for option_name, options in CE_OPTIONS.items():
             worst = option_name == "everything" and name != "fp16"

@@ -28,7 +28,7 @@ linear_cross_entropy(x, W, b, target): rows in chunks of C tokens; per chunk
     logits_c = x_c @ W.T (+ b)       cuBLAS (torch.mm/addmm, out= a reused [C, V] buffer in the compute dtype)
     kernel: pass 1 + pass 2          the gradient overwrites the logits in place (the buffer is ours)
     dx_c     = dlogits_c @ W         cuBLAS, written straight into grad_input[rows] (input dtype)
-    dW      += dlogits_c.T @ x_c     cuBLAS into ONE float32 accumulator [V, D] (see _add_matmul), db likewise
+    dW      += dlogits_c.T @ x_c     into ONE float32 accumulator [V, D], in place (_add_matmul), db likewise
 
 so the gradients are finished during the forward (3 GEMMs in all) and the backward only multiplies them by
 the scalar grad_output. For "mean" the kernel folds 1/n_valid (counted on the device: no sync) into the
@@ -38,14 +38,22 @@ grad_output folded in, then the two gradient GEMMs (4 GEMMs in all, still no N x
 
 Precision: GEMMs run in the input's dtype (under autocast the caller has cast the input, as F.linear would).
 A float32 linear_weight with a bf16/fp16 input (master weights) is cast once per call inside the op, and its
-gradient comes straight from the float32 accumulator (no bf16 round trip). Losses are float32. cuBLAS adds
-bf16/fp16 products into float32 via torch.addmm(..., out_dtype=torch.float32) where torch has it (in place,
-out=acc); else through a float32 product and an add; on CPU the low-precision GEMMs are done in float32 and
-rounded once (slow, but the CPU path is for tests).
+gradient comes straight from the float32 accumulator (no bf16 round trip). Losses are float32. The bf16/fp16
+dW products are added into the float32 accumulator in place, never through a float32 temporary: by cuBLAS
+(torch.addmm(..., out_dtype=torch.float32, out=acc)) where torch takes that, else by `_add_matmul_kernel`, a
+Triton GEMM that adds its float32 tile into the accumulator (see `_fp32_accumulation`); on CPU the
+low-precision GEMMs are done in float32 and rounded once (slow, but the CPU path is for tests).
 
 Memory beyond inputs and gradients: the chunk buffer C x V_pad (V_pad = V rounded up to 64, so every row
 is 128-byte aligned for cuBLAS and the kernel), the float32 dW accumulator when the weight is not float32
 (V x D x 4), and the compute-dtype copy of W when it is float32 (V x D x 2).
+
+Chunk size (`default_chunk_size`). Every chunk, whatever its size, reads W twice (GEMMs 1 and 2) and reads and
+writes the float32 accumulator (GEMM 3): 154 MB at the default shape, as much as 1.5 passes over the chunk's
+logits. C is CHUNK_BYTES of logits (1024 rows at V = 50257 in bf16) or an eighth of the rows (MAX_CHUNKS),
+whichever is more: at most 8 chunks, so that overhead stays a bounded share of the work at any batch, while
+the buffer stays at most 1/8 of the full logits and grows only with the batch, as the activations beside it
+do (16 x 512 tokens: 1024 rows, 103 MB, what keeps the step under its 1 GB; 64 x 512: 4096 rows, 412 MB).
 
 Expected cost at the default shape, a model written before any measurement (N = 8192, D = 256, V = 50257, bf16, H100 at
 ~3.3 TB/s and ~800 TFLOP/s; L = N * V * 2 B = 823 MB = one pass over all chunk logits = 0.25 ms; one GEMM
@@ -66,8 +74,8 @@ at C = 1024: 103 MB buffer + 51 MB float32 accumulator (bf16 weight) = ~155 MB, 
 with float32 master weights: above the 100 MB target. The 5 passes over the logits (~1.25 ms at peak) are
 the floor of this cuBLAS + row-kernel design; meeting both targets would take a fused GEMM whose epilogue
 does the softmax (logits never leave SRAM). Risks to check on the GPU: the kernel's second pass missing L2
-(+0.25 ms), the dx GEMM (M = C, N = 256, K = 50257) needing split-K from cuBLAS, and whether the in-place
-out_dtype addmm is available (else +0.2 ms and +51 MB for the float32 temporaries).
+(+0.25 ms), the dx GEMM (M = C, N = 256, K = 50257) needing split-K from cuBLAS, and the speed of the Triton
+dW GEMM where torch refuses cuBLAS's in-place float32 output (bench.step_cost counts its bytes, not its speed).
 """
 
 from __future__ import annotations
@@ -85,8 +93,10 @@ from ._device import max_registers, multiprocessor_count
 MAX_BLOCK_V = 8192
 PROGRAMS_PER_SM = 2
 NUM_WARPS = 16
-# Default chunk: as many rows as fit in this many bytes of logits (a power of two, at least 128 rows).
+# Default chunk: as many rows as fit in this many bytes of logits (a power of two, at least 128 rows), or
+# 1/MAX_CHUNKS of the rows when that is more (see the module docstring).
 CHUNK_BYTES = 128 * 2**20
+MAX_CHUNKS = 8
 # Chunk rows are padded to a multiple of this many elements (128-byte rows in bf16): cuBLAS gets aligned rows,
 # and the row kernel reads and writes whole rows padding included, so that its masks are constant over 16-byte
 # vectors (a mask at V = 50257 is not) and its loads and stores are vectorised.
@@ -173,6 +183,38 @@ def _cross_entropy_kernel(
                     g *= 1.0 - tanh_z * tanh_z
                 g = tl.where(cols < n_cols, g * scale, 0.0)  # the row's padding gets zeros, never garbage
                 tl.store(grad_row + cols, g.to(GRAD.dtype.element_ty), mask=wide)
+
+
+@triton.jit
+def _add_matmul_kernel(
+    ACC, A, B,
+    M, N, K,
+    stride_acc, stride_ak, stride_am, stride_bk, stride_bn,
+    FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """ACC [M, N] (float32) += A^T @ B, or = when FIRST; A [K, M], B [K, N] in bf16/fp16 (any strides).
+
+    The weight gradient's accumulation, dW [V, D] += dlogits_c^T [V, C] @ x_c [C, D], where cuBLAS cannot add a
+    low-precision product into a float32 matrix in place: one [BLOCK_M, BLOCK_N] tile of ACC per program (axis 0
+    walks N, so the programs sharing a block of A run side by side and read it from L2), its K-sum in float32
+    registers, then one read-add-write of the tile.
+    """
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask, col_mask = rows < M, cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k64 = ks.to(tl.int64)[:, None]  # K x stride passes 2**31 for large chunks
+        k_mask = (ks < K)[:, None]
+        a = tl.load(A + k64 * stride_ak + rows[None, :] * stride_am, mask=k_mask & row_mask[None, :], other=0.0)
+        b = tl.load(B + k64 * stride_bk + cols[None, :] * stride_bn, mask=k_mask & col_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc)
+    tile = ACC + rows.to(tl.int64)[:, None] * stride_acc + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    if not FIRST:
+        acc += tl.load(tile, mask=mask, other=0.0)
+    tl.store(tile, acc, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,13 +339,19 @@ def _per_row_scale(grad_loss, target, ignore_index: int, reduction: str):
 # ---------------------------------------------------------------------------------------------------------
 
 
+FP32_ACCUMULATION_MODES = ("native", "cublas_inplace", "triton", "upcast")
+
+
 @functools.lru_cache(maxsize=None)
 def _fp32_accumulation(device: torch.device, dtype: torch.dtype) -> str:
-    """How to add a `dtype` matrix product into a float32 buffer here (probed once; errors are host-side).
+    """How to add a `dtype` matrix product into a float32 buffer here, in place and without float32 temporaries
+    (probed once per device and dtype, on the first call; a refusal is a host-side error):
 
-    "native": float32 operands, addmm_ in place. "fused": cuBLAS writes low-precision products straight into
-    float32, in place (torch.addmm(..., out_dtype=float32, out=acc)). "temp": a float32 product, then an add
-    (older torch). "upcast": float32 copies of the operands (CPU, or no out_dtype at all).
+    "native"          float32 operands: addmm_ in place.
+    "cublas_inplace"  cuBLAS writes the bf16/fp16 product straight into the float32 buffer, in place:
+                      torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc), where torch has it.
+    "triton"          `_add_matmul_kernel`: the same in a Triton GEMM, for a torch that refuses the above.
+    "upcast"          float32 copies of the operands (the CPU, where the interpreter would be slower).
     """
     if dtype == torch.float32:
         return "native"
@@ -313,14 +361,9 @@ def _fp32_accumulation(device: torch.device, dtype: torch.dtype) -> str:
     acc = torch.ones(2, 2, device=device, dtype=torch.float32)
     try:
         torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        return "fused"
+        return "cublas_inplace"
     except (RuntimeError, TypeError, NotImplementedError):
-        pass
-    try:
-        torch.mm(a, a, out_dtype=torch.float32)
-        return "temp"
-    except (RuntimeError, TypeError, NotImplementedError):
-        return "upcast"
+        return "triton"
 
 
 def _matmul_into(out, a, b, bias=None) -> None:
@@ -343,23 +386,36 @@ def _add_matmul(acc, a, b, *, first: bool) -> None:
     beta = 0.0 if first else 1.0  # beta = 0 ignores acc's (uninitialised) contents
     if mode == "native":
         acc.addmm_(a, b, beta=beta)
-    elif mode == "fused":
+    elif mode == "cublas_inplace":
         torch.addmm(acc, a, b, out_dtype=torch.float32, beta=beta, out=acc)
-    elif mode == "temp":
-        product = torch.mm(a, b, out_dtype=torch.float32)
-        if first:
-            acc.copy_(product)
-        else:
-            acc.add_(product)
+    elif mode == "triton":
+        add_matmul_triton(acc, a, b, first=first)
     else:
         acc.addmm_(a.float(), b.float(), beta=beta)
 
 
+def add_matmul_triton(acc, a, b, *, first: bool) -> None:
+    """acc [M, N] float32 (unit column stride) += a [M, K] @ b [K, N] (or =), through `_add_matmul_kernel`."""
+    (m, k), n = a.shape, b.shape[1]
+    if m == 0 or n == 0:
+        return
+    block_n = max(16, min(256, triton.next_power_of_2(n)))
+    block_m = max(16, min(128, 16384 // block_n))  # a 16 K-element float32 tile: 64 registers a thread at 8 warps
+    a_t = a.t()  # the kernel reads A^T: [K, M]
+    _add_matmul_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+        acc, a_t, b,
+        m, n, k,
+        acc.stride(0), a_t.stride(0), a_t.stride(1), b.stride(0), b.stride(1),
+        FIRST=first, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=8,
+    )  # fmt: skip
+
+
 def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: the power of two whose logits fill about CHUNK_BYTES (1024 at the default shape, bf16)."""
+    """Rows per chunk: the power of two whose logits fill about CHUNK_BYTES (1024 at the default shape, bf16),
+    or an eighth of the rows (MAX_CHUNKS) when that is more (4096 for 64 x 512 tokens); see the module docstring."""
     padded = -(-vocab // ROW_ALIGN) * ROW_ALIGN
     rows = max(1, CHUNK_BYTES // (padded * torch.finfo(dtype).bits // 8))
-    rows = max(128, 1 << (rows.bit_length() - 1))
+    rows = max(128, 1 << (rows.bit_length() - 1), -(-n_rows // MAX_CHUNKS))
     return min(rows, max(n_rows, 1))
 
 
