@@ -86,7 +86,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import max_registers, multiprocessor_count
+from ._device import cdiv, max_registers, multiprocessor_count, next_power_of_2
 
 # Widest vocabulary block a program handles at once, and the programs launched per SM (kept small so the
 # rows in flight stay in L2 between the two passes). Tunables for the GPU benchmark.
@@ -254,7 +254,7 @@ def _launch_rows(
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(n_cols))
+    block_v = min(MAX_BLOCK_V, next_power_of_2(n_cols))
     num_warps = max(1, min(NUM_WARPS, block_v // 512))  # 16 lanes per thread at the widest block
     n_programs = min(n_rows, _max_programs(logits.device))
     scale_stride = 0 if grad_scale is None or grad_scale.dim() == 0 else grad_scale.stride(0)
@@ -399,10 +399,10 @@ def add_matmul_triton(acc, a, b, *, first: bool) -> None:
     (m, k), n = a.shape, b.shape[1]
     if m == 0 or n == 0:
         return
-    block_n = max(16, min(256, triton.next_power_of_2(n)))
+    block_n = max(16, min(256, next_power_of_2(n)))
     block_m = max(16, min(128, 16384 // block_n))  # a 16 K-element float32 tile: 64 registers a thread at 8 warps
     a_t = a.t()  # the kernel reads A^T: [K, M]
-    _add_matmul_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+    _add_matmul_kernel[(cdiv(n, block_n), cdiv(m, block_m))](
         acc, a_t, b,
         m, n, k,
         acc.stride(0), a_t.stride(0), a_t.stride(1), b.stride(0), b.stride(1),

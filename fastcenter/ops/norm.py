@@ -19,6 +19,8 @@ from torch import Tensor
 from .. import reference
 from ._dispatch import (
     FLOAT_DTYPES,
+    TritonBackwardOp,
+    TritonOp,
     as_output,
     as_rows,
     backend,
@@ -138,12 +140,11 @@ def _check_norm_weight(weight, width: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Triton: the custom ops around kernels/norm.py
+# Triton: the custom ops around kernels/norm.py (called as _dispatch.TritonOp describes)
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastcenter::norm_fwd", mutates_args=())
-def _norm_fwd(
+def _norm_fwd_impl(
     x: Tensor,
     weight: Optional[Tensor],
     center: Optional[Tensor],
@@ -151,25 +152,23 @@ def _norm_fwd(
     eps: float,
     out_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x, residual: [N, D]; center: [D] or an [N, D] (possibly stride-0) view. Returns (normed in out_dtype or
-    x's dtype, hidden, rstd).
+    """x, residual: [..., D] of one shape; center: a [D] vector or a tensor that broadcasts to x. Returns (normed in
+    out_dtype or x's dtype, hidden, both contiguous in x's shape; rstd [rows]).
 
-    `hidden` is empty when there is neither residual nor center (it would equal x).
+    `hidden` is empty when there is neither residual nor center (it would equal x). The rows are formed here, not
+    by the caller: views made outside would each be an autograd node, twice the host cost of this call's own.
     """
     from ..kernels import norm
 
-    return norm.norm_forward(x, weight, center, residual, eps, out_dtype)
+    D = x.shape[-1]
+    if center is not None and center.dim() > 1:  # per token or broadcast: a stride-0 view where it can be
+        center = center.expand(x.shape).reshape(-1, D)
+    r2d = None if residual is None else as_rows(residual, D)
+    normed, hidden, rstd = norm.norm_forward(as_rows(x, D), weight, center, r2d, eps, out_dtype)
+    return normed.view(x.shape), hidden.view(x.shape) if hidden.numel() else hidden, rstd
 
 
-@_norm_fwd.register_fake
-def _(x, weight, center, residual, eps, out_dtype):
-    store_hidden = center is not None or residual is not None
-    hidden = torch.empty_like(x) if store_hidden else x.new_empty(0)
-    return torch.empty_like(x, dtype=out_dtype), hidden, x.new_empty(x.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("fastcenter::norm_bwd", mutates_args=())
-def _norm_bwd(
+def _norm_bwd_impl(
     grad_normed: Tensor,
     grad_hidden: Optional[Tensor],
     hidden: Tensor,
@@ -178,14 +177,24 @@ def _norm_bwd(
     center_is_vector: bool,
     residual_grad_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (grad of hidden in total, grad of weight, float32 grad of a [D] centre = -column sums, and, when
-    residual_grad_dtype is given, the residual's gradient: the same values in a tensor of its own, in that dtype).
+    """grad_normed, grad_hidden, hidden: [..., D] of one shape. Returns (grad of hidden in total, grad of weight,
+    float32 grad of a [D] centre = -column sums, and, when residual_grad_dtype is given, the residual's gradient:
+    the same values in a tensor of its own, in that dtype), the first and the last in hidden's shape.
 
     Custom ops cannot return None: an absent weight, centre or residual gradient gives an empty tensor in its place.
     """
     from ..kernels import norm
 
-    return norm.norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual_grad_dtype)
+    D, shape = hidden.shape[-1], hidden.shape
+    grad_hidden = None if grad_hidden is None else as_rows(grad_hidden, D)
+    grad_h, grad_weight, grad_center, grad_residual = norm.norm_backward(
+        as_rows(grad_normed, D), grad_hidden, as_rows(hidden, D), weight, rstd, center_is_vector, residual_grad_dtype
+    )
+    grad_residual = grad_residual if residual_grad_dtype is None else grad_residual.view(shape)
+    return grad_h.view(shape), grad_weight, grad_center, grad_residual
+
+
+_norm_bwd = TritonBackwardOp("fastcenter::norm_bwd", _norm_bwd_impl)
 
 
 @_norm_bwd.register_fake
@@ -197,7 +206,7 @@ def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual
         grad_residual = hidden.new_empty(0)
     else:
         grad_residual = hidden.new_empty(hidden.shape, dtype=residual_grad_dtype)
-    return torch.empty_like(hidden), grad_weight, grad_center, grad_residual
+    return hidden.new_empty(hidden.shape), grad_weight, grad_center, grad_residual
 
 
 def _triton_setup_context(ctx, inputs, output):
@@ -208,6 +217,7 @@ def _triton_setup_context(ctx, inputs, output):
     ctx.eps, ctx.out_dtype = eps, out_dtype
     ctx.center_is_vector = center is not None and center.dim() == 1
     ctx.center_dtype = None if center is None else center.dtype
+    ctx.center_shape = None if center is None else center.shape
     ctx.residual_dtype = None if residual is None else residual.dtype
     # Unused outputs (often `hidden`) then arrive as None instead of a tensor of zeros to add.
     ctx.set_materialize_grads(False)
@@ -242,7 +252,7 @@ def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
             grad_residual = grad_h
     grad_center = None
     if ctx.center_dtype is not None and grad_h is not None:
-        grad_center = grad_center_vec if ctx.center_is_vector else -grad_h
+        grad_center = grad_center_vec if ctx.center_is_vector else (-grad_h).sum_to_size(ctx.center_shape)
         grad_center = grad_center.to(ctx.center_dtype)
     if ctx.residual_dtype is None:
         grad_residual = None
@@ -251,24 +261,25 @@ def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
     return grad_h, grad_weight, grad_center, grad_residual, None, None
 
 
-_norm_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+_norm_fwd = TritonOp(
+    "fastcenter::norm_fwd", _norm_fwd_impl, setup_context=_triton_setup_context, backward=_triton_backward
+)
+
+
+@_norm_fwd.register_fake
+def _(x, weight, center, residual, eps, out_dtype):
+    store_hidden = center is not None or residual is not None
+    hidden = x.new_empty(x.shape) if store_hidden else x.new_empty(0)
+    return x.new_empty(x.shape, dtype=out_dtype), hidden, x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
 
 
 def _triton_norm(input: Tensor, weight, center, residual, eps: float, out_dtype) -> tuple[Tensor, Tensor]:
-    """Reshape to rows, run the custom op, reshape back. Returns (normed, hidden-or-input)."""
+    """Run the custom op. Returns (normed, hidden-or-input)."""
     D = input.shape[-1]
-    x2d = as_rows(input, D)
-    r2d = None if residual is None else as_rows(residual, D)
-    c = None
-    if center is not None:
-        if center.dim() >= 1 and center.shape[-1] == D and center.numel() == D:
-            c = center.reshape(D)  # one [D] vector: the kernel reduces its gradient with the weight's
-        else:  # a broadcast or per-token centre: a stride-0 view where it can be, one copy where not
-            c = center.expand(input.shape).reshape(-1, D)
-    normed, hidden, _ = _norm_fwd(x2d, weight, c, r2d, float(eps), out_dtype)
-    normed = normed.view(input.shape)
-    hidden = input if hidden.numel() == 0 else hidden.view(input.shape)
-    return normed, hidden
+    if center is not None and center.dim() > 1 and center.shape[-1] == D and center.numel() == D:
+        center = center.reshape(D)  # one [D] vector: the kernel reduces its gradient with the weight's
+    normed, hidden, _ = _norm_fwd(input, weight, center, residual, float(eps), out_dtype)
+    return normed, input if hidden.numel() == 0 else hidden
 
 
 # ---------------------------------------------------------------------------------------------------------
