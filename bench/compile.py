@@ -446,7 +446,7 @@ def _cross_entropy_plans() -> list[Plan]:
             grad_logits = ce._chunk_buffer(chunk, vocab, dtype, "meta")
             acc, x_c = _meta(vocab, d), _meta(chunk, d, dtype=dtype)
             for first in (True, False):
-                ce.add_matmul_triton(acc, grad_logits.t(), x_c, first=first)
+                ce.add_matmul_triton(acc, grad_logits.t(), x_c, first=first, a_width=grad_logits.stride(0))
 
         plans.append(Plan(label, launch, ci))
 

@@ -114,7 +114,7 @@ def _tanh(y):
     return tl.where(y < 0, -t, t)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _cross_entropy_kernel(
     LOGITS, GRAD, TARGET, LOSS, LSE, GRAD_SCALE,
     n_rows, n_cols, row_width, stride_logits, stride_grad, stride_grad_scale,
@@ -185,10 +185,10 @@ def _cross_entropy_kernel(
                 tl.store(grad_row + cols, g.to(GRAD.dtype.element_ty), mask=wide)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _add_matmul_kernel(
     ACC, A, B,
-    M, N, K,
+    M, N, K, a_width,
     stride_acc, stride_ak, stride_am, stride_bk, stride_bn,
     FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -197,7 +197,8 @@ def _add_matmul_kernel(
     The weight gradient's accumulation, dW [V, D] += dlogits_c^T [V, C] @ x_c [C, D], where cuBLAS cannot add a
     low-precision product into a float32 matrix in place: one [BLOCK_M, BLOCK_N] tile of ACC per program (axis 0
     walks N, so the programs sharing a block of A run side by side and read it from L2), its K-sum in float32
-    registers, then one read-add-write of the tile.
+    registers, then one read-add-write of the tile. A's rows may be read up to a_width >= M (a padded chunk row:
+    its loads are then whole 16-byte vectors); the rows of ACC beyond M are computed and never stored.
     """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -207,7 +208,8 @@ def _add_matmul_kernel(
         ks = start + tl.arange(0, BLOCK_K)
         k64 = ks.to(tl.int64)[:, None]  # K x stride passes 2**31 for large chunks
         k_mask = (ks < K)[:, None]
-        a = tl.load(A + k64 * stride_ak + rows[None, :] * stride_am, mask=k_mask & row_mask[None, :], other=0.0)
+        a_mask = k_mask & (rows < a_width)[None, :]
+        a = tl.load(A + k64 * stride_ak + rows[None, :] * stride_am, mask=a_mask, other=0.0)
         b = tl.load(B + k64 * stride_bk + cols[None, :] * stride_bn, mask=k_mask & col_mask[None, :], other=0.0)
         acc = tl.dot(tl.trans(a), b, acc)
     tile = ACC + rows.to(tl.int64)[:, None] * stride_acc + cols[None, :]
@@ -380,8 +382,9 @@ def _matmul_into(out, a, b, bias=None) -> None:
         torch.addmm(bias, a, b, out=out)
 
 
-def _add_matmul(acc, a, b, *, first: bool) -> None:
-    """acc (float32) += a @ b, or = a @ b when `first`; accumulation in float32 whatever a and b are."""
+def _add_matmul(acc, a, b, *, first: bool, a_width=None) -> None:
+    """acc (float32) += a @ b, or = a @ b when `first`; accumulation in float32 whatever a and b are.
+    a_width: see add_matmul_triton."""
     mode = _fp32_accumulation(a.device, a.dtype)
     beta = 0.0 if first else 1.0  # beta = 0 ignores acc's (uninitialised) contents
     if mode == "native":
@@ -389,13 +392,15 @@ def _add_matmul(acc, a, b, *, first: bool) -> None:
     elif mode == "cublas_inplace":
         torch.addmm(acc, a, b, out_dtype=torch.float32, beta=beta, out=acc)
     elif mode == "triton":
-        add_matmul_triton(acc, a, b, first=first)
+        add_matmul_triton(acc, a, b, first=first, a_width=a_width)
     else:
         acc.addmm_(a.float(), b.float(), beta=beta)
 
 
-def add_matmul_triton(acc, a, b, *, first: bool) -> None:
-    """acc [M, N] float32 (unit column stride) += a [M, K] @ b [K, N] (or =), through `_add_matmul_kernel`."""
+def add_matmul_triton(acc, a, b, *, first: bool, a_width=None) -> None:
+    """acc [M, N] float32 (unit column stride) += a [M, K] @ b [K, N] (or =), through `_add_matmul_kernel`.
+
+    a_width (>= M, default M): how many rows of `a` may be read (a transposed chunk buffer: its padded rows)."""
     (m, k), n = a.shape, b.shape[1]
     if m == 0 or n == 0:
         return
@@ -404,7 +409,7 @@ def add_matmul_triton(acc, a, b, *, first: bool) -> None:
     a_t = a.t()  # the kernel reads A^T: [K, M]
     _add_matmul_kernel[(cdiv(n, block_n), cdiv(m, block_m))](
         acc, a_t, b,
-        m, n, k,
+        m, n, k, m if a_width is None else a_width,
         acc.stride(0), a_t.stride(0), a_t.stride(1), b.stride(0), b.stride(1),
         FIRST=first, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=8,
     )  # fmt: skip
@@ -490,7 +495,7 @@ def _chunked_pass(
         if need_grad_input:
             _matmul_into(grad_input[start:end], grad_logits, w)
         if need_grad_weight:
-            _add_matmul(grad_weight, grad_logits.t(), x_c, first=start == 0)
+            _add_matmul(grad_weight, grad_logits.t(), x_c, first=start == 0, a_width=buffer.stride(0))
         if need_grad_bias:
             grad_bias += grad_logits.sum(0, dtype=torch.float32)
     return grad_input, grad_weight, grad_bias

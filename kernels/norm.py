@@ -38,7 +38,7 @@ import triton.language as tl
 from ._device import cdiv, max_registers, multiprocessor_count, next_power_of_2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _norm_fwd_kernel(
     X, R, C, W, Y, H, RSTD,
     n_rows, n_cols, eps,
@@ -90,7 +90,7 @@ def _norm_bwd_dot_kernel(
     tl.store(DOT + row64, tl.sum(acc, axis=0) * tl.load(RSTD + row64) / n_cols)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def _norm_bwd_kernel(
     DY, DH_OUT, H, W, RSTD, DOT, DX, DR, DW_PARTIAL, DC_PARTIAL,
     n_rows, n_cols, rows_per_program,

@@ -84,7 +84,7 @@ def _rotate_heads(
         tl.store(out_base + (pairs + half_dim)[None, None, :], y2.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens", "seq_len"])
 def _rope_kernel(
     Q, K, Q_OUT, K_OUT, COS, SIN,
     n_tokens, seq_len, n_q_heads, n_k_heads, half_dim, n_q_head_blocks,

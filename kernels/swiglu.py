@@ -34,7 +34,7 @@ import triton.language as tl
 from ._device import cdiv, next_power_of_2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _swiglu_fwd_kernel(
     GATE, UP, OUT,
     n_rows, n_cols, stride_gate, stride_up, stride_out,
@@ -51,7 +51,7 @@ def _swiglu_fwd_kernel(
     tl.store(OUT + rows64 * stride_out + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _swiglu_bwd_kernel(
     DY, GATE, UP, DGATE, DUP,
     n_rows, n_cols, stride_dy, stride_gate, stride_up, stride_dgate, stride_dup,

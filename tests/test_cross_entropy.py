@@ -287,11 +287,13 @@ def test_add_matmul_kernel_adds_into_float32_in_place(dtype, first):
     """acc += a @ b (or = when first) by the Triton GEMM of the "triton" accumulation mode, with the operands as
     the LM head passes them: a = dlogits_c^T, a transposed view of padded rows; ragged M, N and K."""
     k, m, n = 37, 300, 24
-    rows = torch.randn(k, 320, device=DEVICE).to(dtype)[:, :m]  # [C, V] in a row-padded buffer
+    rows = torch.randn(k, 320, device=DEVICE).to(dtype)
+    rows[:, m:] = math.nan  # whatever the padding holds
+    rows = rows[:, :m]  # [C, V] in a row-padded buffer
     a, b = rows.t(), torch.randn(k, n, device=DEVICE).to(dtype)
     start = torch.randn(m, n, device=DEVICE)
     acc = torch.full_like(start, math.nan) if first else start.clone()
-    ce.add_matmul_triton(acc, a, b, first=first)
+    ce.add_matmul_triton(acc, a, b, first=first, a_width=320)  # the padding may be read (it is never stored)
     expected = a.double() @ b.double() + (0 if first else start.double())
     assert_close(acc, expected, torch.float32, scale=10.0)  # a K-term float32 sum of exact products
 
