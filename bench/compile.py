@@ -327,28 +327,31 @@ def _norm_plans() -> list[Plan]:
 
     plans = []
 
-    def add(label, n, d, x_dtype, other_dtype, *, residual, center, weight, ci=False):
+    def add(label, n, d, x_dtype, other_dtype, *, residual, center, weight, out_dtype=None, ci=False):
         def launch():
             x = _meta(n, d, dtype=x_dtype)
             r = _meta(n, d, dtype=other_dtype) if residual else None
             c = {"none": None, "vector": _meta(d, dtype=other_dtype), "token": _meta(n, d, dtype=other_dtype)}[center]
             w = _meta(d, dtype=other_dtype) if weight else None
-            normed, hidden, rstd = norm.norm_forward(x, w, c, r, 1e-6)
+            normed, hidden, rstd = norm.norm_forward(x, w, c, r, 1e-6, out_dtype)
             stored = hidden if hidden.numel() else x
             grad_hidden = torch.empty_like(x) if (residual or center != "none") else None
             # With a residual the kernel also stores the residual's own gradient, in its dtype (ops/norm.py).
             residual_grad_dtype = other_dtype if residual else None
-            norm.norm_backward(torch.empty_like(x), grad_hidden, stored, w, rstd, center == "vector", residual_grad_dtype)
+            norm.norm_backward(
+                torch.empty_like(normed), grad_hidden, stored, w, rstd, center == "vector", residual_grad_dtype
+            )
 
         plans.append(Plan(label, launch, ci))
 
     n, d = DEFAULT["tokens"], DEFAULT["dim"]
     # The default model under bf16 autocast: a float32 stream, bf16 branch outputs added as the residual, float32
-    # weights; the first norm has neither residual nor centre.
+    # weights, `normed` written (and its gradient read) in bf16 for the next linear; the first norm has neither
+    # residual nor centre.
     add("model: first norm (fp32 stream)", n, d, torch.float32, torch.float32, residual=False, center="none",
-        weight=True, ci=True)  # fmt: skip
+        weight=True, out_dtype=torch.bfloat16, ci=True)  # fmt: skip
     add("model: norm + bf16 residual", n, d, torch.float32, torch.bfloat16, residual=True, center="none",
-        weight=True, ci=True)  # fmt: skip
+        weight=True, out_dtype=torch.bfloat16, ci=True)  # fmt: skip
     for name, dtype in DTYPES.items():
         for width, ci in ((256, False), (4096, False), (8192, False), (MAX_FUSED_NORM_DIM, True)):
             rows = n if width <= 4096 else 512
@@ -447,8 +450,24 @@ def _cross_entropy_plans() -> list[Plan]:
 
         plans.append(Plan(label, launch, ci))
 
+    def add_dw(label, dtype, d, ci=False):
+        """The weight gradient's Triton GEMM ("triton" accumulation mode: a torch that refuses cuBLAS's in-place
+        float32 output), on one chunk of the default size: the first chunk (=) and the others (+=)."""
+
+        def launch():
+            chunk = ce.default_chunk_size(n, vocab, dtype)
+            grad_logits = ce._chunk_buffer(chunk, vocab, dtype, "meta")
+            acc, x_c = _meta(vocab, d), _meta(chunk, d, dtype=dtype)
+            for first in (True, False):
+                ce.add_matmul_triton(acc, grad_logits.t(), x_c, first=first, a_width=grad_logits.stride(0))
+
+        plans.append(Plan(label, launch, ci))
+
     add_lce("model: linear_cross_entropy bf16 x, fp32 weight", torch.bfloat16, torch.float32, dim, CE_OPTIONS["plain"],
             "mean", ci=True)  # fmt: skip
+    add_dw("model: linear_cross_entropy dW triton GEMM bf16", torch.bfloat16, dim, ci=True)
+    add_dw("linear_cross_entropy dW triton GEMM fp16", torch.float16, dim)
+    add_dw("linear_cross_entropy dW triton GEMM bf16 D=2048", torch.bfloat16, 2048)
     for name, dtype in DTYPES.items():
         for option_name, options in CE_OPTIONS.items():
             worst = option_name == "everything" and name != "fp16"

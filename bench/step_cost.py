@@ -1252,9 +1252,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--accumulation",
-        choices=("fused", "temp", "upcast"),
+        choices=("cublas_inplace", "triton", "upcast"),
         help="force the LM head's fp32 weight-gradient accumulation mode (kernels/cross_entropy.py) "
-        "instead of what this torch supports: 'temp' is torch without out_dtype addmm into fp32",
+        "instead of what this torch supports: 'triton' is what a torch that refuses cuBLAS's in-place "
+        "out_dtype=float32 addmm runs",
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grad-accum-steps", type=int, default=4)

@@ -251,7 +251,8 @@ class LayerNorm(nn.Module):
 def _norm(config: GPTConfig) -> nn.Module:
     if config.norm == "layernorm":
         return LayerNorm(config.dim, config.norm_eps, config.bias)
-    return RMSNorm(config.dim, config.norm_eps)
+    # Every norm feeds a linear: under autocast it writes the linear's dtype itself (no cast kernel after it).
+    return RMSNorm(config.dim, config.norm_eps, autocast_output=True)
 
 
 class Attention(nn.Module):

@@ -45,22 +45,33 @@ class RMSNorm(nn.Module):
 
     `norm(x)` normalises x. `norm.add_and_norm(x, residual=r, center=c)` is the pre-norm transformer's step in
     one fused pass: it forms the new residual stream `hidden = x + r - c` and returns `(norm(hidden), hidden)`.
+
+    `autocast_output=True` is for a norm whose output only feeds linear layers: under torch.autocast the norm
+    writes its output in autocast's dtype (the dtype those layers would cast it to) instead of the input's, so no
+    cast runs in a kernel of its own; `hidden`, the residual stream, keeps its dtype.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, *, autocast_output: bool = False):
         super().__init__()
-        self.dim, self.eps = dim, eps
+        self.dim, self.eps, self.autocast_output = dim, eps, autocast_output
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def _out_dtype(self, x: Tensor) -> torch.dtype | None:
+        if self.autocast_output and torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
-        return ops.rms_norm(x, (self.dim,), self.weight, self.eps)
+        return ops.rms_norm(x, (self.dim,), self.weight, self.eps, out_dtype=self._out_dtype(x))
 
     def add_and_norm(self, x: Tensor, *, residual: Tensor | None = None, center: Tensor | None = None):
         """(normed, hidden) of hidden = x (+ residual) (- center): the add and the centering fused into the norm."""
-        return ops.center_rms_norm(x, self.weight, center=center, residual=residual, eps=self.eps)
+        return ops.center_rms_norm(
+            x, self.weight, center=center, residual=residual, eps=self.eps, out_dtype=self._out_dtype(x)
+        )
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}"
+        return f"{self.dim}, eps={self.eps}" + (", autocast_output=True" if self.autocast_output else "")
 
 
 class VectorCentering(nn.Module):

@@ -22,8 +22,17 @@ def _f32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
-    """`torch.nn.functional.rms_norm`: x / sqrt(mean(x**2) + eps) * weight over the trailing `normalized_shape`."""
+def rms_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """`torch.nn.functional.rms_norm`: x / sqrt(mean(x**2) + eps) * weight over the trailing `normalized_shape`.
+
+    The output is in `out_dtype` (default: the input's dtype), rounded once from the float32 math."""
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
@@ -31,7 +40,7 @@ def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps:
     y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
     if weight is not None:
         y = y * _f32(weight)
-    return y.to(input.dtype)
+    return y.to(out_dtype or input.dtype)
 
 
 def center_rms_norm(
@@ -41,10 +50,12 @@ def center_rms_norm(
     center: Tensor | None = None,
     residual: Tensor | None = None,
     eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * weight.
 
-    Returns (normed, hidden), both in the input's dtype; `hidden` is the new residual stream.
+    Returns (normed, hidden): `normed` in `out_dtype` (default: the input's dtype), `hidden` (the new residual
+    stream) in the input's dtype.
     """
     hidden = _f32(input)
     if residual is not None:
@@ -54,7 +65,7 @@ def center_rms_norm(
     normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
         normed = normed * _f32(weight)
-    return normed.to(input.dtype), hidden.to(input.dtype)
+    return normed.to(out_dtype or input.dtype), hidden.to(input.dtype)
 
 
 def rope_cache(seq_len: int, head_dim: int, base: float = 10000.0, device=None) -> tuple[Tensor, Tensor]:

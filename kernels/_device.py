@@ -1,4 +1,5 @@
-"""What the launchers need to know about the device they launch on (shared by the kernel families)."""
+"""What the launchers need to know about the device they launch on, and their integer arithmetic (shared by the
+kernel families)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,16 @@ def max_registers(num_warps: int, resident_programs: int = 1) -> int:
     would only raise register counts and lower occupancy. The interpreter ignores it.
     """
     return min(255, REGISTERS_PER_SM // (resident_programs * 32 * num_warps) // 8 * 8)
+
+
+# The launchers' integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr functions in recent Triton
+# (3.9), callable from host code at about ten times the cost of the arithmetic itself; a launch calls several.
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()

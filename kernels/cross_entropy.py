@@ -28,7 +28,7 @@ linear_cross_entropy(x, W, b, target): rows in chunks of C tokens; per chunk
     logits_c = x_c @ W.T (+ b)       cuBLAS (torch.mm/addmm, out= a reused [C, V] buffer in the compute dtype)
     kernel: pass 1 + pass 2          the gradient overwrites the logits in place (the buffer is ours)
     dx_c     = dlogits_c @ W         cuBLAS, written straight into grad_input[rows] (input dtype)
-    dW      += dlogits_c.T @ x_c     cuBLAS into ONE float32 accumulator [V, D] (see _add_matmul), db likewise
+    dW      += dlogits_c.T @ x_c     into ONE float32 accumulator [V, D], in place (_add_matmul), db likewise
 
 so the gradients are finished during the forward (3 GEMMs in all) and the backward only multiplies them by
 the scalar grad_output. For "mean" the kernel folds 1/n_valid (counted on the device: no sync) into the
@@ -38,14 +38,22 @@ grad_output folded in, then the two gradient GEMMs (4 GEMMs in all, still no N x
 
 Precision: GEMMs run in the input's dtype (under autocast the caller has cast the input, as F.linear would).
 A float32 linear_weight with a bf16/fp16 input (master weights) is cast once per call inside the op, and its
-gradient comes straight from the float32 accumulator (no bf16 round trip). Losses are float32. cuBLAS adds
-bf16/fp16 products into float32 via torch.addmm(..., out_dtype=torch.float32) where torch has it (in place,
-out=acc); else through a float32 product and an add; on CPU the low-precision GEMMs are done in float32 and
-rounded once (slow, but the CPU path is for tests).
+gradient comes straight from the float32 accumulator (no bf16 round trip). Losses are float32. The bf16/fp16
+dW products are added into the float32 accumulator in place, never through a float32 temporary: by cuBLAS
+(torch.addmm(..., out_dtype=torch.float32, out=acc)) where torch takes that, else by `_add_matmul_kernel`, a
+Triton GEMM that adds its float32 tile into the accumulator (see `_fp32_accumulation`); on CPU the
+low-precision GEMMs are done in float32 and rounded once (slow, but the CPU path is for tests).
 
 Memory beyond inputs and gradients: the chunk buffer C x V_pad (V_pad = V rounded up to 64, so every row
 is 128-byte aligned for cuBLAS and the kernel), the float32 dW accumulator when the weight is not float32
 (V x D x 4), and the compute-dtype copy of W when it is float32 (V x D x 2).
+
+Chunk size (`default_chunk_size`). Every chunk, whatever its size, reads W twice (GEMMs 1 and 2) and reads and
+writes the float32 accumulator (GEMM 3): 154 MB at the default shape, as much as 1.5 passes over the chunk's
+logits. C is CHUNK_BYTES of logits (1024 rows at V = 50257 in bf16) or an eighth of the rows (MAX_CHUNKS),
+whichever is more: at most 8 chunks, so that overhead stays a bounded share of the work at any batch, while
+the buffer stays at most 1/8 of the full logits and grows only with the batch, as the activations beside it
+do (16 x 512 tokens: 1024 rows, 103 MB, what keeps the step under its 1 GB; 64 x 512: 4096 rows, 412 MB).
 
 Expected cost at the default shape, a model written before any measurement (N = 8192, D = 256, V = 50257, bf16, H100 at
 ~3.3 TB/s and ~800 TFLOP/s; L = N * V * 2 B = 823 MB = one pass over all chunk logits = 0.25 ms; one GEMM
@@ -66,8 +74,8 @@ at C = 1024: 103 MB buffer + 51 MB float32 accumulator (bf16 weight) = ~155 MB, 
 with float32 master weights: above the 100 MB target. The 5 passes over the logits (~1.25 ms at peak) are
 the floor of this cuBLAS + row-kernel design; meeting both targets would take a fused GEMM whose epilogue
 does the softmax (logits never leave SRAM). Risks to check on the GPU: the kernel's second pass missing L2
-(+0.25 ms), the dx GEMM (M = C, N = 256, K = 50257) needing split-K from cuBLAS, and whether the in-place
-out_dtype addmm is available (else +0.2 ms and +51 MB for the float32 temporaries).
+(+0.25 ms), the dx GEMM (M = C, N = 256, K = 50257) needing split-K from cuBLAS, and the speed of the Triton
+dW GEMM where torch refuses cuBLAS's in-place float32 output (bench.step_cost counts its bytes, not its speed).
 """
 
 from __future__ import annotations
@@ -78,16 +86,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import max_registers, multiprocessor_count
+from ._device import cdiv, max_registers, multiprocessor_count, next_power_of_2
 
 # Widest vocabulary block a program handles at once, and the programs launched per SM (kept small so the
 # rows in flight stay in L2 between the two passes). Tunables for the GPU benchmark.
 MAX_BLOCK_V = 8192
 PROGRAMS_PER_SM = 2
 NUM_WARPS = 16
-# Default chunk: as many rows as fit in this many bytes of logits (a power of two, at least 128 rows).
+# Default chunk: as many rows as fit in this many bytes of logits (a power of two, at least 128 rows), or
+# 1/MAX_CHUNKS of the rows when that is more (see the module docstring).
 CHUNK_BYTES = 128 * 2**20
-# Chunk rows are padded to a multiple of this many elements (128-byte rows in bf16).
+MAX_CHUNKS = 8
+# Chunk rows are padded to a multiple of this many elements (128-byte rows in bf16): cuBLAS gets aligned rows,
+# and the row kernel reads and writes whole rows padding included, so that its masks are constant over 16-byte
+# vectors (a mask at V = 50257 is not) and its loads and stores are vectorised.
 ROW_ALIGN = 64
 
 
@@ -102,10 +114,10 @@ def _tanh(y):
     return tl.where(y < 0, -t, t)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _cross_entropy_kernel(
     LOGITS, GRAD, TARGET, LOSS, LSE, GRAD_SCALE,
-    n_rows, n_cols, stride_logits, stride_grad, stride_grad_scale,
+    n_rows, n_cols, row_width, stride_logits, stride_grad, stride_grad_scale,
     ignore_index, label_smoothing, z_loss, softcap,
     COMPUTE_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -126,7 +138,7 @@ def _cross_entropy_kernel(
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + block_cols
                 mask = cols < n_cols
-                z = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+                z = tl.load(logits_row + cols, mask=cols < row_width, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
                     z = softcap * _tanh(z / softcap)
                 if HAS_SMOOTHING:
@@ -160,8 +172,8 @@ def _cross_entropy_kernel(
             grad_row = GRAD + row64 * stride_grad
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + block_cols
-                mask = cols < n_cols
-                z = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+                wide = cols < row_width
+                z = tl.load(logits_row + cols, mask=wide, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
                     tanh_z = _tanh(z / softcap)
                     z = softcap * tanh_z
@@ -169,7 +181,42 @@ def _cross_entropy_kernel(
                 g -= tl.where(cols == target, 1.0 - label_smoothing, 0.0)
                 if HAS_SOFTCAP:
                     g *= 1.0 - tanh_z * tanh_z
-                tl.store(grad_row + cols, (g * scale).to(GRAD.dtype.element_ty), mask=mask)
+                g = tl.where(cols < n_cols, g * scale, 0.0)  # the row's padding gets zeros, never garbage
+                tl.store(grad_row + cols, g.to(GRAD.dtype.element_ty), mask=wide)
+
+
+@triton.jit(do_not_specialize=["K"])
+def _add_matmul_kernel(
+    ACC, A, B,
+    M, N, K, a_width,
+    stride_acc, stride_ak, stride_am, stride_bk, stride_bn,
+    FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """ACC [M, N] (float32) += A^T @ B, or = when FIRST; A [K, M], B [K, N] in bf16/fp16 (any strides).
+
+    The weight gradient's accumulation, dW [V, D] += dlogits_c^T [V, C] @ x_c [C, D], where cuBLAS cannot add a
+    low-precision product into a float32 matrix in place: one [BLOCK_M, BLOCK_N] tile of ACC per program (axis 0
+    walks N, so the programs sharing a block of A run side by side and read it from L2), its K-sum in float32
+    registers, then one read-add-write of the tile. A's rows may be read up to a_width >= M (a padded chunk row:
+    its loads are then whole 16-byte vectors); the rows of ACC beyond M are computed and never stored.
+    """
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask, col_mask = rows < M, cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k64 = ks.to(tl.int64)[:, None]  # K x stride passes 2**31 for large chunks
+        k_mask = (ks < K)[:, None]
+        a_mask = k_mask & (rows < a_width)[None, :]
+        a = tl.load(A + k64 * stride_ak + rows[None, :] * stride_am, mask=a_mask, other=0.0)
+        b = tl.load(B + k64 * stride_bk + cols[None, :] * stride_bn, mask=k_mask & col_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc)
+    tile = ACC + rows.to(tl.int64)[:, None] * stride_acc + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    if not FIRST:
+        acc += tl.load(tile, mask=mask, other=0.0)
+    tl.store(tile, acc, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,22 +244,26 @@ def _launch_rows(
     label_smoothing,
     z_loss,
     softcap,
+    row_width=None,
 ):
     """Run `_cross_entropy_kernel` over the rows of `logits` [R, V] (unit column stride, any row stride).
 
     target [R] int64. compute_stats: write loss [R] and lse [R] (float32); else read lse. write_grad: write
     the gradient into `grad` [R, V] (may be `logits` itself), times grad_scale ([R] or a 0-dim tensor).
+    row_width (>= V, default V): how many columns of every row of logits and grad may be read and written (the
+    padded rows of a buffer of ours; the padding gets zeros), see ROW_ALIGN.
     """
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(n_cols))
+    block_v = min(MAX_BLOCK_V, next_power_of_2(n_cols))
     num_warps = max(1, min(NUM_WARPS, block_v // 512))  # 16 lanes per thread at the widest block
     n_programs = min(n_rows, _max_programs(logits.device))
     scale_stride = 0 if grad_scale is None or grad_scale.dim() == 0 else grad_scale.stride(0)
     _cross_entropy_kernel[(n_programs,)](
         logits, grad, target, loss, lse, grad_scale,
-        n_rows, n_cols, logits.stride(0), 0 if grad is None else grad.stride(0), scale_stride,
+        n_rows, n_cols, n_cols if row_width is None else row_width,
+        logits.stride(0), 0 if grad is None else grad.stride(0), scale_stride,
         ignore_index, label_smoothing, z_loss, 1.0 if softcap is None else softcap,
         COMPUTE_STATS=compute_stats, WRITE_GRAD=write_grad,
         HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block_v,
@@ -290,13 +341,19 @@ def _per_row_scale(grad_loss, target, ignore_index: int, reduction: str):
 # ---------------------------------------------------------------------------------------------------------
 
 
+FP32_ACCUMULATION_MODES = ("native", "cublas_inplace", "triton", "upcast")
+
+
 @functools.lru_cache(maxsize=None)
 def _fp32_accumulation(device: torch.device, dtype: torch.dtype) -> str:
-    """How to add a `dtype` matrix product into a float32 buffer here (probed once; errors are host-side).
+    """How to add a `dtype` matrix product into a float32 buffer here, in place and without float32 temporaries
+    (probed once per device and dtype, on the first call; a refusal is a host-side error):
 
-    "native": float32 operands, addmm_ in place. "fused": cuBLAS writes low-precision products straight into
-    float32, in place (torch.addmm(..., out_dtype=float32, out=acc)). "temp": a float32 product, then an add
-    (older torch). "upcast": float32 copies of the operands (CPU, or no out_dtype at all).
+    "native"          float32 operands: addmm_ in place.
+    "cublas_inplace"  cuBLAS writes the bf16/fp16 product straight into the float32 buffer, in place:
+                      torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc), where torch has it.
+    "triton"          `_add_matmul_kernel`: the same in a Triton GEMM, for a torch that refuses the above.
+    "upcast"          float32 copies of the operands (the CPU, where the interpreter would be slower).
     """
     if dtype == torch.float32:
         return "native"
@@ -306,14 +363,9 @@ def _fp32_accumulation(device: torch.device, dtype: torch.dtype) -> str:
     acc = torch.ones(2, 2, device=device, dtype=torch.float32)
     try:
         torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        return "fused"
+        return "cublas_inplace"
     except (RuntimeError, TypeError, NotImplementedError):
-        pass
-    try:
-        torch.mm(a, a, out_dtype=torch.float32)
-        return "temp"
-    except (RuntimeError, TypeError, NotImplementedError):
-        return "upcast"
+        return "triton"
 
 
 def _matmul_into(out, a, b, bias=None) -> None:
@@ -330,29 +382,45 @@ def _matmul_into(out, a, b, bias=None) -> None:
         torch.addmm(bias, a, b, out=out)
 
 
-def _add_matmul(acc, a, b, *, first: bool) -> None:
-    """acc (float32) += a @ b, or = a @ b when `first`; accumulation in float32 whatever a and b are."""
+def _add_matmul(acc, a, b, *, first: bool, a_width=None) -> None:
+    """acc (float32) += a @ b, or = a @ b when `first`; accumulation in float32 whatever a and b are.
+    a_width: see add_matmul_triton."""
     mode = _fp32_accumulation(a.device, a.dtype)
     beta = 0.0 if first else 1.0  # beta = 0 ignores acc's (uninitialised) contents
     if mode == "native":
         acc.addmm_(a, b, beta=beta)
-    elif mode == "fused":
+    elif mode == "cublas_inplace":
         torch.addmm(acc, a, b, out_dtype=torch.float32, beta=beta, out=acc)
-    elif mode == "temp":
-        product = torch.mm(a, b, out_dtype=torch.float32)
-        if first:
-            acc.copy_(product)
-        else:
-            acc.add_(product)
+    elif mode == "triton":
+        add_matmul_triton(acc, a, b, first=first, a_width=a_width)
     else:
         acc.addmm_(a.float(), b.float(), beta=beta)
 
 
+def add_matmul_triton(acc, a, b, *, first: bool, a_width=None) -> None:
+    """acc [M, N] float32 (unit column stride) += a [M, K] @ b [K, N] (or =), through `_add_matmul_kernel`.
+
+    a_width (>= M, default M): how many rows of `a` may be read (a transposed chunk buffer: its padded rows)."""
+    (m, k), n = a.shape, b.shape[1]
+    if m == 0 or n == 0:
+        return
+    block_n = max(16, min(256, next_power_of_2(n)))
+    block_m = max(16, min(128, 16384 // block_n))  # a 16 K-element float32 tile: 64 registers a thread at 8 warps
+    a_t = a.t()  # the kernel reads A^T: [K, M]
+    _add_matmul_kernel[(cdiv(n, block_n), cdiv(m, block_m))](
+        acc, a_t, b,
+        m, n, k, m if a_width is None else a_width,
+        acc.stride(0), a_t.stride(0), a_t.stride(1), b.stride(0), b.stride(1),
+        FIRST=first, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=8,
+    )  # fmt: skip
+
+
 def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: the power of two whose logits fill about CHUNK_BYTES (1024 at the default shape, bf16)."""
+    """Rows per chunk: the power of two whose logits fill about CHUNK_BYTES (1024 at the default shape, bf16),
+    or an eighth of the rows (MAX_CHUNKS) when that is more (4096 for 64 x 512 tokens); see the module docstring."""
     padded = -(-vocab // ROW_ALIGN) * ROW_ALIGN
     rows = max(1, CHUNK_BYTES // (padded * torch.finfo(dtype).bits // 8))
-    rows = max(128, 1 << (rows.bit_length() - 1))
+    rows = max(128, 1 << (rows.bit_length() - 1), -(-n_rows // MAX_CHUNKS))
     return min(rows, max(n_rows, 1))
 
 
@@ -419,6 +487,7 @@ def _chunked_pass(
             label_smoothing=label_smoothing,
             z_loss=z_loss,
             softcap=softcap,
+            row_width=buffer.stride(0),
         )
         if not write_grad:
             continue
@@ -426,7 +495,7 @@ def _chunked_pass(
         if need_grad_input:
             _matmul_into(grad_input[start:end], grad_logits, w)
         if need_grad_weight:
-            _add_matmul(grad_weight, grad_logits.t(), x_c, first=start == 0)
+            _add_matmul(grad_weight, grad_logits.t(), x_c, first=start == 0, a_width=buffer.stride(0))
         if need_grad_bias:
             grad_bias += grad_logits.sum(0, dtype=torch.float32)
     return grad_input, grad_weight, grad_bias

@@ -35,10 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import max_registers, multiprocessor_count
+from ._device import cdiv, max_registers, multiprocessor_count, next_power_of_2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _norm_fwd_kernel(
     X, R, C, W, Y, H, RSTD,
     n_rows, n_cols, eps,
@@ -90,7 +90,7 @@ def _norm_bwd_dot_kernel(
     tl.store(DOT + row64, tl.sum(acc, axis=0) * tl.load(RSTD + row64) / n_cols)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def _norm_bwd_kernel(
     DY, DH_OUT, H, W, RSTD, DOT, DX, DR, DW_PARTIAL, DC_PARTIAL,
     n_rows, n_cols, rows_per_program,
@@ -169,14 +169,15 @@ def _block_shape(block_d: int, elements_per_program: int) -> tuple[int, int]:
     return block_m, num_warps
 
 
-def norm_forward(x, weight, center, residual, eps: float):
+def norm_forward(x, weight, center, residual, eps: float, out_dtype=None):
     """x, residual: [N, D] with unit column stride; center: [D] or [N, D] view, weight: [D] (any strides).
 
-    Returns (normed [N, D], hidden [N, D] or empty when there is nothing to add or subtract, rstd [N] fp32).
+    Returns (normed [N, D] in out_dtype (default x's), hidden [N, D] in x's dtype or empty when there is nothing
+    to add or subtract, rstd [N] fp32).
     """
     n_rows, n_cols = x.shape
     store_hidden = residual is not None or center is not None
-    normed = torch.empty_like(x)
+    normed = torch.empty_like(x, dtype=out_dtype)  # the kernel rounds to whatever dtype it stores into
     hidden = torch.empty_like(x) if store_hidden else x.new_empty(0)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if center is None:
@@ -185,9 +186,9 @@ def norm_forward(x, weight, center, residual, eps: float):
         c_strides = (0, center.stride(0))
     else:
         c_strides = (center.stride(0), center.stride(1))
-    block_d = triton.next_power_of_2(n_cols)
+    block_d = next_power_of_2(n_cols)
     block_m, num_warps = _block_shape(block_d, 4096)
-    _norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+    _norm_fwd_kernel[(cdiv(n_rows, block_m),)](
         x, residual, center, weight, normed, hidden, rstd,
         n_rows, n_cols, eps,
         x.stride(0), 0 if residual is None else residual.stride(0), *c_strides, _stride(weight),
@@ -223,7 +224,7 @@ def norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vect
     store_dr = residual_grad_dtype is not None
     grad_residual = torch.empty(hidden.shape if store_dr else 0, dtype=residual_grad_dtype, device=hidden.device)
 
-    block_d = triton.next_power_of_2(n_cols)
+    block_d = next_power_of_2(n_cols)
     wide = block_d > WIDEST_SINGLE_PASS
     dot = None
     if wide:  # a mean(g * n) per row first, then column blocks of the row (see the module docstring)
@@ -235,17 +236,17 @@ def norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vect
             HAS_WEIGHT=weight is not None, BLOCK_D=block_d, num_warps=8,
         )  # fmt: skip
     block_m, num_warps = _block_shape(block_d, 2048)
-    n_tiles = triton.cdiv(n_rows, block_m)
+    n_tiles = cdiv(n_rows, block_m)
     n_programs = min(n_tiles, _programs_per_wave(hidden.device))
-    rows_per_program = triton.cdiv(n_tiles, n_programs) * block_m
-    n_programs = triton.cdiv(n_rows, rows_per_program)
+    rows_per_program = cdiv(n_tiles, n_programs) * block_m
+    n_programs = cdiv(n_rows, rows_per_program)
 
     def partial():
         return torch.empty(n_programs, n_cols, dtype=torch.float32, device=hidden.device)
 
     dw_partial = partial() if weight is not None else None
     dc_partial = partial() if center_is_vector else None
-    _norm_bwd_kernel[(n_programs, triton.cdiv(n_cols, block_d))](
+    _norm_bwd_kernel[(n_programs, cdiv(n_cols, block_d))](
         grad_normed, grad_hidden, hidden, weight, rstd, dot, grad_h, grad_residual if store_dr else None,
         dw_partial, dc_partial,
         n_rows, n_cols, rows_per_program,

@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import cdiv, next_power_of_2
+
 
 @triton.jit
 def _rotate_heads(
@@ -82,7 +84,7 @@ def _rotate_heads(
         tl.store(out_base + (pairs + half_dim)[None, None, :], y2.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens", "seq_len"])
 def _rope_kernel(
     Q, K, Q_OUT, K_OUT, COS, SIN,
     n_tokens, seq_len, n_q_heads, n_k_heads, half_dim, n_q_head_blocks,
@@ -132,11 +134,11 @@ TILE_ELEMENTS = 4096  # elements of q or k per program (see the module docstring
 
 def _block_shape(n_tokens: int, n_q_heads: int, n_k_heads: int, half_dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_HALF, num_warps) for tiles of whole heads, about TILE_ELEMENTS in size."""
-    block_half = triton.next_power_of_2(half_dim)
+    block_half = next_power_of_2(half_dim)
     head_elements = 2 * block_half
     heads_that_fit = max(1, TILE_ELEMENTS // head_elements)
-    block_h = min(triton.next_power_of_2(min(n_q_heads, n_k_heads)), heads_that_fit)
-    block_t = max(1, min(TILE_ELEMENTS // (block_h * head_elements), triton.next_power_of_2(n_tokens)))
+    block_h = min(next_power_of_2(min(n_q_heads, n_k_heads)), heads_that_fit)
+    block_t = max(1, min(TILE_ELEMENTS // (block_h * head_elements), next_power_of_2(n_tokens)))
     num_warps = max(1, min(16 if head_elements > TILE_ELEMENTS else 8, block_t * block_h * head_elements // 512))
     return block_t, block_h, block_half, num_warps
 
@@ -155,8 +157,8 @@ def rope_rotate(q, k, cos, sin, interleaved: bool, inverse: bool):
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
 
     block_t, block_h, block_half, num_warps = _block_shape(n_tokens, n_q_heads, n_k_heads, half_dim)
-    n_q_head_blocks = triton.cdiv(n_q_heads, block_h)
-    grid = (triton.cdiv(n_tokens, block_t), n_q_head_blocks + triton.cdiv(n_k_heads, block_h))
+    n_q_head_blocks = cdiv(n_q_heads, block_h)
+    grid = (cdiv(n_tokens, block_t), n_q_head_blocks + cdiv(n_k_heads, block_h))
     _rope_kernel[grid](
         q, k, q_out, k_out, cos, sin,
         n_tokens, T, n_q_heads, n_k_heads, half_dim, n_q_head_blocks,

@@ -31,8 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import cdiv, next_power_of_2
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["n_rows"])
 def _swiglu_fwd_kernel(
     GATE, UP, OUT,
     n_rows, n_cols, stride_gate, stride_up, stride_out,
@@ -49,7 +51,7 @@ def _swiglu_fwd_kernel(
     tl.store(OUT + rows64 * stride_out + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _swiglu_bwd_kernel(
     DY, GATE, UP, DGATE, DUP,
     n_rows, n_cols, stride_dy, stride_gate, stride_up, stride_dgate, stride_dup,
@@ -81,10 +83,10 @@ MAX_BLOCK_N = 1024
 def _block_shape(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for tiles of about TILE_ELEMENTS elements."""
     if n_cols <= MAX_BLOCK_N:
-        block_n = triton.next_power_of_2(n_cols)
+        block_n = next_power_of_2(n_cols)
     else:  # prefer a column block that divides the row exactly: no mostly-masked last block
         block_n = next((b for b in (1024, 512, 256, 128) if n_cols % b == 0), MAX_BLOCK_N)
-    block_m = max(1, min(TILE_ELEMENTS // block_n, triton.next_power_of_2(n_rows)))
+    block_m = max(1, min(TILE_ELEMENTS // block_n, next_power_of_2(n_rows)))
     num_warps = max(1, min(8, block_m * block_n // 512))
     return block_m, block_n, num_warps
 
@@ -103,7 +105,7 @@ def swiglu_forward(gate, up):
     n_rows, n_cols = gate.shape
     out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
     block_m, block_n, num_warps = _block_shape(n_rows, n_cols)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
     _swiglu_fwd_kernel[grid](
         gate, up, out,
         n_rows, n_cols, gate.stride(0), up.stride(0), out.stride(0),
@@ -126,7 +128,7 @@ def swiglu_backward(grad_out, gate, up):
         grad_gate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
         grad_up = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
     block_m, block_n, num_warps = _block_shape(n_rows, n_cols)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
     _swiglu_bwd_kernel[grid](
         grad_out, gate, up, grad_gate, grad_up,
         n_rows, n_cols, grad_out.stride(0), gate.stride(0), up.stride(0), grad_gate.stride(0), grad_up.stride(0),

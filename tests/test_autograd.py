@@ -334,6 +334,76 @@ def test_compile_fullgraph_of_every_op_matches_eager(backend, monkeypatch):
         _close(c, e.double(), f"compiled gradient {i}")
 
 
+def test_cpu_outputs_are_fresh_tensors_under_compile():
+    """The CPU implementations' forwards return their outputs through `as_output`: while torch.compile traces, a
+    fresh tensor, never an in-place op's result or a `.to` that changes nothing. torch 2.11's Dynamo drops an
+    autograd.Function's backward when an output is such an alias (zero gradients: the test above fails there
+    without it); torch 2.13's does not, so this checks the mechanism itself."""
+    from fastcenter.ops._dispatch import as_output
+
+    def f(x):
+        y = x * 2.0
+        return as_output(y.mul_(3.0), x.dtype), y
+
+    x = torch.randn(4)
+    out, y = f(x)
+    assert out.data_ptr() == y.data_ptr(), "eager: no copy"
+    torch._dynamo.reset()
+    out, y = torch.compile(f, fullgraph=True, backend="eager")(x)
+    assert out.data_ptr() != y.data_ptr(), "under torch.compile the output must be a fresh tensor"
+    torch.testing.assert_close(out, 6.0 * x)
+
+
+class _PassThrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing but records the fastcenter custom ops it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastcenter":
+            self.seen.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_triton_ops_through_the_dispatcher_and_eager_agree(op_name, monkeypatch):
+    """The Triton implementation's two ways in (`_dispatch.TritonOp`): plain eager calls run the implementation
+    under an autograd.Function; under a TorchDispatchMode (what FakeTensorMode, make_fx and op recorders are)
+    they go through the registered custom ops and their registered autograd. Same kernels: identical outputs
+    and gradients, and each way is the one taken."""
+    from fastcenter.ops import _dispatch
+
+    op = OPS[op_name]
+    device = select_backend("triton", monkeypatch)
+    tensors = _inputs(op, device)
+    grads_out = [g.float() for g in _grads_outs(op.call(reference, **_as_float64(tensors)), device)]
+    names = op.differentiable
+
+    def run():
+        outputs = op.call(ops, **tensors)
+        return outputs, torch.autograd.grad(outputs, [tensors[n] for n in names], grads_out)
+
+    mode = _PassThrough()
+    with mode:
+        assert _dispatch.traced(tensors[names[0]])
+        through_dispatcher = run()
+    assert mode.seen, "under a dispatch mode the custom ops are called"
+    custom_op_calls = []
+    custom_op_call = torch._library.custom_ops.CustomOpDef.__call__
+    monkeypatch.setattr(
+        torch._library.custom_ops.CustomOpDef,
+        "__call__",
+        lambda self, *a, **k: custom_op_calls.append(self) or custom_op_call(self, *a, **k),
+    )
+    assert not _dispatch.traced(tensors[names[0]])
+    eager = run()
+    assert not custom_op_calls, "plain eager calls skip the dispatcher"
+    for a, b in zip(tree_leaves(through_dispatcher), tree_leaves(eager)):
+        assert torch.equal(a, b)
+
+
 class _FastcenterOps(TorchDispatchMode):
     """Records the fastcenter custom ops called."""
 

@@ -154,6 +154,25 @@ def test_linear_cross_entropy_gpt2_vocabulary():
     )
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_padding_of_the_chunk_rows_never_leaks(reduction, small_blocks, monkeypatch):
+    """The row kernel reads and writes the chunk buffer's rows whole, their padding to ROW_ALIGN included (its
+    loads and stores are then vectorised): padding that holds NaN (uninitialised memory may) changes nothing."""
+    chunk_buffer = ce._chunk_buffer
+
+    def nan_buffer(rows, vocab, dtype, device):
+        buffer = chunk_buffer(rows, vocab, dtype, device)
+        assert buffer.stride(0) > vocab  # 300 columns padded to 320: there is padding to poison
+        return buffer.as_strided((rows, buffer.stride(0)), buffer.stride()).fill_(math.nan)[:, :vocab]
+
+    monkeypatch.setattr(ce, "_chunk_buffer", nan_buffer)
+    n, dim, vocab = 19, 16, 300
+    x, w = torch.randn(n, dim, device=DEVICE), torch.randn(vocab, dim, device=DEVICE) * 0.5
+    options = OPTION_SETS["everything"]
+    target = _targets(n, vocab, options["ignore_index"])
+    _check_lce(x, w, None, target, reduction=reduction, chunk_size=8, **options)
+
+
 def test_linear_cross_entropy_none_with_broadcast_grad_output(small_blocks):
     """loss.sum().backward() hands the 'none' backward a stride-0 grad_output."""
     x = torch.randn(9, 16, device=DEVICE, requires_grad=True)
@@ -258,11 +277,55 @@ def test_linear_cross_entropy_gradient_accumulation_with_tied_weights():
     assert_close(mix.grad, mix64.grad, torch.float32)
 
 
+# Interpreted tl.dot on bf16 is wrong (triton#11584): the Triton GEMM is tested in fp16 and fp32 on the CPU.
+GEMM_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES, ids=str)
+@pytest.mark.parametrize("first", [True, False], ids=["first", "accumulate"])
+def test_add_matmul_kernel_adds_into_float32_in_place(dtype, first):
+    """acc += a @ b (or = when first) by the Triton GEMM of the "triton" accumulation mode, with the operands as
+    the LM head passes them: a = dlogits_c^T, a transposed view of padded rows; ragged M, N and K."""
+    k, m, n = 37, 300, 24
+    rows = torch.randn(k, 320, device=DEVICE).to(dtype)
+    rows[:, m:] = math.nan  # whatever the padding holds
+    rows = rows[:, :m]  # [C, V] in a row-padded buffer
+    a, b = rows.t(), torch.randn(k, n, device=DEVICE).to(dtype)
+    start = torch.randn(m, n, device=DEVICE)
+    acc = torch.full_like(start, math.nan) if first else start.clone()
+    ce.add_matmul_triton(acc, a, b, first=first, a_width=320)  # the padding may be read (it is never stored)
+    expected = a.double() @ b.double() + (0 if first else start.double())
+    assert_close(acc, expected, torch.float32, scale=10.0)  # a K-term float32 sum of exact products
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [d for d in GEMM_DTYPES if d != torch.float32], ids=str)
+def test_linear_cross_entropy_with_the_triton_weight_gradient_accumulation(dtype, reduction, monkeypatch):
+    """The whole op with its dW accumulated by the Triton GEMM (where torch refuses cuBLAS's in-place float32
+    output): float32 master weights, low-precision input, against the float64 reference."""
+    monkeypatch.setattr(ce, "_fp32_accumulation", lambda device, d: "native" if d == torch.float32 else "triton")
+    n, dim, vocab = 21, 24, 150
+    x = torch.randn(n, dim, device=DEVICE).to(dtype)
+    w = torch.randn(vocab, dim, device=DEVICE) * 0.3
+    target = _targets(n, vocab)
+    fn, tensors = _lce_ours(x, w, None, target, reduction=reduction, chunk_size=8, label_smoothing=0.1)
+    loss, (grad_x, grad_w), g = _loss_and_grads(fn, tensors)
+    assert grad_w.dtype == torch.float32
+    truth_loss, truth_grads = _lce_truth(x, w.to(dtype), None, target, g, reduction=reduction, label_smoothing=0.1)
+    _compare(loss, truth_loss, dtype, 1.0, True, "loss")
+    for ours, truth in zip((grad_x, grad_w), truth_grads):
+        _compare(ours, truth, dtype, 1.0, True, "gradient")
+
+
 def test_default_chunk_size():
     V = GPT2_VOCAB_SIZE
     assert ce.default_chunk_size(8192, V, torch.bfloat16) == 1024  # the default shape: 103 MB of bf16 logits
-    assert ce.default_chunk_size(8192, V, torch.float32) == 512
+    assert ce.default_chunk_size(4096, V, torch.float32) == 512  # 128 MiB of float32 logits
     assert ce.default_chunk_size(100, V, torch.bfloat16) == 100
+    # Larger batches: at most MAX_CHUNKS chunks (each re-reads W and the float32 dW accumulator).
+    assert ce.default_chunk_size(8192, V, torch.float32) == 1024
+    assert ce.default_chunk_size(64 * 512, V, torch.bfloat16) == 4096
+    assert ce.default_chunk_size(10_000, V, torch.bfloat16) == 1250
 
 
 # ---------------------------------------------------------------------------------------------------------

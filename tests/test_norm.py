@@ -178,6 +178,69 @@ def test_broadcast_centres(center_shape):
     _check_against_truth(fn, [x, weight, center], grads_out, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("center_kind", ["none", "vector", "per_token"])
+def test_out_dtype_normed_in_the_consumers_dtype(out_dtype, center_kind, backend, monkeypatch):
+    """out_dtype: `normed` is written in it (as autocast's linear wants it), `hidden` stays in the input's dtype.
+    The float32 stream and branch: normed within one rounding to out_dtype of the float64 truth, hidden and every
+    gradient (the incoming gradient of normed arrives in out_dtype, the truth sees the same values) in float32's."""
+    from op_cases import select_backend
+
+    device = select_backend(backend, monkeypatch)
+    shape = (4, 7, 96)
+    x = torch.randn(shape, device=device)
+    residual = torch.randn(shape, device=device).to(torch.bfloat16)
+    weight = 1.0 + 0.3 * torch.randn(96, device=device)
+    center = {"none": None, "vector": torch.randn(96, device=device), "per_token": torch.randn(shape, device=device)}
+    grads_out = (torch.randn(shape, device=device).to(out_dtype), torch.randn(shape, device=device))
+    tensors = [x, weight, center[center_kind], residual]
+
+    def fn(x, w, c, r):
+        if x.dtype == torch.float64:
+            return reference.center_rms_norm(x, w, center=c, residual=r)
+        return ops.center_rms_norm(x, w, center=c, residual=r, out_dtype=out_dtype)
+
+    (normed, hidden), grads = _fused(fn, tensors, grads_out)
+    (true_normed, true_hidden), true_grads = _truth(fn, tensors, grads_out)
+    assert normed.dtype == out_dtype and hidden.dtype == torch.float32
+    assert_close(normed, true_normed, out_dtype, msg="normed")
+    assert_close(hidden, true_hidden, torch.float32, msg="hidden")
+    present = [t for t in tensors if t is not None]
+    for i, (g, t, src) in enumerate(zip(grads, true_grads, present)):
+        assert g.dtype == src.dtype
+        assert_close(g, t, torch.float32 if src.dtype == torch.float32 else src.dtype, scale=4.0, msg=f"grad {i}")
+
+    def plain(x, w):
+        if x.dtype == torch.float64:
+            return reference.rms_norm(x, (96,), w, 1e-6)
+        return ops.rms_norm(x, (96,), w, 1e-6, out_dtype=out_dtype)
+
+    (y,), grads = _fused(plain, [x, weight], grads_out[:1])
+    (true_y,), true_grads = _truth(plain, [x, weight], grads_out[:1])
+    assert y.dtype == out_dtype
+    assert_close(y, true_y, out_dtype, msg="rms_norm output")
+    for g, t in zip(grads, true_grads):
+        assert_close(g, t, torch.float32, scale=4.0, msg="rms_norm gradient")
+
+
+def test_rms_norm_module_emits_autocast_dtype_only_when_asked():
+    """nn.RMSNorm(autocast_output=True), as the model's norms are built: under autocast `normed` comes out in
+    autocast's dtype (no cast kernel before the next linear) and `hidden` keeps the stream's float32; outside
+    autocast, or without the option, nothing changes."""
+    from fastcenter.nn import RMSNorm
+
+    x, r = torch.randn(2, 3, 32, device=DEVICE), torch.randn(2, 3, 32, device=DEVICE)
+    feeds_linear, plain = RMSNorm(32, autocast_output=True).to(DEVICE), RMSNorm(32).to(DEVICE)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        normed, hidden = feeds_linear.add_and_norm(x, residual=r)
+        assert (normed.dtype, hidden.dtype, feeds_linear(x).dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
+        assert plain.add_and_norm(x, residual=r)[0].dtype == torch.float32 and plain(x).dtype == torch.float32
+        expected = reference.center_rms_norm(x.double(), feeds_linear.weight.double(), residual=r.double())[0]
+        assert_close(normed, expected, torch.bfloat16)
+    assert feeds_linear.add_and_norm(x, residual=r)[0].dtype == torch.float32
+
+
 def test_centering_over_features_then_rms_norm_is_layer_norm_without_bias():
     x = 3.0 + torch.randn(4, 9, 80, device=DEVICE)
     weight = torch.randn(80, device=DEVICE)
@@ -309,6 +372,8 @@ def test_an_unknown_environment_value_is_an_error_naming_the_variable(variable, 
         (lambda x, w: ops.rms_norm(x, (15,), None), ValueError, "normalized_shape"),
         (lambda x, w: ops.rms_norm(x, "16", None), TypeError, "normalized_shape"),
         (lambda x, w: ops.rms_norm(x, (16,), w[:3]), ValueError, "weight"),
+        (lambda x, w: ops.rms_norm(x, (16,), w, out_dtype=torch.int32), TypeError, "out_dtype"),
+        (lambda x, w: ops.center_rms_norm(x, w, out_dtype="bf16"), TypeError, "out_dtype"),
     ],
 )
 def test_bad_input_is_refused_by_name(call, exc, words):

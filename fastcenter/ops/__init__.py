@@ -21,8 +21,11 @@ The registration pattern, followed by every op family: a forward custom op (`fas
 launches the forward kernel and returns its outputs plus whatever the backward needs; a backward custom op
 (`fastcenter::<op>_bwd`); a fake (meta) implementation of each so `torch.compile(fullgraph=True)` can trace
 shapes without running anything; and `register_autograd` on the forward op, whose backward calls the
-backward op. Kernel modules (`fastcenter.kernels.*`) are imported lazily, so `import fastcenter` works
-where Triton is not installed.
+backward op (`_dispatch.TritonOp`, `TritonBackwardOp`). Only what traces or watches ops (torch.compile,
+FakeTensorMode, make_fx, a TorchDispatchMode, tensor subclasses) calls them through the dispatcher; a plain
+eager call runs the same implementation, setup_context and backward under an autograd.Function, at about half
+the host time (`python -m bench.host_cost`). Kernel modules (`fastcenter.kernels.*`) are imported lazily, so
+`import fastcenter` works where Triton is not installed.
 
 Autograd beyond one ordinary backward, the same for every op:
 

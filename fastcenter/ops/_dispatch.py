@@ -24,17 +24,26 @@ Each public op asks once and calls the function of its family that implements th
 and the environment here is cheap, and torch.compile specialises on both at trace time. An environment
 variable of ours with a value it does not know is an error (`check_environment`), never silently ignored.
 
+How the Triton implementation is called (`TritonOp`, `TritonBackwardOp`). Its kernels are wrapped as
+torch.library custom ops, with fake implementations and registered autograd: what torch.compile, FakeTensorMode,
+make_fx, any TorchDispatchMode and tensor subclasses see, since they see ops only through the dispatcher. A plain
+eager call, with none of those watching (`traced`), calls the same Python implementation without the dispatcher,
+under an autograd.Function made of the same setup_context and backward: the dispatcher's and torch.library's
+Python layers cost more host time per call than the launches they wrap (`python -m bench.host_cost`).
+
 Also here, shared by the families: the argument checks (metadata only, so no host sync), `as_rows`,
-`math_dtype` (the CPU implementations' arithmetic dtype) and `differentiable_backward`.
+`math_dtype` (the CPU implementations' arithmetic dtype), `as_output` and `differentiable_backward`.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("triton", "cpu", "reference")
@@ -123,17 +132,80 @@ def check_environment() -> None:
 
 def backend(*tensors: Tensor | None) -> str:
     """'triton', 'cpu' or 'reference' for an op on these tensors (see the module docstring)."""
-    check_environment()  # first: a value it does not know is an error at every op, in any scope
-    forced = _environment("FASTCENTER_BACKEND")
+    forced = _environment("FASTCENTER_BACKEND")  # a value it does not know is an error at every op, in any scope
+    _environment("FASTCENTER_CHECKS")
     if _transformed() or _SCOPE.forced == "reference" or forced == "reference":
         return "reference"
-    if _HAVE_TRITON and any(t is not None and t.is_cuda for t in tensors):
+    cuda = any(t is not None and t.is_cuda for t in tensors)
+    if _HAVE_TRITON and (cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         return "triton"
-    if _HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return "triton"
-    if any(t is not None and t.is_cuda for t in tensors):
-        return "reference"  # a GPU without Triton: the eager reference runs there
-    return "cpu"
+    return "reference" if cuda else "cpu"  # a GPU without Triton: the eager reference runs there
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def traced(*args) -> bool:
+    """True when a call of the Triton implementation must go through the dispatcher (its custom ops): while
+    torch.compile traces, under a TorchDispatchMode (FakeTensorMode, make_fx, an op recorder), or with a tensor
+    subclass among the arguments. Otherwise it is a plain eager call (see the module docstring)."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return True
+    return any(type(a) not in _PLAIN_TENSORS for a in args if isinstance(a, Tensor))
+
+
+class TritonOp:
+    """A forward custom op of the Triton implementation with its autograd, callable as `op(*args)`: through
+    the dispatcher when `traced`, else the implementation itself, under an autograd.Function made of the same
+    `setup_context` and `backward` when autograd needs it."""
+
+    def __init__(self, name: str, impl: Callable, *, setup_context: Callable, backward: Callable):
+        self.impl, self.parameters = impl, list(inspect.signature(impl).parameters)
+        self.custom_op = torch.library.custom_op(name, impl, mutates_args=())
+        self.custom_op.register_autograd(backward, setup_context=setup_context)
+
+        def forward(ctx, *args):
+            output = impl(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips binding the arguments
+        # to forward's signature (inspect.signature at every call), which the torch.func support of that form
+        # needs and this path does not (torch.func runs the reference).
+        methods = dict(forward=staticmethod(forward), backward=staticmethod(backward))
+        self.function = type(name.split("::")[-1], (torch.autograd.Function,), methods)
+
+    def register_fake(self, fn: Callable) -> Callable:
+        return self.custom_op.register_fake(fn)
+
+    def __call__(self, *args, **kwargs):
+        args = _positional(self.parameters, args, kwargs)
+        if traced(*args):
+            return self.custom_op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return self.function.apply(*args)
+        return self.impl(*args)
+
+
+class TritonBackwardOp:
+    """A backward custom op (no autograd of its own), callable as `op(*args)` the same two ways as `TritonOp`."""
+
+    def __init__(self, name: str, impl: Callable):
+        self.impl, self.parameters = impl, list(inspect.signature(impl).parameters)
+        self.custom_op = torch.library.custom_op(name, impl, mutates_args=())
+
+    def register_fake(self, fn: Callable) -> Callable:
+        return self.custom_op.register_fake(fn)
+
+    def __call__(self, *args, **kwargs):
+        args = _positional(self.parameters, args, kwargs)
+        return self.custom_op(*args) if traced(*args) else self.impl(*args)
+
+
+def _positional(parameters: list, args: tuple, kwargs: dict) -> tuple:
+    """args + kwargs as positional arguments of an implementation whose every parameter is given (an
+    autograd.Function takes positional arguments only)."""
+    return args + tuple(kwargs[name] for name in parameters[len(args) :]) if kwargs else args
 
 
 def checks_enabled() -> bool:
@@ -189,6 +261,18 @@ def math_dtype(*tensors: Tensor | None) -> torch.dtype:
         if t is not None and t.dtype == torch.float64:
             return torch.float64
     return torch.float32
+
+
+def as_output(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t` in `dtype`, as a CPU implementation's autograd.Function returns it from its forward.
+
+    Eager, `t` itself when it has that dtype. While torch.compile traces, a copy: an output that an op returned as
+    an alias (an in-place op's result, or a `.to` that changes nothing) makes torch 2.11's Dynamo drop the
+    Function's backward (its inputs get zero gradients); the compiler fuses the copy away.
+    """
+    if t.dtype != dtype:
+        return t.to(dtype)
+    return t.clone() if torch.compiler.is_compiling() else t
 
 
 def differentiable_backward(

@@ -40,6 +40,8 @@ from torch import Tensor
 
 from .. import reference
 from ._dispatch import (
+    TritonBackwardOp,
+    TritonOp,
     as_rows,
     backend,
     check_float_tensor,
@@ -196,8 +198,7 @@ def linear_cross_entropy(
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastcenter::cross_entropy_fwd", mutates_args=())
-def _cross_entropy_fwd(
+def _cross_entropy_fwd_impl(
     logits: Tensor,
     target: Tensor,
     reduction: str,
@@ -223,15 +224,7 @@ def _cross_entropy_fwd(
     )
 
 
-@_cross_entropy_fwd.register_fake
-def _(logits, target, reduction, ignore_index, label_smoothing, z_loss, softcap):
-    n_rows = logits.shape[0]
-    loss = logits.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
-    return loss, logits.new_empty(n_rows, dtype=torch.float32)
-
-
-@torch.library.custom_op("fastcenter::cross_entropy_bwd", mutates_args=())
-def _cross_entropy_bwd(
+def _cross_entropy_bwd_impl(
     grad_loss: Tensor,
     logits: Tensor,
     target: Tensor,
@@ -256,6 +249,9 @@ def _cross_entropy_bwd(
         z_loss=z_loss,
         softcap=softcap,
     )
+
+
+_cross_entropy_bwd = TritonBackwardOp("fastcenter::cross_entropy_bwd", _cross_entropy_bwd_impl)
 
 
 @_cross_entropy_bwd.register_fake
@@ -283,11 +279,22 @@ def _cross_entropy_backward(ctx, grad_loss, grad_lse):
     return (grad_logits,) + (None,) * 6
 
 
-_cross_entropy_fwd.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup_context)
+_cross_entropy_fwd = TritonOp(
+    "fastcenter::cross_entropy_fwd",
+    _cross_entropy_fwd_impl,
+    setup_context=_cross_entropy_setup_context,
+    backward=_cross_entropy_backward,
+)
 
 
-@torch.library.custom_op("fastcenter::linear_cross_entropy_fwd", mutates_args=())
-def _linear_cross_entropy_fwd(
+@_cross_entropy_fwd.register_fake
+def _(logits, target, reduction, ignore_index, label_smoothing, z_loss, softcap):
+    n_rows = logits.shape[0]
+    loss = logits.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty(n_rows, dtype=torch.float32)
+
+
+def _linear_cross_entropy_fwd_impl(
     input: Tensor,
     linear_weight: Tensor,
     linear_bias: Optional[Tensor],
@@ -328,35 +335,7 @@ def _linear_cross_entropy_fwd(
         )
 
 
-@_linear_cross_entropy_fwd.register_fake
-def _(
-    input,
-    linear_weight,
-    linear_bias,
-    target,
-    reduction,
-    ignore_index,
-    label_smoothing,
-    z_loss,
-    softcap,
-    chunk_size,
-    need_grad_input,
-    need_grad_weight,
-    need_grad_bias,
-):
-    (n_rows, dim), vocab = input.shape, linear_weight.shape[0]
-    grads_now = reduction != "none"
-    float32 = dict(dtype=torch.float32)
-    loss = input.new_empty((n_rows,) if reduction == "none" else (), **float32)
-    lse = input.new_empty(n_rows, **float32)
-    grad_input = input.new_empty((n_rows, dim) if grads_now and need_grad_input else 0)
-    grad_weight = input.new_empty((vocab, dim) if grads_now and need_grad_weight else 0, **float32)
-    grad_bias = input.new_empty(vocab if grads_now and need_grad_bias else 0, **float32)
-    return loss, lse, grad_input, grad_weight, grad_bias
-
-
-@torch.library.custom_op("fastcenter::linear_cross_entropy_bwd", mutates_args=())
-def _linear_cross_entropy_bwd(
+def _linear_cross_entropy_bwd_impl(
     grad_loss: Tensor,
     input: Tensor,
     linear_weight: Tensor,
@@ -396,6 +375,9 @@ def _linear_cross_entropy_bwd(
             need_grad_weight=need_grad_weight,
             need_grad_bias=need_grad_bias,
         )
+
+
+_linear_cross_entropy_bwd = TritonBackwardOp("fastcenter::linear_cross_entropy_bwd", _linear_cross_entropy_bwd_impl)
 
 
 @_linear_cross_entropy_bwd.register_fake
@@ -486,9 +468,39 @@ def _linear_cross_entropy_backward(ctx, grad_loss, grad_lse, grad_grad_input, gr
     ) + no_grads[3:]
 
 
-_linear_cross_entropy_fwd.register_autograd(
-    _linear_cross_entropy_backward, setup_context=_linear_cross_entropy_setup_context
+_linear_cross_entropy_fwd = TritonOp(
+    "fastcenter::linear_cross_entropy_fwd",
+    _linear_cross_entropy_fwd_impl,
+    setup_context=_linear_cross_entropy_setup_context,
+    backward=_linear_cross_entropy_backward,
 )
+
+
+@_linear_cross_entropy_fwd.register_fake
+def _(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_size,
+    need_grad_input,
+    need_grad_weight,
+    need_grad_bias,
+):
+    (n_rows, dim), vocab = input.shape, linear_weight.shape[0]
+    grads_now = reduction != "none"
+    float32 = dict(dtype=torch.float32)
+    loss = input.new_empty((n_rows,) if reduction == "none" else (), **float32)
+    lse = input.new_empty(n_rows, **float32)
+    grad_input = input.new_empty((n_rows, dim) if grads_now and need_grad_input else 0)
+    grad_weight = input.new_empty((vocab, dim) if grads_now and need_grad_weight else 0, **float32)
+    grad_bias = input.new_empty(vocab if grads_now and need_grad_bias else 0, **float32)
+    return loss, lse, grad_input, grad_weight, grad_bias
 
 
 def _triton_linear_cross_entropy(input, linear_weight, target, linear_bias, chunk_size, options) -> Tensor:

@@ -18,6 +18,10 @@ from torch import Tensor
 
 from .. import reference
 from ._dispatch import (
+    FLOAT_DTYPES,
+    TritonBackwardOp,
+    TritonOp,
+    as_output,
     as_rows,
     backend,
     check_eps,
@@ -31,9 +35,20 @@ from ._dispatch import (
 MAX_FUSED_NORM_DIM = 16384
 
 
-def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+def rms_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
     """Drop-in for `torch.nn.functional.rms_norm`. The Triton kernel normalises over the last dim only; other
-    shapes take the CPU implementation on CPU tensors and the reference elsewhere."""
+    shapes take the CPU implementation on CPU tensors and the reference elsewhere.
+
+    `out_dtype` (default: the input's dtype) is the output's dtype, written straight from the float32 math: e.g.
+    bf16 under autocast for a norm that feeds a linear layer, which would otherwise cast it in a kernel of its own.
+    """
     check_float_tensor("input", input)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
@@ -54,13 +69,14 @@ def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps:
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     check_eps(eps)
+    _check_out_dtype(out_dtype)
     implementation = backend(input, weight)
     fusable = len(normalized_shape) == 1 and normalized_shape[0] <= MAX_FUSED_NORM_DIM and input.numel() > 0
     if implementation == "triton" and fusable:
-        return _triton_norm(input, weight, None, None, eps)[0]
+        return _triton_norm(input, weight, None, None, eps, out_dtype)[0]
     if implementation == "cpu":
-        return cpu_rms_norm(input, normalized_shape, weight, eps)
-    return reference.rms_norm(input, normalized_shape, weight, eps)
+        return cpu_rms_norm(input, normalized_shape, weight, eps, out_dtype=out_dtype)
+    return reference.rms_norm(input, normalized_shape, weight, eps, out_dtype=out_dtype)
 
 
 def center_rms_norm(
@@ -70,12 +86,14 @@ def center_rms_norm(
     center: Tensor | None = None,
     residual: Tensor | None = None,
     eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused (residual add) + centering + RMSNorm over the last dim. Returns (normed, hidden).
 
     hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * weight.
-    `center` broadcasts to `input`: a [D] vector or a per-token tensor. Outputs are in input's dtype; residual,
-    center and weight may be any float dtype (read and computed in float32).
+    `center` broadcasts to `input`: a [D] vector or a per-token tensor. `hidden` is in input's dtype, `normed` in
+    `out_dtype` (default: input's dtype; e.g. bf16 under autocast when it feeds a linear layer, with a float32
+    residual stream); residual, center and weight may be any float dtype (read and computed in float32).
     """
     check_float_tensor("input", input)
     D = input.shape[-1]
@@ -99,12 +117,18 @@ def center_rms_norm(
             )
     check_same_device(input=input, weight=weight, center=center, residual=residual)
     check_eps(eps)
+    _check_out_dtype(out_dtype)
     implementation = backend(input, weight, center, residual)
     if implementation == "triton" and D <= MAX_FUSED_NORM_DIM and input.numel() > 0:
-        return _triton_norm(input, weight, center, residual, eps)
+        return _triton_norm(input, weight, center, residual, eps, out_dtype)
     if implementation == "cpu":
-        return cpu_center_rms_norm(input, weight, center=center, residual=residual, eps=eps)
-    return reference.center_rms_norm(input, weight, center=center, residual=residual, eps=eps)
+        return cpu_center_rms_norm(input, weight, center=center, residual=residual, eps=eps, out_dtype=out_dtype)
+    return reference.center_rms_norm(input, weight, center=center, residual=residual, eps=eps, out_dtype=out_dtype)
+
+
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {out_dtype!r}")
 
 
 def _check_norm_weight(weight, width: int) -> None:
@@ -116,36 +140,35 @@ def _check_norm_weight(weight, width: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Triton: the custom ops around kernels/norm.py
+# Triton: the custom ops around kernels/norm.py (called as _dispatch.TritonOp describes)
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastcenter::norm_fwd", mutates_args=())
-def _norm_fwd(
+def _norm_fwd_impl(
     x: Tensor,
     weight: Optional[Tensor],
     center: Optional[Tensor],
     residual: Optional[Tensor],
     eps: float,
+    out_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x, residual: [N, D]; center: [D] or an [N, D] (possibly stride-0) view. Returns (normed, hidden, rstd).
+    """x, residual: [..., D] of one shape; center: a [D] vector or a tensor that broadcasts to x. Returns (normed in
+    out_dtype or x's dtype, hidden, both contiguous in x's shape; rstd [rows]).
 
-    `hidden` is empty when there is neither residual nor center (it would equal x).
+    `hidden` is empty when there is neither residual nor center (it would equal x). The rows are formed here, not
+    by the caller: views made outside would each be an autograd node, twice the host cost of this call's own.
     """
     from ..kernels import norm
 
-    return norm.norm_forward(x, weight, center, residual, eps)
+    D = x.shape[-1]
+    if center is not None and center.dim() > 1:  # per token or broadcast: a stride-0 view where it can be
+        center = center.expand(x.shape).reshape(-1, D)
+    r2d = None if residual is None else as_rows(residual, D)
+    normed, hidden, rstd = norm.norm_forward(as_rows(x, D), weight, center, r2d, eps, out_dtype)
+    return normed.view(x.shape), hidden.view(x.shape) if hidden.numel() else hidden, rstd
 
 
-@_norm_fwd.register_fake
-def _(x, weight, center, residual, eps):
-    store_hidden = center is not None or residual is not None
-    hidden = torch.empty_like(x) if store_hidden else x.new_empty(0)
-    return torch.empty_like(x), hidden, x.new_empty(x.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("fastcenter::norm_bwd", mutates_args=())
-def _norm_bwd(
+def _norm_bwd_impl(
     grad_normed: Tensor,
     grad_hidden: Optional[Tensor],
     hidden: Tensor,
@@ -154,14 +177,24 @@ def _norm_bwd(
     center_is_vector: bool,
     residual_grad_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (grad of hidden in total, grad of weight, float32 grad of a [D] centre = -column sums, and, when
-    residual_grad_dtype is given, the residual's gradient: the same values in a tensor of its own, in that dtype).
+    """grad_normed, grad_hidden, hidden: [..., D] of one shape. Returns (grad of hidden in total, grad of weight,
+    float32 grad of a [D] centre = -column sums, and, when residual_grad_dtype is given, the residual's gradient:
+    the same values in a tensor of its own, in that dtype), the first and the last in hidden's shape.
 
     Custom ops cannot return None: an absent weight, centre or residual gradient gives an empty tensor in its place.
     """
     from ..kernels import norm
 
-    return norm.norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual_grad_dtype)
+    D, shape = hidden.shape[-1], hidden.shape
+    grad_hidden = None if grad_hidden is None else as_rows(grad_hidden, D)
+    grad_h, grad_weight, grad_center, grad_residual = norm.norm_backward(
+        as_rows(grad_normed, D), grad_hidden, as_rows(hidden, D), weight, rstd, center_is_vector, residual_grad_dtype
+    )
+    grad_residual = grad_residual if residual_grad_dtype is None else grad_residual.view(shape)
+    return grad_h.view(shape), grad_weight, grad_center, grad_residual
+
+
+_norm_bwd = TritonBackwardOp("fastcenter::norm_bwd", _norm_bwd_impl)
 
 
 @_norm_bwd.register_fake
@@ -173,17 +206,18 @@ def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual
         grad_residual = hidden.new_empty(0)
     else:
         grad_residual = hidden.new_empty(hidden.shape, dtype=residual_grad_dtype)
-    return torch.empty_like(hidden), grad_weight, grad_center, grad_residual
+    return hidden.new_empty(hidden.shape), grad_weight, grad_center, grad_residual
 
 
 def _triton_setup_context(ctx, inputs, output):
-    x, weight, center, residual, eps = inputs
+    x, weight, center, residual, eps, out_dtype = inputs
     normed, hidden, rstd = output
     stored = hidden if hidden.numel() > 0 else x  # without residual/centre, hidden is x itself
     ctx.save_for_backward(stored, weight, rstd)
-    ctx.eps = eps
+    ctx.eps, ctx.out_dtype = eps, out_dtype
     ctx.center_is_vector = center is not None and center.dim() == 1
     ctx.center_dtype = None if center is None else center.dtype
+    ctx.center_shape = None if center is None else center.shape
     ctx.residual_dtype = None if residual is None else residual.dtype
     # Unused outputs (often `hidden`) then arrive as None instead of a tensor of zeros to add.
     ctx.set_materialize_grads(False)
@@ -191,7 +225,7 @@ def _triton_setup_context(ctx, inputs, output):
 
 def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
     hidden, weight, rstd = ctx.saved_tensors
-    need_input, _, _, need_residual, _ = ctx.needs_input_grad
+    need_input, _, _, need_residual = ctx.needs_input_grad[:4]
     if grad_hidden is not None and grad_hidden.numel() == 0:
         grad_hidden = None
     # input and residual have the same gradient, but each gets a tensor of its own: autograd may keep a gradient
@@ -201,7 +235,9 @@ def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
     if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate again
         # `hidden` is this op's own output where one was stored, so terms through it come back here as grad_hidden.
         grad_h, grad_weight = differentiable_backward(
-            lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps), [hidden, weight], [grad_normed, grad_hidden]
+            lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps, out_dtype=ctx.out_dtype),
+            [hidden, weight],
+            [grad_normed, grad_hidden],
         )
         grad_center_vec = None if grad_h is None or not ctx.center_is_vector else -grad_h.sum(0, dtype=torch.float32)
         grad_residual = grad_h.clone() if own_residual_grad and grad_h is not None else grad_h
@@ -216,33 +252,34 @@ def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
             grad_residual = grad_h
     grad_center = None
     if ctx.center_dtype is not None and grad_h is not None:
-        grad_center = grad_center_vec if ctx.center_is_vector else -grad_h
+        grad_center = grad_center_vec if ctx.center_is_vector else (-grad_h).sum_to_size(ctx.center_shape)
         grad_center = grad_center.to(ctx.center_dtype)
     if ctx.residual_dtype is None:
         grad_residual = None
     if weight is None:
         grad_weight = None
-    return grad_h, grad_weight, grad_center, grad_residual, None
+    return grad_h, grad_weight, grad_center, grad_residual, None, None
 
 
-_norm_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+_norm_fwd = TritonOp(
+    "fastcenter::norm_fwd", _norm_fwd_impl, setup_context=_triton_setup_context, backward=_triton_backward
+)
 
 
-def _triton_norm(input: Tensor, weight, center, residual, eps: float) -> tuple[Tensor, Tensor]:
-    """Reshape to rows, run the custom op, reshape back. Returns (normed, hidden-or-input)."""
+@_norm_fwd.register_fake
+def _(x, weight, center, residual, eps, out_dtype):
+    store_hidden = center is not None or residual is not None
+    hidden = x.new_empty(x.shape) if store_hidden else x.new_empty(0)
+    return x.new_empty(x.shape, dtype=out_dtype), hidden, x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
+
+
+def _triton_norm(input: Tensor, weight, center, residual, eps: float, out_dtype) -> tuple[Tensor, Tensor]:
+    """Run the custom op. Returns (normed, hidden-or-input)."""
     D = input.shape[-1]
-    x2d = as_rows(input, D)
-    r2d = None if residual is None else as_rows(residual, D)
-    c = None
-    if center is not None:
-        if center.dim() >= 1 and center.shape[-1] == D and center.numel() == D:
-            c = center.reshape(D)  # one [D] vector: the kernel reduces its gradient with the weight's
-        else:  # a broadcast or per-token centre: a stride-0 view where it can be, one copy where not
-            c = center.expand(input.shape).reshape(-1, D)
-    normed, hidden, _ = _norm_fwd(x2d, weight, c, r2d, float(eps))
-    normed = normed.view(input.shape)
-    hidden = input if hidden.numel() == 0 else hidden.view(input.shape)
-    return normed, hidden
+    if center is not None and center.dim() > 1 and center.shape[-1] == D and center.numel() == D:
+        center = center.reshape(D)  # one [D] vector: the kernel reduces its gradient with the weight's
+    normed, hidden, _ = _norm_fwd(input, weight, center, residual, float(eps), out_dtype)
+    return normed, input if hidden.numel() == 0 else hidden
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,12 +287,19 @@ def _triton_norm(input: Tensor, weight, center, residual, eps: float) -> tuple[T
 # ---------------------------------------------------------------------------------------------------------
 
 
-def cpu_rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+def cpu_rms_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
     """`torch.nn.functional.rms_norm` (see fastcenter.reference.rms_norm), over any trailing dims."""
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
-    return _CPURMSNorm.apply(input, weight, dims, float(eps))
+    return _CPURMSNorm.apply(input, weight, dims, float(eps), out_dtype or input.dtype)
 
 
 def cpu_center_rms_norm(
@@ -265,11 +309,13 @@ def cpu_center_rms_norm(
     center: Tensor | None = None,
     residual: Tensor | None = None,
     eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(normed, hidden), hidden = input (+ residual) (- center) (see fastcenter.reference.center_rms_norm)."""
+    out_dtype = out_dtype or input.dtype
     if residual is None and center is None:  # hidden is the input itself: returned as it is (as the reference)
-        return _CPURMSNorm.apply(input, weight, (-1,), float(eps)), input
-    return _CPUCenterRMSNorm.apply(input, weight, center, residual, float(eps))
+        return _CPURMSNorm.apply(input, weight, (-1,), float(eps), out_dtype), input
+    return _CPUCenterRMSNorm.apply(input, weight, center, residual, float(eps), out_dtype)
 
 
 def _rstd(h: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
@@ -301,16 +347,17 @@ def _normalize_backward(grad_out: Tensor, h: Tensor, weight: Tensor | None, dims
 
 
 class _CPURMSNorm(torch.autograd.Function):
-    """y = x * rsqrt(mean(x**2) + eps) * weight over the trailing `len(dims)` dims; saves x and weight."""
+    """y = x * rsqrt(mean(x**2) + eps) * weight over the trailing `len(dims)` dims, in out_dtype; saves x and
+    weight."""
 
     @staticmethod
-    def forward(input, weight, dims, eps):
+    def forward(input, weight, dims, eps, out_dtype):
         dtype = math_dtype(input, weight)
-        return _normalize(input.to(dtype), weight, dims, eps).to(input.dtype)
+        return as_output(_normalize(input.to(dtype), weight, dims, eps), out_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, ctx.dims, ctx.eps = inputs
+        input, weight, ctx.dims, ctx.eps, ctx.out_dtype = inputs
         ctx.save_for_backward(input, weight)
 
     @staticmethod
@@ -319,13 +366,15 @@ class _CPURMSNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate again
             normalized_shape = input.shape[len(input.shape) - len(ctx.dims) :]
             grad_input, grad_weight = differentiable_backward(
-                lambda x, w: reference.rms_norm(x, normalized_shape, w, ctx.eps), [input, weight], [grad_out]
+                lambda x, w: reference.rms_norm(x, normalized_shape, w, ctx.eps, out_dtype=ctx.out_dtype),
+                [input, weight],
+                [grad_out],
             )
-            return grad_input, grad_weight, None, None
+            return grad_input, grad_weight, None, None, None
         dtype = math_dtype(input, weight)
         grad_h, grad_weight = _normalize_backward(grad_out.to(dtype), input.to(dtype), weight, ctx.dims, ctx.eps)
         grad_weight = None if weight is None else grad_weight.to(weight.dtype)
-        return grad_h.to(input.dtype), grad_weight, None, None
+        return grad_h.to(input.dtype), grad_weight, None, None, None
 
 
 class _CPUCenterRMSNorm(torch.autograd.Function):
@@ -335,7 +384,7 @@ class _CPUCenterRMSNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(input, weight, center, residual, eps):
+    def forward(input, weight, center, residual, eps, out_dtype):
         dtype = math_dtype(input, weight, center, residual)
         hidden = input.to(dtype)
         if residual is not None:
@@ -343,11 +392,11 @@ class _CPUCenterRMSNorm(torch.autograd.Function):
         if center is not None:
             hidden = hidden - center.to(dtype)
         normed = _normalize(hidden, weight, (-1,), eps)
-        return normed.to(input.dtype), hidden.to(input.dtype)
+        return as_output(normed, out_dtype), as_output(hidden, input.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, center, residual, ctx.eps = inputs
+        input, weight, center, residual, ctx.eps, ctx.out_dtype = inputs
         ctx.save_for_backward(output[1], weight)
         ctx.center_shape = None if center is None else center.shape
         ctx.dtypes = tuple([None if t is None else t.dtype for t in (input, center, residual)])
@@ -360,7 +409,9 @@ class _CPUCenterRMSNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference; terms through the saved
             # `hidden` (this op's own output) come back to this node as grad_hidden.
             grad_h, grad_weight = differentiable_backward(
-                lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps), [hidden, weight], [grad_normed, grad_hidden]
+                lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps, out_dtype=ctx.out_dtype),
+                [hidden, weight],
+                [grad_normed, grad_hidden],
             )
             if grad_h is None:
                 grad_h = grad_hidden
@@ -374,11 +425,11 @@ class _CPUCenterRMSNorm(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_h = grad_hidden.to(dtype) if grad_h is None else grad_h.add_(grad_hidden)
         if grad_h is None:  # neither output reached the loss
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         grad_center = None if center_dtype is None else (-grad_h).sum_to_size(ctx.center_shape).to(center_dtype)
         grad_input = grad_h.to(input_dtype) if ctx.needs_input_grad[0] else None
         grad_residual = None if residual_dtype is None else grad_h.to(residual_dtype)
         if grad_residual is grad_input and grad_input is not None:
             # One gradient for two inputs: each gets a tensor of its own (see _triton_backward).
             grad_residual = grad_residual.clone()
-        return grad_input, grad_weight, grad_center, grad_residual, None
+        return grad_input, grad_weight, grad_center, grad_residual, None, None

@@ -12,7 +12,16 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._dispatch import backend, check_float_tensor, check_same_device, is_int, is_real, math_dtype
+from ._dispatch import (
+    TritonOp,
+    as_output,
+    backend,
+    check_float_tensor,
+    check_same_device,
+    is_int,
+    is_real,
+    math_dtype,
+)
 
 
 def rope_cache(seq_len: int, head_dim: int, base: float = 10000.0, device=None) -> tuple[Tensor, Tensor]:
@@ -84,8 +93,7 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = 
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastcenter::rope_rotate", mutates_args=())
-def _rope_rotate(
+def _rope_rotate_impl(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: bool
 ) -> tuple[Tensor, Tensor]:
     """q [B, T, Hq, Dh], k [B, T, Hk, Dh] (any strides) rotated by cos/sin [>= T, Dh/2], or by the negative
@@ -93,11 +101,6 @@ def _rope_rotate(
     from ..kernels import rope as rope_kernels
 
     return rope_kernels.rope_rotate(q, k, cos, sin, interleaved, inverse)
-
-
-@_rope_rotate.register_fake
-def _(q, k, cos, sin, interleaved, inverse):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _rope_setup_context(ctx, inputs, output):
@@ -113,7 +116,14 @@ def _rope_backward(ctx, grad_q_out, grad_k_out):
     return grad_q, grad_k, None, None, None, None
 
 
-_rope_rotate.register_autograd(_rope_backward, setup_context=_rope_setup_context)
+_rope_rotate = TritonOp(
+    "fastcenter::rope_rotate", _rope_rotate_impl, setup_context=_rope_setup_context, backward=_rope_backward
+)
+
+
+@_rope_rotate.register_fake
+def _(q, k, cos, sin, interleaved, inverse):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,7 +162,9 @@ class _CPURope(torch.autograd.Function):
         dtype = math_dtype(q, k)
         T = q.shape[1]
         cos, sin = cos[:T].to(dtype), sin[:T].to(dtype)
-        return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+        return as_output(_rotate(q, cos, sin, interleaved), q.dtype), as_output(
+            _rotate(k, cos, sin, interleaved), k.dtype
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):

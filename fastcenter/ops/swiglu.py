@@ -14,6 +14,9 @@ from torch import Tensor
 
 from .. import reference
 from ._dispatch import (
+    TritonBackwardOp,
+    TritonOp,
+    as_output,
     as_rows,
     backend,
     check_float_tensor,
@@ -62,26 +65,21 @@ def swiglu(gate: Tensor, up: Tensor | None = None) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastcenter::swiglu_fwd", mutates_args=())
-def _swiglu_fwd(gate: Tensor, up: Optional[Tensor]) -> Tensor:
+def _swiglu_fwd_impl(gate: Tensor, up: Optional[Tensor]) -> Tensor:
     """gate, up: [N, H] rows with unit column stride; with up None, gate is the packed [N, 2H]. Returns [N, H]."""
     from ..kernels import swiglu as swiglu_kernels
 
     return swiglu_kernels.swiglu_forward(gate, up)
 
 
-@_swiglu_fwd.register_fake
-def _(gate, up):
-    width = gate.shape[1] if up is not None else gate.shape[1] // 2
-    return gate.new_empty(gate.shape[0], width)
-
-
-@torch.library.custom_op("fastcenter::swiglu_bwd", mutates_args=())
-def _swiglu_bwd(grad_out: Tensor, gate: Tensor, up: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _swiglu_bwd_impl(grad_out: Tensor, gate: Tensor, up: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(grad of gate, grad of up); for the packed form (grad of the [N, 2H] input, empty tensor)."""
     from ..kernels import swiglu as swiglu_kernels
 
     return swiglu_kernels.swiglu_backward(grad_out, gate, up)
+
+
+_swiglu_bwd = TritonBackwardOp("fastcenter::swiglu_bwd", _swiglu_bwd_impl)
 
 
 @_swiglu_bwd.register_fake
@@ -105,7 +103,15 @@ def _swiglu_backward(ctx, grad_out):
     return grad_gate, (None if up is None else grad_up)
 
 
-_swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
+_swiglu_fwd = TritonOp(
+    "fastcenter::swiglu_fwd", _swiglu_fwd_impl, setup_context=_swiglu_setup_context, backward=_swiglu_backward
+)
+
+
+@_swiglu_fwd.register_fake
+def _(gate, up):
+    width = gate.shape[1] if up is not None else gate.shape[1] // 2
+    return gate.new_empty(gate.shape[0], width)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,7 +135,7 @@ class _CPUSwiGLU(torch.autograd.Function):
     def forward(gate, up):
         g, u = _split(gate, up)
         dtype = math_dtype(g, u)
-        return torch.nn.functional.silu(g.to(dtype)).mul_(u).to(gate.dtype)
+        return as_output(torch.nn.functional.silu(g.to(dtype)).mul_(u), gate.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
