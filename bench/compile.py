@@ -382,14 +382,14 @@ def _swiglu_plans() -> list[Plan]:
 
     plans = []
 
-    def add(label, n, h, dtype, *, packed, ci=False):
+    def add(label, n, h, dtype, *, packed, activation="silu", ci=False):
         def launch():
             if packed:
                 gate, up = _meta(n, 2 * h, dtype=dtype), None
             else:
                 gate, up = _meta(n, h, dtype=dtype), _meta(n, h, dtype=dtype)
-            out = swiglu.swiglu_forward(gate, up)
-            swiglu.swiglu_backward(torch.empty_like(out), gate, up)
+            out = swiglu.swiglu_forward(gate, up, activation)
+            swiglu.swiglu_backward(torch.empty_like(out), gate, up, activation)
 
         plans.append(Plan(label, launch, ci))
 
@@ -398,6 +398,12 @@ def _swiglu_plans() -> list[Plan]:
         add(f"swiglu {name} default packed", DEFAULT["tokens"], DEFAULT["hidden"], dtype, packed=True)
         add(f"swiglu {name} 65536x4096 packed", 65536, 4096, dtype, packed=True, ci=name == "fp32")
         add(f"swiglu {name} 8192x1000 two tensors", 8192, 1000, dtype, packed=False)
+        # GeGLU: the same kernels with the GELU activations (tanh: Gemma's gate and up projections, two tensors)
+        for activation in ("gelu_tanh", "gelu"):
+            add(f"geglu {activation} {name} 8192x1000 two tensors", 8192, 1000, dtype, packed=False,
+                activation=activation)  # fmt: skip
+            add(f"geglu {activation} {name} 65536x4096 packed", 65536, 4096, dtype, packed=True,
+                activation=activation, ci=name == "fp32")  # fmt: skip
     return plans
 
 

@@ -95,6 +95,14 @@ def swiglu(gate: Tensor, up: Tensor | None = None) -> Tensor:
     return (F.silu(_f32(gate)) * _f32(up)).to(gate.dtype)
 
 
+def geglu(gate: Tensor, up: Tensor | None = None, *, approximate: str = "none") -> Tensor:
+    """gelu(gate, approximate=approximate) * up ("none": erf GELU, "tanh": its tanh approximation); with up=None,
+    `gate` is the packed [..., 2H] tensor [gate | up]."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return (F.gelu(_f32(gate), approximate=approximate) * _f32(up)).to(gate.dtype)
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,

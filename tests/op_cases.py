@@ -78,6 +78,12 @@ OPS = {
         Op("swiglu", [Arg("gate", (3, 4, 24)), Arg("up", (3, 4, 24))], lambda m, gate, up: (m.swiglu(gate, up),)),
         Op("swiglu_packed", [Arg("packed", (3, 4, 48))], lambda m, packed: (m.swiglu(packed),)),
         Op(
+            "geglu",
+            [Arg("gate", (3, 4, 24)), Arg("up", (3, 4, 24))],
+            lambda m, gate, up: (m.geglu(gate, up, approximate="tanh"),),
+        ),
+        Op("geglu_packed", [Arg("packed", (3, 4, 48))], lambda m, packed: (m.geglu(packed),)),
+        Op(
             "cross_entropy",
             [Arg("input", (7, V)), Arg("target", (7,), "target")],
             lambda m, input, target: (m.cross_entropy(input, target, reduction="none", label_smoothing=0.1),),

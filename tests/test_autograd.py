@@ -92,6 +92,8 @@ REQUIRES_GRAD_CASES = [
         "rope",
         "swiglu",
         "swiglu_packed",
+        "geglu",
+        "geglu_packed",
         "cross_entropy",
         "linear_cross_entropy",
         "linear_cross_entropy_none",
@@ -300,7 +302,7 @@ def _every_op(x, w, r, qk, packed, head, target):
     normed = ops.rms_norm(normed + hidden, (Dm,), w)
     cos, sin = ops.rope_cache(T, 8, device=x.device)
     q, k = ops.rope(qk[..., :2, :], qk[..., 2:, :], cos, sin)
-    a = ops.swiglu(packed)
+    a = ops.swiglu(packed) + ops.geglu(packed, approximate="tanh")
     logits = normed.reshape(B * T, Dm) @ head.T
     ce = ops.cross_entropy(logits, target.reshape(-1), label_smoothing=0.1)
     lce = ops.linear_cross_entropy(normed, head, target, chunk_size=4, z_loss=1e-3)
@@ -352,6 +354,7 @@ class _FastcenterOps(TorchDispatchMode):
     [
         ("center_rms_norm", "norm_bwd"),
         ("swiglu_packed", "swiglu_bwd"),
+        ("geglu", "swiglu_bwd"),
         ("cross_entropy", "cross_entropy_bwd"),
         ("linear_cross_entropy_none", "linear_cross_entropy_bwd"),
         ("rope", "rope_rotate"),
@@ -465,6 +468,8 @@ CPU_CASES = {
     ),
     "swiglu": (swiglu_ops.cpu_swiglu, lambda: [_double(3, 8)]),
     "swiglu_two_inputs": (swiglu_ops.cpu_swiglu, lambda: [_double(3, 4), _double(3, 4)]),
+    "geglu_tanh": (lambda x: swiglu_ops.cpu_geglu(x, approximate="tanh"), lambda: [_double(3, 8)]),
+    "geglu_two_inputs": (swiglu_ops.cpu_geglu, lambda: [_double(3, 4), _double(3, 4)]),
     "cross_entropy": (
         lambda z: ce_ops.cpu_cross_entropy(
             z, torch.tensor([0, 4, -100, 2]), label_smoothing=0.1, z_loss=0.01, softcap=3.0
