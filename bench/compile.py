@@ -318,16 +318,17 @@ def _norm_plans() -> list[Plan]:
 
     plans = []
 
-    def add(label, n, d, x_dtype, other_dtype, *, residual, center, weight, ci=False):
+    def add(label, n, d, x_dtype, other_dtype, *, residual, center, weight, weight_offset=0.0, ci=False):
         def launch():
             x = _meta(n, d, dtype=x_dtype)
             r = _meta(n, d, dtype=other_dtype) if residual else None
             c = {"none": None, "vector": _meta(d, dtype=other_dtype), "token": _meta(n, d, dtype=other_dtype)}[center]
             w = _meta(d, dtype=other_dtype) if weight else None
-            normed, hidden, rstd = norm.norm_forward(x, w, c, r, 1e-6)
+            normed, hidden, rstd = norm.norm_forward(x, w, c, r, 1e-6, weight_offset)
             stored = hidden if hidden.numel() else x
             grad_hidden = torch.empty_like(x) if (residual or center != "none") else None
-            norm.norm_backward(torch.empty_like(x), grad_hidden, stored, w, rstd, center == "vector")
+            grad_normed = torch.empty_like(x)
+            norm.norm_backward(grad_normed, grad_hidden, stored, w, rstd, center == "vector", None, weight_offset)
 
         plans.append(Plan(label, launch, ci))
 
@@ -347,6 +348,11 @@ def _norm_plans() -> list[Plan]:
             add(f"center_rms_norm {name} D={width} per-token centre", rows, width, dtype, dtype, residual=True,
                 center="token", weight=True)  # fmt: skip
         add(f"rms_norm {name} D=256 no weight", n, 256, dtype, dtype, residual=False, center="none", weight=False)
+        # Gemma's (1 + weight): Gemma 2 2B's width, and the widest row with every flag (the split backward)
+        add(f"rms_norm {name} D=2304 weight offset", n, 2304, dtype, dtype, residual=False, center="none",
+            weight=True, weight_offset=1.0)  # fmt: skip
+        add(f"center_rms_norm {name} D={MAX_FUSED_NORM_DIM} residual+centre, weight offset", 512, MAX_FUSED_NORM_DIM,
+            dtype, dtype, residual=True, center="vector", weight=True, weight_offset=1.0, ci=name == "bf16")  # fmt: skip
     return plans
 
 

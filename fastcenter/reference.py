@@ -22,15 +22,18 @@ def _f32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
-    """`torch.nn.functional.rms_norm`: x / sqrt(mean(x**2) + eps) * weight over the trailing `normalized_shape`."""
+def rms_norm(
+    input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None, *, weight_offset=0.0
+) -> Tensor:
+    """`torch.nn.functional.rms_norm`: x / sqrt(mean(x**2) + eps) * weight over the trailing `normalized_shape`;
+    with a weight_offset, * (weight + weight_offset) (Gemma's RMSNorm: 1.0)."""
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
     x = _f32(input)
     y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
     if weight is not None:
-        y = y * _f32(weight)
+        y = y * (_f32(weight) + weight_offset)
     return y.to(input.dtype)
 
 
@@ -41,8 +44,10 @@ def center_rms_norm(
     center: Tensor | None = None,
     residual: Tensor | None = None,
     eps: float = 1e-6,
+    weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * weight.
+    """hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * (weight +
+    weight_offset).
 
     Returns (normed, hidden), both in the input's dtype; `hidden` is the new residual stream.
     """
@@ -53,7 +58,7 @@ def center_rms_norm(
         hidden = hidden - _f32(center)
     normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        normed = normed * _f32(weight)
+        normed = normed * (_f32(weight) + weight_offset)
     return normed.to(input.dtype), hidden.to(input.dtype)
 
 

@@ -68,6 +68,18 @@ OPS = {
                 input, weight, center=center, residual=residual, eps=1e-5
             ),
         ),
+        Op(  # Gemma's RMSNorm: * (1 + weight)
+            "rms_norm_offset",
+            [Arg("input", (2, 3, D)), Arg("weight", (D,))],
+            lambda m, input, weight: (m.rms_norm(input, (D,), weight, 1e-5, weight_offset=1.0),),
+        ),
+        Op(
+            "center_rms_norm_offset",
+            [Arg("input", (2, 3, D)), Arg("weight", (D,)), Arg("center", (D,)), Arg("residual", (2, 3, D))],
+            lambda m, input, weight, center, residual: m.center_rms_norm(
+                input, weight, center=center, residual=residual, eps=1e-5, weight_offset=1.0
+            ),
+        ),
         Op(
             "center_rms_norm_per_token_center",
             [Arg("input", (2, 3, D)), Arg("weight", (D,)), Arg("center", (2, 3, D))],

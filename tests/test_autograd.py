@@ -87,7 +87,9 @@ REQUIRES_GRAD_CASES = [
     pytest.param(name, subset, id=f"{name}-{'+'.join(subset) or 'nothing'}")
     for name in (
         "rms_norm",
+        "rms_norm_offset",
         "center_rms_norm",
+        "center_rms_norm_offset",
         "center_rms_norm_per_token_center",
         "rope",
         "swiglu",
@@ -299,7 +301,7 @@ def _every_op(x, w, r, qk, packed, head, target):
     """A small model-shaped function calling every public op once."""
     B, T, Dm = x.shape
     normed, hidden = ops.center_rms_norm(x, w, residual=r, center=w * 0.1)
-    normed = ops.rms_norm(normed + hidden, (Dm,), w)
+    normed = ops.rms_norm(normed + hidden, (Dm,), w, weight_offset=1.0)
     cos, sin = ops.rope_cache(T, 8, device=x.device)
     q, k = ops.rope(qk[..., :2, :], qk[..., 2:, :], cos, sin)
     a = ops.swiglu(packed) + ops.geglu(packed, approximate="tanh")
@@ -353,6 +355,7 @@ class _FastcenterOps(TorchDispatchMode):
     "op_name, backward_op",
     [
         ("center_rms_norm", "norm_bwd"),
+        ("center_rms_norm_offset", "norm_bwd"),
         ("swiglu_packed", "swiglu_bwd"),
         ("geglu", "swiglu_bwd"),
         ("cross_entropy", "cross_entropy_bwd"),
@@ -457,6 +460,14 @@ CPU_CASES = {
     "center_rms_norm": (
         lambda x, w, c, r: norm_ops.cpu_center_rms_norm(x, w, center=c, residual=r),
         lambda: [_double(2, 3, 6), _double(6), _double(6), _double(2, 3, 6)],
+    ),
+    "center_rms_norm_offset": (
+        lambda x, w, c, r: norm_ops.cpu_center_rms_norm(x, w, center=c, residual=r, weight_offset=1.0),
+        lambda: [_double(2, 3, 6), _double(6), _double(6), _double(2, 3, 6)],
+    ),
+    "rms_norm_offset": (
+        lambda x, w: norm_ops.cpu_rms_norm(x, (6,), w, 1e-6, weight_offset=1.0),
+        lambda: [_double(3, 6), _double(6)],
     ),
     "center_rms_norm_no_residual": (
         lambda x, w: norm_ops.cpu_center_rms_norm(x, w),

@@ -24,6 +24,7 @@ from ._dispatch import (
     check_float_tensor,
     check_same_device,
     differentiable_backward,
+    is_real,
     math_dtype,
 )
 
@@ -31,9 +32,19 @@ from ._dispatch import (
 MAX_FUSED_NORM_DIM = 16384
 
 
-def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+def rms_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    weight_offset: float = 0.0,
+) -> Tensor:
     """Drop-in for `torch.nn.functional.rms_norm`. The Triton kernel normalises over the last dim only; other
-    shapes take the CPU implementation on CPU tensors and the reference elsewhere."""
+    shapes take the CPU implementation on CPU tensors and the reference elsewhere.
+
+    weight_offset: the output is multiplied by (weight + weight_offset), formed in float32: 1.0 gives Gemma's
+    RMSNorm, x * rsqrt(mean(x**2) + eps) * (1 + weight). It needs a weight."""
     check_float_tensor("input", input)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
@@ -54,13 +65,14 @@ def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps:
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     check_eps(eps)
+    weight_offset = _check_weight_offset(weight_offset, weight)
     implementation = backend(input, weight)
     fusable = len(normalized_shape) == 1 and normalized_shape[0] <= MAX_FUSED_NORM_DIM and input.numel() > 0
     if implementation == "triton" and fusable:
-        return _triton_norm(input, weight, None, None, eps)[0]
+        return _triton_norm(input, weight, None, None, eps, weight_offset)[0]
     if implementation == "cpu":
-        return cpu_rms_norm(input, normalized_shape, weight, eps)
-    return reference.rms_norm(input, normalized_shape, weight, eps)
+        return cpu_rms_norm(input, normalized_shape, weight, eps, weight_offset=weight_offset)
+    return reference.rms_norm(input, normalized_shape, weight, eps, weight_offset=weight_offset)
 
 
 def center_rms_norm(
@@ -70,12 +82,13 @@ def center_rms_norm(
     center: Tensor | None = None,
     residual: Tensor | None = None,
     eps: float = 1e-6,
+    weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Fused (residual add) + centering + RMSNorm over the last dim. Returns (normed, hidden).
 
-    hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * weight.
-    `center` broadcasts to `input`: a [D] vector or a per-token tensor. Outputs are in input's dtype; residual,
-    center and weight may be any float dtype (read and computed in float32).
+    hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * (weight +
+    weight_offset). `center` broadcasts to `input`: a [D] vector or a per-token tensor. Outputs are in input's
+    dtype; residual, center and weight may be any float dtype (read and computed in float32).
     """
     check_float_tensor("input", input)
     D = input.shape[-1]
@@ -99,12 +112,25 @@ def center_rms_norm(
             )
     check_same_device(input=input, weight=weight, center=center, residual=residual)
     check_eps(eps)
+    weight_offset = _check_weight_offset(weight_offset, weight)
     implementation = backend(input, weight, center, residual)
     if implementation == "triton" and D <= MAX_FUSED_NORM_DIM and input.numel() > 0:
-        return _triton_norm(input, weight, center, residual, eps)
+        return _triton_norm(input, weight, center, residual, eps, weight_offset)
     if implementation == "cpu":
-        return cpu_center_rms_norm(input, weight, center=center, residual=residual, eps=eps)
-    return reference.center_rms_norm(input, weight, center=center, residual=residual, eps=eps)
+        return cpu_center_rms_norm(
+            input, weight, center=center, residual=residual, eps=eps, weight_offset=weight_offset
+        )
+    return reference.center_rms_norm(
+        input, weight, center=center, residual=residual, eps=eps, weight_offset=weight_offset
+    )
+
+
+def _check_weight_offset(weight_offset, weight) -> float:
+    if not is_real(weight_offset) or not math.isfinite(weight_offset):
+        raise ValueError(f"weight_offset must be a finite float, got {weight_offset!r}")
+    if weight_offset != 0 and weight is None:
+        raise ValueError("weight_offset multiplies by (weight + weight_offset) and needs a weight, got weight=None")
+    return float(weight_offset)
 
 
 def _check_norm_weight(weight, width: int) -> None:
@@ -127,6 +153,7 @@ def _norm_fwd(
     center: Optional[Tensor],
     residual: Optional[Tensor],
     eps: float,
+    weight_offset: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x, residual: [N, D]; center: [D] or an [N, D] (possibly stride-0) view. Returns (normed, hidden, rstd).
 
@@ -134,11 +161,11 @@ def _norm_fwd(
     """
     from ..kernels import norm
 
-    return norm.norm_forward(x, weight, center, residual, eps)
+    return norm.norm_forward(x, weight, center, residual, eps, weight_offset)
 
 
 @_norm_fwd.register_fake
-def _(x, weight, center, residual, eps):
+def _(x, weight, center, residual, eps, weight_offset):
     store_hidden = center is not None or residual is not None
     hidden = torch.empty_like(x) if store_hidden else x.new_empty(0)
     return torch.empty_like(x), hidden, x.new_empty(x.shape[0], dtype=torch.float32)
@@ -153,6 +180,7 @@ def _norm_bwd(
     rstd: Tensor,
     center_is_vector: bool,
     residual_grad_dtype: Optional[torch.dtype],
+    weight_offset: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad of hidden in total, grad of weight, float32 grad of a [D] centre = -column sums, and, when
     residual_grad_dtype is given, the residual's gradient: the same values in a tensor of its own, in that dtype).
@@ -161,11 +189,13 @@ def _norm_bwd(
     """
     from ..kernels import norm
 
-    return norm.norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual_grad_dtype)
+    return norm.norm_backward(
+        grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual_grad_dtype, weight_offset
+    )
 
 
 @_norm_bwd.register_fake
-def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual_grad_dtype):
+def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual_grad_dtype, weight_offset):
     D = hidden.shape[-1]
     grad_weight = hidden.new_empty(0) if weight is None else torch.empty_like(weight)
     grad_center = hidden.new_empty(D if center_is_vector else 0, dtype=torch.float32)
@@ -177,7 +207,7 @@ def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual
 
 
 def _triton_setup_context(ctx, inputs, output):
-    x, weight, center, residual, eps = inputs
+    x, weight, center, residual, eps, ctx.weight_offset = inputs
     normed, hidden, rstd = output
     stored = hidden if hidden.numel() > 0 else x  # without residual/centre, hidden is x itself
     ctx.save_for_backward(stored, weight, rstd)
@@ -191,7 +221,7 @@ def _triton_setup_context(ctx, inputs, output):
 
 def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
     hidden, weight, rstd = ctx.saved_tensors
-    need_input, _, _, need_residual, _ = ctx.needs_input_grad
+    need_input, _, _, need_residual = ctx.needs_input_grad[:4]
     if grad_hidden is not None and grad_hidden.numel() == 0:
         grad_hidden = None
     # input and residual have the same gradient, but each gets a tensor of its own: autograd may keep a gradient
@@ -201,7 +231,9 @@ def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
     if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate again
         # `hidden` is this op's own output where one was stored, so terms through it come back here as grad_hidden.
         grad_h, grad_weight = differentiable_backward(
-            lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps), [hidden, weight], [grad_normed, grad_hidden]
+            lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps, weight_offset=ctx.weight_offset),
+            [hidden, weight],
+            [grad_normed, grad_hidden],
         )
         grad_center_vec = None if grad_h is None or not ctx.center_is_vector else -grad_h.sum(0, dtype=torch.float32)
         grad_residual = grad_h.clone() if own_residual_grad and grad_h is not None else grad_h
@@ -210,7 +242,7 @@ def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
             grad_normed = torch.zeros_like(hidden)
         residual_grad_dtype = ctx.residual_dtype if own_residual_grad else None
         grad_h, grad_weight, grad_center_vec, grad_residual = _norm_bwd(
-            grad_normed, grad_hidden, hidden, weight, rstd, ctx.center_is_vector, residual_grad_dtype
+            grad_normed, grad_hidden, hidden, weight, rstd, ctx.center_is_vector, residual_grad_dtype, ctx.weight_offset
         )
         if not own_residual_grad:
             grad_residual = grad_h
@@ -222,13 +254,13 @@ def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
         grad_residual = None
     if weight is None:
         grad_weight = None
-    return grad_h, grad_weight, grad_center, grad_residual, None
+    return grad_h, grad_weight, grad_center, grad_residual, None, None
 
 
 _norm_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
-def _triton_norm(input: Tensor, weight, center, residual, eps: float) -> tuple[Tensor, Tensor]:
+def _triton_norm(input: Tensor, weight, center, residual, eps: float, weight_offset: float) -> tuple[Tensor, Tensor]:
     """Reshape to rows, run the custom op, reshape back. Returns (normed, hidden-or-input)."""
     D = input.shape[-1]
     x2d = as_rows(input, D)
@@ -239,7 +271,7 @@ def _triton_norm(input: Tensor, weight, center, residual, eps: float) -> tuple[T
             c = center.reshape(D)  # one [D] vector: the kernel reduces its gradient with the weight's
         else:  # a broadcast or per-token centre: a stride-0 view where it can be, one copy where not
             c = center.expand(input.shape).reshape(-1, D)
-    normed, hidden, _ = _norm_fwd(x2d, weight, c, r2d, float(eps))
+    normed, hidden, _ = _norm_fwd(x2d, weight, c, r2d, float(eps), weight_offset)
     normed = normed.view(input.shape)
     hidden = input if hidden.numel() == 0 else hidden.view(input.shape)
     return normed, hidden
@@ -250,12 +282,14 @@ def _triton_norm(input: Tensor, weight, center, residual, eps: float) -> tuple[T
 # ---------------------------------------------------------------------------------------------------------
 
 
-def cpu_rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+def cpu_rms_norm(
+    input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None, *, weight_offset=0.0
+) -> Tensor:
     """`torch.nn.functional.rms_norm` (see fastcenter.reference.rms_norm), over any trailing dims."""
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
-    return _CPURMSNorm.apply(input, weight, dims, float(eps))
+    return _CPURMSNorm.apply(input, _offset_weight(weight, weight_offset, input), dims, float(eps))
 
 
 def cpu_center_rms_norm(
@@ -265,11 +299,21 @@ def cpu_center_rms_norm(
     center: Tensor | None = None,
     residual: Tensor | None = None,
     eps: float = 1e-6,
+    weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """(normed, hidden), hidden = input (+ residual) (- center) (see fastcenter.reference.center_rms_norm)."""
+    weight = _offset_weight(weight, weight_offset, input)
     if residual is None and center is None:  # hidden is the input itself: returned as it is (as the reference)
         return _CPURMSNorm.apply(input, weight, (-1,), float(eps)), input
     return _CPUCenterRMSNorm.apply(input, weight, center, residual, float(eps))
+
+
+def _offset_weight(weight: Tensor | None, weight_offset: float, input: Tensor) -> Tensor | None:
+    """weight + weight_offset in the math dtype, through autograd (its gradient is the weight's): the CPU
+    implementation's functions then see an ordinary weight."""
+    if weight is None or weight_offset == 0:
+        return weight
+    return weight.to(math_dtype(input, weight)) + weight_offset
 
 
 def _rstd(h: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
