@@ -218,11 +218,9 @@ def _backbone_pre_hook(backbone: nn.Module, args, kwargs) -> None:
 
 def init_weights(model, original, module: nn.Module) -> None:
     """The model's `_init_weights` (transformers calls it for every module whose weights a checkpoint did not
-    provide, and from `init_weights()`), extended to the centering: zero statistics, a zero learnable centre.
-    Tensors transformers marks as loaded are left alone."""
+    provide, and from `init_weights()`), extended to the centering: its `reset_parameters()`, unless
+    transformers marks a tensor of it as loaded from a checkpoint."""
     original(module)
     if isinstance(module, VectorCentering):
-        with torch.no_grad():
-            for tensor in (module.running_mean, module.num_updates, module.center):
-                if tensor is not None and not getattr(tensor, "_is_hf_initialized", False):
-                    tensor.zero_()
+        if not any(getattr(t, "_is_hf_initialized", False) for t in (*module.parameters(), *module.buffers())):
+            module.reset_parameters()
