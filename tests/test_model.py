@@ -406,8 +406,8 @@ def test_simple_centering_zeroes_the_batch_mean_exactly_where_placed(placement, 
     seen = []
     norm, rope, sdpa = reference.center_rms_norm, reference.rope, F.scaled_dot_product_attention
 
-    def record_norm(x, weight, *, center=None, residual=None, eps=1e-6):
-        normed, hidden = norm(x, weight, center=center, residual=residual, eps=eps)
+    def record_norm(x, weight, *, center=None, residual=None, **kw):
+        normed, hidden = norm(x, weight, center=center, residual=residual, **kw)
         if center is not None:
             seen.append(hidden.flatten(0, -2))
         return normed, hidden
