@@ -39,16 +39,20 @@ import time
 import numpy as np
 import torch
 
-from fastcenter import checkpoint, data
+from fastcenter import checkpoint, data, ops
 from fastcenter.config import CPU_COMMAND, UsageError, resolve_configs
 from fastcenter.files import RunDirectory, RunDirectoryError
 from fastcenter.model import GPT
-from fastcenter.training import Dist, NonFiniteLossError, Trainer, check_fits, setup_distributed
+from fastcenter.training import Dist, NonFiniteLossError, Trainer, check_fits, check_split, setup_distributed
 
 
 def main(argv=None) -> dict:
     """Train; returns a summary {"step", "loss", "val_loss", "out_dir", "stopped_by"}."""
     StopSignal.first = None
+    try:  # a mistyped FASTCENTER_BACKEND / FASTCENTER_CHECKS: said before anything else, not at the first op
+        ops.check_environment()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     cfg, model_cfg, ckpt, notes = resolve_configs(argv)
     dist, device = setup_distributed(cfg.device)
     console = Console(active=dist.master)
@@ -59,6 +63,7 @@ def main(argv=None) -> dict:
         run_dir.check()
         refuse_to_overwrite(cfg, run_dir)
         check_fits(model_cfg, device)
+        check_split(cfg, dist)
         # Data first: a corrupt or mismatched file stops the run before anything is built or written.
         corpus = load_data(cfg, model_cfg.vocab_size, dist, console)
         if ckpt is not None:
@@ -99,7 +104,7 @@ def check_same_corpus(ckpt: dict, corpus: data.Corpus, path, console) -> None:
 
 def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, console, corpus: data.Corpus) -> dict:
     if model_cfg.fused and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        console.say("--fused without a GPU: the fused ops run their CPU implementation (fastcenter/cpu.py).")
+        console.say("--fused without a GPU: the fused ops run their CPU implementation (fastcenter/ops/<family>.py).")
 
     # The same seed on every process gives identical initial weights (DDP broadcasts them anyway).
     random.seed(cfg.seed)
@@ -111,7 +116,9 @@ def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, conso
         model = GPT(model_cfg)
     except (RuntimeError, MemoryError) as e:  # check_fits let it through, but this machine has less free now
         raise UsageError(f"the model could not be allocated: {str(e).strip().splitlines()[0]}") from None
-    trainer = Trainer(model, cfg, train_tokens=corpus.train, val_tokens=corpus.val, device=device, dist=dist)
+    trainer = Trainer(
+        model, cfg, train_tokens=corpus.train, val_tokens=corpus.val, device=device, dist=dist, say=console.say
+    )
     if ckpt is not None:
         try:
             trainer.load_state_dict(ckpt)
@@ -130,6 +137,7 @@ def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, conso
         "data": corpus.identity,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world_size": dist.world_size,
+        "micro_batch": trainer.micro_batch,  # what --micro-batch resolved to (auto: measured)
         "autocast_dtype": trainer.precision.name,
         "parameters": model.num_params(),
         "torch": torch.__version__,
@@ -140,8 +148,9 @@ def train(cfg, model_cfg, ckpt, dist: Dist, device, run_dir: RunDirectory, conso
     console.say(
         f"model: {model.num_params():,} parameters, {'fused' if model_cfg.fused else 'reference'} ops, "
         f"center={','.join(model_cfg.center) or 'none'}; data: {corpus.path} ({len(corpus.train):,} train / "
-        f"{len(corpus.val):,} val tokens); {cfg.tokens_per_step:,} tokens per step on {dist.world_size} x "
-        f"{device} ({trainer.precision.name}); out: {run_dir.path}"
+        f"{len(corpus.val):,} val tokens); {cfg.tokens_per_step:,} tokens per step ({trainer.micro_steps} x "
+        f"{trainer.micro_batch} sequences per process) on {dist.world_size} x {device} ({trainer.precision.name}); "
+        f"out: {run_dir.path}"
     )
 
     def save() -> None:

@@ -6,7 +6,8 @@
     test_ops.py          every op, forward and forward+backward, against eager, torch.compile and peers
     test_train_step.py   tokens/s and peak memory of a full training step of the default model
     test_compare_plain.py  the CPU comparison as a case, where there is no GPU
-    compare_plain.py     `python -m bench.compare_plain`: train.py --fused on a CPU against plain_gpt.py
+    compare_plain.py     `python -m bench.compare_plain`: train.py --fused on a CPU against plain_gpt.py; and how
+                         a command runs a child (deadline, log, CPU time, peak RSS) on synthetic token files
     plain_gpt.py         the plain-PyTorch baseline GPT of the same architecture (full logits + F.cross_entropy)
     compile.py           `python -m bench.compile`: every kernel specialisation compiled for sm_80..sm_90, no GPU
     first_contact.py     `python -m bench.first_contact`: the one command for a GPU lease

@@ -36,7 +36,6 @@ from fastcenter.data import GPT2_VOCAB_SIZE as V
 from .measure import dry_run
 
 DIRECTIONS = ("fwd", "fwdbwd")
-PASS_NAMES = {"fwd": "forward", "fwdbwd": "forward+backward"}
 EPS = 1e-6
 RECORD_SCHEMA = "fastcenter-bench/1"
 
@@ -117,9 +116,6 @@ class OpSpec:
             if shape in self.shapes
             else []
         )
-
-    def shape_text(self, dims: dict) -> str:
-        return " x ".join(f"{k}={v}" for k, v in dims.items())
 
 
 def _passes(fwd: int, bwd: int, direction: str) -> int:

@@ -18,7 +18,8 @@ records how much CPU time *other* processes took while it ran, and the speed rat
 / plain of the same round), which cancels slow drifts in the load.
 
 Writes bench/results/cpu-<cpu>-<date>.json and regenerates BENCHMARKS.md. `pytest bench/ --benchmark-only` runs the
-same comparison on a machine without a GPU (bench/test_compare_plain.py, sized by FASTCENTER_BENCH_CPU_*).
+same comparison on a machine without a GPU (bench/test_compare_plain.py, sized by FASTCENTER_BENCH_CPU_*). `run` (one
+child process with a deadline, its log, its CPU time and peak RSS) and `write_tokens` serve bench/first_contact.py too.
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ import datetime
 import json
 import os
 import pathlib
-import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 
@@ -46,10 +46,11 @@ from .report import DEFAULT_SHAPES, describe_settings
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-SCHEMA = "fastcenter-cpu-bench/1"
-SIDES = ("fastcenter", "plain")
-LABELS = {"fastcenter": "train.py --fused (CPU implementation)", "plain": "plain PyTorch GPT (bench/plain_gpt.py)"}
-TARGET_PEAK_RSS_BYTES, TARGET_SPEEDUP = 3e9, 1.1  # the CPU targets, at the default config
+SCHEMA = report.CPU_SCHEMA
+LABELS = report.CPU_LABELS
+SIDES = tuple(LABELS)
+TARGET_PEAK_RSS_BYTES = report.CPU_TARGETS["peak_rss"]["at_most"]  # the CPU targets (bench/targets.json)
+TARGET_SPEEDUP = report.CPU_TARGETS["speedup"]["at_least"]
 
 
 @dataclass(frozen=True)
@@ -124,17 +125,67 @@ def commands(s: Settings, data_dir: pathlib.Path, out_dir: pathlib.Path) -> dict
     }
 
 
-def write_data(data_dir: pathlib.Path, s: Settings, seed: int = 0) -> dict:
-    """train.bin / val.bin of uniform random ids (nanoGPT's raw uint16 format), enough for every window drawn."""
+def write_tokens(data_dir: pathlib.Path, vocab_size: int, sizes: dict[str, int], seed: int = 0) -> dict:
+    """<split>.bin of uniform random ids (nanoGPT's raw uint16 format) for each split of `sizes` (its tokens):
+    the speed of a step does not depend on the ids. Returns what the results keep of it."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     data_dir.mkdir(parents=True, exist_ok=True)
-    window_tokens = 4 * s.batch_size * (s.seq_len + 1)
-    sizes = {"train": max(1_000_000, window_tokens), "val": max(100_000, window_tokens)}
     for split, n in sizes.items():
-        rng.integers(0, s.vocab_size, size=n, dtype=np.uint16).tofile(data_dir / f"{split}.bin")
-    return {"kind": "uniform random token ids", "seed": seed, "tokens": sizes}
+        rng.integers(0, vocab_size, size=n, dtype=np.uint16).tofile(data_dir / f"{split}.bin")
+    return {"kind": "uniform random token ids", "seed": seed, "vocab_size": vocab_size, "tokens": sizes}
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+    """The JSON lines of a metrics file (train.py's metrics.jsonl), a torn last line left out."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def run(cmd: list[str], timeout_s: float, log_path: pathlib.Path, env: dict, *, stop_when=None) -> dict:
+    """Run `cmd` from the repository root, its output to `log_path`, for at most `timeout_s` (then SIGKILL to its
+    process group, so whatever it started ends with it, as it does if this process is interrupted); `stop_when()`,
+    polled every second, sends SIGTERM once it holds. Returns rc, wall_s, timed_out, stopped and the child's own
+    CPU time and peak RSS (wait4's rusage)."""
+    started, stopped, timed_out = time.monotonic(), False, False
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(map(str, cmd)) + "\n")
+        log.flush()
+        # Its own process group, in this session (whatever ends the session ends it too): a deadline ends the
+        # command and whatever it started (compile workers, xdist workers).
+        proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=os.setpgrp
+        )
+        try:
+            while not (reaped := os.wait4(proc.pid, os.WNOHANG))[0]:
+                if not timed_out and time.monotonic() - started > max(timeout_s, 1.0):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    timed_out = True
+                elif stop_when is not None and not stopped and stop_when():
+                    proc.send_signal(signal.SIGTERM)
+                    stopped = True
+                time.sleep(0.2 if stop_when is None else 1.0)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    _, status, usage = reaped
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen, so it does not wait again
+    return {
+        "rc": proc.returncode,
+        "wall_s": round(time.monotonic() - started, 1),
+        "timed_out": timed_out,
+        "stopped": stopped,
+        "cpu_user_s": usage.ru_utime,
+        "cpu_sys_s": usage.ru_stime,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,  # kB on Linux
+    }
 
 
 def _cpu_counters() -> tuple[float, float, float] | None:
@@ -163,42 +214,31 @@ def run_one(argv: list[str], metrics: pathlib.Path, *, threads: int, timeout_s: 
     for name in ("TRITON_INTERPRET", "FASTCENTER_BACKEND"):  # the CPU implementation, not interpreted kernels
         env.pop(name, None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    before, load_before, t0 = _cpu_counters(), _loadavg(), time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        timer = threading.Timer(timeout_s, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own rusage (its peak RSS)
-        finally:
-            timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen, so it does not wait again
-    wall, after = time.perf_counter() - t0, _cpu_counters()
+    before, load_before = _cpu_counters(), _loadavg()
+    result = run(argv, timeout_s, log_path, env)
+    after = _cpu_counters()
     noise = {"loadavg_before": load_before, "loadavg_after": _loadavg()}
     if before is not None and after is not None:
         busy, steal, total = (a - b for a, b in zip(after, before))
-        own = usage.ru_utime + usage.ru_stime
+        own = result["cpu_user_s"] + result["cpu_sys_s"]
         # Machine-wide busy time minus this run's own: what other processes took, as a share of all the CPUs.
         noise["other_busy_fraction"] = max(0.0, busy - own) / total if total > 0 else None
         noise["steal_fraction"] = steal / total if total > 0 else None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    rows = read_rows(metrics)
     timed = [r["tokens_per_sec"] for r in rows if r["step"] > 1]
     record = {
         "argv": argv,
-        "returncode": proc.returncode,
-        "wall_s": wall,
-        "cpu_user_s": usage.ru_utime,
-        "cpu_sys_s": usage.ru_stime,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,  # kB on Linux
+        "returncode": result["rc"],
+        **{k: result[k] for k in ("wall_s", "cpu_user_s", "cpu_sys_s", "peak_rss_bytes")},
         "reported_peak_mem_mb": rows[-1].get("peak_mem_mb") if rows else None,
         "rows": rows,
         "noise": noise,
         "tokens_per_sec": statistics.median(timed) if timed else None,
     }
-    if proc.returncode != 0 or record["tokens_per_sec"] is None:
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:] if log_path.is_file() else []
-        killed = f"killed by signal {-proc.returncode} (out of memory, or the {timeout_s:.0f} s timeout?)"
-        record["error"] = killed if proc.returncode < 0 else " | ".join(tail) or f"exit code {proc.returncode}"
+    if result["rc"] != 0 or record["tokens_per_sec"] is None:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[1:][-5:]  # after the command line
+        killed = f"killed by signal {-result['rc']} (out of memory, or the {timeout_s:.0f} s timeout?)"
+        record["error"] = killed if result["rc"] < 0 else " | ".join(tail) or f"exit code {result['rc']}"
     return record
 
 
@@ -270,7 +310,9 @@ def compare(s: Settings, work_dir: pathlib.Path | None = None, say=print) -> dic
     env = collect_environment()  # before the runs: the code they ran
     with tempfile.TemporaryDirectory(prefix="fastcenter-compare-plain-") as tmp:
         work = pathlib.Path(work_dir or tmp)
-        data = write_data(work / "data", s)
+        window_tokens = 4 * s.batch_size * (s.seq_len + 1)  # enough for every window drawn
+        sizes = {"train": max(1_000_000, window_tokens), "val": max(100_000, window_tokens)}
+        data = write_tokens(work / "data", s.vocab_size, sizes)
         runs = []
         for n in range(s.rounds):
             for side in SIDES if n % 2 == 0 else SIDES[::-1]:
@@ -314,7 +356,7 @@ def summary_text(r: dict) -> str:
 
 def default_path(r: dict, results_dir=RESULTS_DIR) -> pathlib.Path:
     """bench/results/cpu-<cpu model>-<date>[-<shape>].json; another run the same day gets -2, -3, ..."""
-    stem = f"cpu-{re.sub(r'[^a-z0-9]+', '-', r['machine']['cpu_model'].lower()).strip('-')}-{r['date']}"
+    stem = f"cpu-{report.slug(r['machine']['cpu_model'])}-{r['date']}"
     stem += "" if r["settings"]["shape"] in DEFAULT_SHAPES else f"-{r['settings']['shape']}"
     path, n = pathlib.Path(results_dir) / f"{stem}.json", 1
     while path.exists():

@@ -275,18 +275,27 @@ _SPILL = re.compile(r"\b(LDL|STL)(\.\w+)*\b")
 
 
 def analyse(record: Compiled, arch: Arch) -> None:
-    """Fill in registers, stack, local memory and spill instructions from the cubin, and whether it fits."""
+    """Fill in registers, stack, local memory and spill instructions from the cubin, and whether it fits.
+
+    The SASS (a disassembly: most of this function's time) is read only for a cubin with a stack frame or local
+    memory: without either there is no local memory for an LDL/STL to address, so it spills nothing."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(record.cubin)
         f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True)
-    match = _RES_USAGE.search(usage.stdout)
-    if match is None:
-        record.error = f"cuobjdump -res-usage gave no resource line: {usage.stdout[:200]!r}"
-        return
-    record.registers, record.stack, _, record.local = (int(g) for g in match.groups())
-    record.spill_instructions = sum(1 for line in sass.stdout.splitlines() if _SPILL.search(line))
+
+        def cuobjdump(option: str) -> str:
+            return subprocess.run(
+                [_tool("cuobjdump"), option, f.name], capture_output=True, text=True, check=True
+            ).stdout
+
+        usage = cuobjdump("-res-usage")
+        match = _RES_USAGE.search(usage)
+        if match is None:
+            record.error = f"cuobjdump -res-usage gave no resource line: {usage[:200]!r}"
+            return
+        record.registers, record.stack, _, record.local = (int(g) for g in match.groups())
+        sass = cuobjdump("-sass") if record.stack or record.local else ""
+    record.spill_instructions = sum(1 for line in sass.splitlines() if _SPILL.search(line))
     threads = record.num_warps * 32
     allocated = -(-record.registers // 8) * 8  # registers are allocated per thread in units of 8
     record.fits = record.shared <= arch.max_shared and threads * allocated <= arch.registers_per_sm
@@ -327,8 +336,10 @@ def _norm_plans() -> list[Plan]:
             normed, hidden, rstd = norm.norm_forward(x, w, c, r, 1e-6, weight_offset)
             stored = hidden if hidden.numel() else x
             grad_hidden = torch.empty_like(x) if (residual or center != "none") else None
-            grad_normed = torch.empty_like(x)
-            norm.norm_backward(grad_normed, grad_hidden, stored, w, rstd, center == "vector", None, weight_offset)
+            # With a residual the kernel also stores the residual's own gradient, in its dtype (ops/norm.py).
+            residual_grad_dtype = other_dtype if residual else None
+            dy = torch.empty_like(x)
+            norm.norm_backward(dy, grad_hidden, stored, w, rstd, center == "vector", residual_grad_dtype, weight_offset)
 
         plans.append(Plan(label, launch, ci))
 
@@ -566,8 +577,11 @@ def main(argv=None) -> int:
     plans = [p for p in all_plans() if (args.plans == "all" or p.ci) and args.only in p.label]
     if not plans:
         parser.error(f"no plan matches --only {args.only!r}")
-    print(f"compiling {len(plans)} launch plans for {', '.join(f'sm_{a.capability}' for a in archs)} "
-          f"(triton {triton.__version__}, torch {torch.__version__})", flush=True)  # fmt: skip
+    print(
+        f"compiling {len(plans)} launch plans for {', '.join(f'sm_{a.capability}' for a in archs)} "
+        f"(triton {triton.__version__}, torch {torch.__version__})",
+        flush=True,
+    )
     records = compile_plans(plans, archs, log=lambda line: print(line, flush=True))
     shown = [r for r in records if not r.ok] if args.quiet else records
     if shown:
@@ -581,18 +595,30 @@ def main(argv=None) -> int:
                     f.write(r.cubin)
     cache = os.environ.get("TRITON_CACHE_DIR")
     if cache:  # the compiled kernels are in Triton's cache there: say what warmed it, for bench.first_contact
-        warmed = {"triton": triton.__version__, "python": sys.version.split()[0], "triton_build": triton_build(),
-                  "archs": [a.capability for a in archs], "kernels": len(records)}  # fmt: skip
+        warmed = {
+            "triton": triton.__version__,
+            "python": sys.version.split()[0],
+            "triton_build": triton_build(),
+            "archs": [a.capability for a in archs],
+            "kernels": len(records),
+        }
         with open(os.path.join(cache, WARM_MANIFEST), "w") as f:
             json.dump(warmed, f, indent=1)
     if args.json:
         with open(args.json, "w") as f:
             archs_json = {a.capability: dataclasses.asdict(a) for a in archs}
             env = collect_environment()
-            run = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "machine": machine_record(env, torch.get_num_threads()), **env, "argv": " ".join(sys.argv)}  # fmt: skip
-            json.dump({"versions": versions(), "run": run, "archs": archs_json,
-                       "records": [r.to_json() for r in records]}, f, indent=1)  # fmt: skip
+            run = {
+                "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "machine": machine_record(env, torch.get_num_threads()),
+                **env,
+                "argv": " ".join(sys.argv),
+            }
+            json.dump(
+                {"versions": versions(), "run": run, "archs": archs_json, "records": [r.to_json() for r in records]},
+                f,
+                indent=1,
+            )
     return 0 if all(r.ok for r in records) else 1
 
 

@@ -29,7 +29,7 @@ from fastcenter.files import atomic_write_text
 
 from .cases import describe_ops, parse_case_id
 from .compare_plain import summary_text
-from .measure import CUDA_SKIP_REASON, L2Flush, dry_run, measure_device_peaks
+from .measure import CUDA_SKIP_REASON, dry_run, l2_flush, measure_device_peaks, on_gpu
 
 PLUGIN_SKIP_REASON = "fastcenter benchmarks need pytest-benchmark (pip install -e '.[dev]'): nothing was measured"
 CPU_ON_GPU_SKIP_REASON = (
@@ -40,19 +40,14 @@ SESSION_SCHEMA = "fastcenter-bench-session/1"
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 
 
-def skip_reason() -> str | None:
-    """Why the GPU cases cannot run here, or None when they can."""
+def skip_reason(cpu_comparison: bool = False) -> str | None:
+    """Why the GPU cases (or the CPU comparison, which runs where they cannot and in a dry run) cannot run here,
+    or None when they can."""
     if importlib.util.find_spec("pytest_benchmark") is None:
         return PLUGIN_SKIP_REASON
-    return CUDA_SKIP_REASON if not torch.cuda.is_available() and not dry_run() else None
-
-
-def cpu_skip_reason() -> str | None:
-    """Why the CPU comparison does not run here (it runs where the GPU cases cannot, and in a dry run), or None."""
-    if importlib.util.find_spec("pytest_benchmark") is None:
-        return PLUGIN_SKIP_REASON
-    on_gpu = torch.cuda.is_available() and not dry_run()
-    return CPU_ON_GPU_SKIP_REASON if on_gpu and os.environ.get("FASTCENTER_BENCH_CPU", "0") != "1" else None
+    if cpu_comparison:
+        return CPU_ON_GPU_SKIP_REASON if on_gpu() and os.environ.get("FASTCENTER_BENCH_CPU", "0") != "1" else None
+    return CUDA_SKIP_REASON if not on_gpu() and not dry_run() else None
 
 
 class BenchSession:
@@ -154,7 +149,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    gpu, cpu = skip_reason(), cpu_skip_reason()
+    gpu, cpu = skip_reason(), skip_reason(cpu_comparison=True)
     for item in items:
         if BENCH_DIR not in pathlib.Path(item.path).resolve().parents:
             continue
@@ -167,7 +162,7 @@ def pytest_report_header(config):
     reason = skip_reason()
     if reason is not None:
         return f"fastcenter bench: {reason}" + (
-            "; the CPU comparison runs instead" if cpu_skip_reason() is None else ""
+            "; the CPU comparison runs instead" if skip_reason(cpu_comparison=True) is None else ""
         )
     if dry_run():
         return "fastcenter bench: DRY RUN on the CPU (FASTCENTER_BENCH_DRY_RUN=1): checks the harness, measures nothing"
@@ -179,14 +174,14 @@ def bench_session(request) -> BenchSession:
     """The session's BenchSession, its environment collected and (on a GPU) its two ceilings measured."""
     session = request.config.pluginmanager.get_plugin("fastcenter_bench")
     session.ensure_environment()
-    if session.peaks is None and not dry_run() and torch.cuda.is_available():
+    if session.peaks is None and on_gpu():
         session.peaks = measure_device_peaks()
     return session
 
 
-@pytest.fixture(scope="session")
-def l2_flush():
-    return None if dry_run() else L2Flush()
+@pytest.fixture(scope="session", name="l2_flush")
+def _l2_flush():
+    return l2_flush() if on_gpu() else None
 
 
 @pytest.fixture(autouse=True)
@@ -197,6 +192,6 @@ def _release_memory(request):
     case = parse_case_id(request.node.nodeid)
     if case is not None and ("compile" in case.variant or case.op == "train_step"):
         gc.collect()
-    if torch.cuda.is_available() and not dry_run():
+    if on_gpu():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

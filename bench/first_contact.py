@@ -36,15 +36,14 @@ of every specialisation whose key matches; the entries before and after each pha
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import math
 import os
 import pathlib
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -56,6 +55,7 @@ from fastcenter.environment import triton_build
 from fastcenter.files import atomic_write, atomic_write_text
 
 from . import report
+from .compare_plain import read_rows, run, write_tokens
 from .compile import WARM_MANIFEST
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -77,6 +77,7 @@ TRAIN_VARIANTS = {"fused": ["--fused"], "eager": ["--no-fused"], "eager_compile"
 DRY_TRAIN_FLAGS = "--batch-size 2 --grad-accum-steps 1 --seq-len 16 --dim 32 --n-layers 1 --n-heads 2 --vocab-size 512 --max-seq-len 16".split()
 DEFAULT_TRAIN_FLAGS = "--batch-size 16 --grad-accum-steps 4 --seq-len 512".split()
 TOKENS_PER_STEP = ("--batch-size", "--grad-accum-steps", "--seq-len")  # their product
+PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs"]
 
 
 def shapes_test_file() -> str:
@@ -120,32 +121,6 @@ class Deadline:
         left = self.left() - 10.0
         share = PHASES[phase][1]
         return max(0.0, left if share is None else min(share * self.budget_s, left - later))
-
-
-def run(cmd: list[str], timeout: float, log_path: pathlib.Path, env: dict, *, stop_when=None) -> dict:
-    """Run `cmd` from the repository root, output to `log_path`, for at most `timeout` s (then SIGKILL to its
-    process group); `stop_when()`, polled every second, sends SIGTERM when it holds: {rc, wall_s, timed_out}."""
-    started = time.monotonic()
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        # Its own process group (in this session: a lease that ends this command ends it too): a timeout ends the
-        # command and whatever it started (compile workers, xdist workers).
-        proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=os.setpgrp
-        )
-        stopped = timed_out = False
-        while proc.poll() is None:
-            if time.monotonic() - started > max(timeout, 1.0):
-                os.killpg(proc.pid, signal.SIGKILL)
-                timed_out = True
-                break
-            if stop_when is not None and not stopped and stop_when():
-                proc.send_signal(signal.SIGTERM)
-                stopped = True
-            time.sleep(0.2 if stop_when is None else 1.0)
-        rc = proc.wait()
-    return {"rc": rc, "wall_s": round(time.monotonic() - started, 1), "timed_out": timed_out, "stopped": stopped}
 
 
 _RESULT = re.compile(
@@ -192,16 +167,6 @@ def summarise_metrics(rows: list[dict], skip_first: int) -> dict:
         "peak_mem_gb": None if peak is None else peak * 2**20 / 1e9,
         "last_loss": steps[-1].get("loss") if steps else None,
     }
-
-
-def read_rows(path: pathlib.Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a torn last line
-            pass
-    return rows
 
 
 def bundle_problems(out: pathlib.Path) -> list[str]:
@@ -271,52 +236,25 @@ class FirstContact:
     def pytest_phase(self, name: str, args: list[str], timeout: float) -> dict:
         # Triton's compiler runs on the CPU: spreading the tests over workers spreads the JIT over the cores.
         workers = {"tests": min(16, os.cpu_count() or 1), "correctness": min(4, os.cpu_count() or 1)}.get(name, 1)
-        xdist = ["-n", str(workers)] if workers > 1 and self._has_xdist() else []
-        cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "addopts=", "-rs", *xdist, *args]
+        xdist = ["-n", str(workers)] if workers > 1 and importlib.util.find_spec("xdist") else []
         log = self.work / "logs" / f"{name}.log"
-        result = run(cmd, timeout, log, self.env())
+        result = run([*PYTEST, "-v", "-o", "addopts=", *xdist, *args], timeout, log, self.env())
         counts = parse_pytest_verbose(log.read_text(errors="replace"))
         return {**result, **counts, "args": args, "ok": result["rc"] == 0 and not result["timed_out"]}
 
     def bench_phase(self, name: str, args: list[str], timeout: float) -> dict:
-        partial = self.out / f"bench-{name}.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "bench/test_ops.py",
-            "--benchmark-only",
-            "-p",
-            "no:cacheprovider",
-            "-rs",
-            *args,
-        ]
-        result = run(cmd, timeout, self.work / "logs" / f"{name}.log", self.env(bench=True, partial=partial))
+        partial, log = self.out / f"bench-{name}.json", self.work / "logs" / f"{name}.log"
+        cmd = [*PYTEST, "bench/test_ops.py", "--benchmark-only", *args]
+        result = run(cmd, timeout, log, self.env(bench=True, partial=partial))
         data = json.loads(partial.read_text()) if partial.is_file() else {}
         measured = len(data.get("benchmarks", []))
         return {**result, "args": args, "measured": measured, "ok": result["rc"] == 0 and not result["timed_out"]}
 
-    @staticmethod
-    def _has_xdist() -> bool:
-        import importlib.util
-
-        return importlib.util.find_spec("xdist") is not None
-
-    def write_data(self) -> pathlib.Path:
-        """train.bin / val.bin of uniform random ids (throughput does not depend on the text)."""
-        import numpy as np
-
-        data = self.work / "data"
-        data.mkdir(exist_ok=True)
-        rng = np.random.default_rng(20240520)
-        vocab = 512 if self.dry else GPT2_VOCAB_SIZE
-        for name, size in (("train.bin", 1 << (14 if self.dry else 22)), ("val.bin", 1 << (12 if self.dry else 18))):
-            rng.integers(0, vocab, size=size, dtype=np.int64).astype("<u2").tofile(data / name)
-        self.fc["data"] = {"source": f"uniform random token ids (seed 20240520, vocab {vocab})"}
-        return data
-
     def train_phase(self, timeout: float) -> dict:
-        data, started = self.write_data(), time.monotonic()
+        data, started, vocab = self.work / "data", time.monotonic(), 512 if self.dry else GPT2_VOCAB_SIZE
+        sizes = {"train": 1 << (14 if self.dry else 22), "val": 1 << (12 if self.dry else 18)}
+        self.fc["data"] = write_tokens(data, vocab, sizes, seed=20240520)
+        self.fc["data"]["source"] = f"uniform random token ids (seed 20240520, vocab {vocab})"
         variants = [v for v in TRAIN_VARIANTS if not (self.dry and "compile" in v)]  # no C++ toolchain promised
         log_every, stop_at, skip = (1, 3, 0) if self.dry else (20, 200, 2)  # the first logs: compilation, warm-up
         device = "--device cpu --dtype float32" if self.dry else "--device cuda --dtype bfloat16"

@@ -34,6 +34,11 @@ def dry_run() -> bool:
     return os.environ.get("FASTCENTER_BENCH_DRY_RUN", "0") == "1"
 
 
+def on_gpu() -> bool:
+    """Whether the cases run on a GPU (CUDA is there and this is not a dry run)."""
+    return torch.cuda.is_available() and not dry_run()
+
+
 def bench_device() -> str:
     return "cpu" if dry_run() else "cuda"
 
@@ -58,7 +63,7 @@ class DeviceClock:
         return "bench.measure.CLOCK (CUDA events)"
 
     def timed(self, fn: Callable[[], object]) -> Callable[[], None]:
-        if dry_run() or not torch.cuda.is_available():
+        if not on_gpu():
 
             def host():
                 start = time.perf_counter()
@@ -79,7 +84,7 @@ class DeviceClock:
 
     def lead(self, ms: float) -> None:
         """Keep the GPU busy for about `ms` (the first use calibrates the spin kernel, with a sync)."""
-        if ms <= 0 or dry_run() or not hasattr(torch.cuda, "_sleep"):
+        if ms <= 0 or not on_gpu() or not hasattr(torch.cuda, "_sleep"):
             return
         if self._cycles_per_ms is None:
             torch.cuda._sleep(1000)  # load the spin kernel before timing it
@@ -96,26 +101,8 @@ CLOCK = DeviceClock()
 
 
 def sync() -> None:
-    if torch.cuda.is_available() and not dry_run():
+    if on_gpu():
         torch.cuda.synchronize()
-
-
-def host_ms(fn: Callable[[], object], calls: int = 3) -> tuple[float, float]:
-    """(wall ms per call with a sync after each, host ms to enqueue one call), medians over `calls` calls."""
-    walls, enqueues = [], []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        enqueued = time.perf_counter()
-        sync()
-        walls.append((time.perf_counter() - start) * 1e3)
-        enqueues.append((enqueued - start) * 1e3)
-    return statistics.median(walls), statistics.median(enqueues)
-
-
-def rounds_for(call_ms: float, target_ms: float, lo: int, hi: int) -> int:
-    """pytest-benchmark rounds: enough calls for about `target_ms` of timed work, within [lo, hi]."""
-    return int(min(max(target_ms / max(call_ms, 1e-3), lo), hi))
 
 
 def timing_summary(seconds: list[float], enqueue_ms: float | None = None) -> dict:
@@ -134,16 +121,12 @@ def timing_summary(seconds: list[float], enqueue_ms: float | None = None) -> dic
     }
 
 
-class L2Flush:
-    """Evicts the case's data from the L2 by reading a buffer of max(256 MiB, 4 x L2) bytes."""
-
-    def __init__(self):
-        l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 0
-        # int32 so the sum is a quick integer reduction; the contents do not matter, only the reads.
-        self.buffer = torch.empty(max(256 << 20, 4 * l2) // 4, dtype=torch.int32, device="cuda")
-
-    def __call__(self) -> None:
-        self.buffer.sum()
+def l2_flush() -> Callable[[], None]:
+    """A call that evicts the case's data from the L2 by reading a buffer of max(256 MiB, 4 x L2) bytes."""
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 0
+    # int32 so the sum is a quick integer reduction; the contents do not matter, only the reads.
+    buffer = torch.empty(max(256 << 20, 4 * l2) // 4, dtype=torch.int32, device="cuda")
+    return lambda: buffer.sum()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,7 +167,7 @@ class MemoryUse:
 
 def peak_memory(fn: Callable[[], object], inputs=None) -> MemoryUse | None:
     """Run fn once and account for its peak memory (CUDA's allocator keeps the statistics; elsewhere None)."""
-    if dry_run() or not torch.cuda.is_available():
+    if not on_gpu():
         fn()
         return None
     torch.cuda.synchronize()
@@ -242,7 +225,14 @@ def time_case(
 ) -> dict:
     """Time `call` as pytest-benchmark rounds on CLOCK, one call per round, `flush` and the GPU lead before each
     (untimed); the rounds are sized to about `target_ms` of work. Returns the timing summary of the rounds."""
-    wall_ms, enqueue_ms = host_ms(call)
+    walls, enqueues = [], []  # host time of three calls: with a sync after each, and to enqueue one
+    for _ in range(3):
+        start = time.perf_counter()
+        call()
+        enqueues.append((time.perf_counter() - start) * 1e3)
+        sync()
+        walls.append((time.perf_counter() - start) * 1e3)
+    wall_ms, enqueue_ms = statistics.median(walls), statistics.median(enqueues)
     lead_ms = min(2 * enqueue_ms + 0.02, 5.0) if lead else 0.0
 
     def setup():
@@ -250,7 +240,8 @@ def time_case(
             flush()
         CLOCK.lead(lead_ms)
 
-    rounds = 2 if dry_run() else rounds_for(wall_ms, target_ms, min_rounds, max_rounds)
+    # Enough rounds for about target_ms of timed work, within [min_rounds, max_rounds].
+    rounds = 2 if dry_run() else int(min(max(target_ms / max(wall_ms, 1e-3), min_rounds), max_rounds))
     benchmark.pedantic(CLOCK.timed(call), setup=setup, rounds=rounds, warmup_rounds=1)
     if benchmark.stats is None:  # --benchmark-disable: the call ran once, nothing was timed
         pytest.skip("benchmarks are disabled (--benchmark-disable)")

@@ -2,6 +2,7 @@
 
     python -m bench.step_cost                      # the default model, fused and eager paths; table + JSON
     python -m bench.step_cost --paths fused --json /tmp/after.json
+    python -m bench.step_cost --micro-batch 64      # the same global batch (16 x 4) in one micro-step of 64
     python -m bench.step_cost --measured gpu.json  # the prediction beside a GPU measurement
 
 It runs the training core's own step (`fastcenter.training.Trainer.train_step`: forward with targets, loss,
@@ -26,7 +27,8 @@ How the step is run without a GPU (the emulation):
   alike; every op on CUDA autocast's float32 list (softmax, logsumexp, pow, sum, ...) that meets a bf16/fp16
   input under autocast is listed in the JSON as `autocast_divergences` (CUDA would upcast it, CPU does not):
   a non-empty list means the count no longer describes CUDA autocast there. Autocast caches its casts of
-  the float32 weights for one autocast region, i.e. one forward: they are made, and counted, every micro-step.
+  the float32 weights for one autocast region, which the trainer opens once per optimizer step: they are made,
+  and counted, in the first micro-step only.
 - Inside a fastcenter custom op (`fastcenter::*`) the op's real Python implementation runs on fake *CUDA*
   copies of its arguments, so every device-dependent choice in kernels/ is CUDA's: the launch plan a launcher
   picks for an H100/H200 (132 SMs, from a stand-in `torch.cuda.get_device_properties`), the cuBLAS paths of the
@@ -83,10 +85,14 @@ weight's two gradients), norms/rope/swiglu/LM head + CE (for the eager path, its
 included), grad accumulation (AccumulateGrad's adds), elementwise/other; per optimizer step: clip, optimizer,
 other (the trainer's bookkeeping).
 
-The headline "micro-step" is the last micro-step of an optimizer step: with accumulation it adds every
-gradient into .grad (26 adds for the default model), which the first micro-step does not (its numbers are in
-the JSON as `first_micro_step`). Once GPU results exist, `beside_measurement(prediction, measured)` (or
-`--measured FILE`) prints the model's numbers beside measured ones.
+The headline "micro-step" is the last micro-step of an optimizer step: with accumulation it adds its
+gradients to the held ones (the trainer's one multi-tensor add), which the first micro-step does not; the first
+makes the weight casts, which the others reuse (its numbers are in the JSON as `first_micro_step`). As micro-steps
+can differ in size (`--micro-batch`), the JSON also holds the optimizer step per 8,192 tokens
+(`per_8192_tokens`), and what train.py --cuda-graph would launch from the host (`graphed`: the ops outside
+`Trainer.accumulate_gradients`, one graph launch, and the copies of the loss and gradient norm out of it; the
+kernels are the same). Once GPU results exist, `beside_measurement(prediction, measured)` (or `--measured FILE`)
+prints the model's numbers beside measured ones.
 """
 
 from __future__ import annotations
@@ -103,7 +109,6 @@ import json
 import os
 import pathlib
 import pkgutil
-import subprocess
 import sys
 import textwrap
 import time
@@ -120,6 +125,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fastcenter import ops, training
 from fastcenter.config import TrainConfig
+from fastcenter.environment import collect as collect_environment
 from fastcenter.model import GPT, GPTConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -180,6 +186,7 @@ class HostOp:
     phase: str  # "forward" / "backward" of micro-step `micro`, or "clip" / "optimizer" / "other"
     micro: int
     kernels: list = field(default_factory=list)
+    captured: bool = False  # inside what train.py --cuda-graph captures (Trainer.accumulate_gradients)
 
 
 FAMILIES = {  # custom op name prefix -> kernel class
@@ -604,6 +611,8 @@ class Recorder(TorchDispatchMode):
         self.syncs = 0
         self.excluded = Counter()  # ops seen that launch nothing (views, allocations, ...)
         self.fp32_accumulation = None
+        self.captured = False  # recording inside Trainer.accumulate_gradients
+        self.loading = False  # recording inside Trainer._load_batch (the batch's copy to the device)
 
     def reset(self) -> None:
         """Forget what was recorded (after the warm-up step)."""
@@ -625,6 +634,8 @@ class Recorder(TorchDispatchMode):
             )
         if name == "aten::_to_copy" and region in (None, "matmuls"):
             return "casts"  # autocast's casts around the linears (and their backward), and any stray one
+        if name == "aten::_foreach_add_" and node is None and self.phase == "backward":
+            return "grad accumulation"  # the trainer's one multi-tensor add of a micro-step's gradients
         if region == "matmuls" and name not in MATMULS:
             return "elementwise/other"
         return region or "elementwise/other"
@@ -646,6 +657,9 @@ class Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if name == "aten::_local_scalar_dense":
             self.syncs += 1
+        if self.loading:  # the batch's host-to-device copy: a DMA from pinned host memory, no kernel
+            self.excluded[f"{func} (host-to-device copy of the batch)"] += 1
+            return out
         if self.inside is not None:
             kernels = aten_kernels(func, args, kwargs, out, self.inside.klass)
             for k in kernels:
@@ -660,7 +674,7 @@ class Recorder(TorchDispatchMode):
         klass = self.klass(name)
         kernels = aten_kernels(func, args, kwargs, out, klass)
         if kernels:
-            self.host_ops.append(HostOp(str(func), klass, self.phase, self.micro, kernels))
+            self.host_ops.append(HostOp(str(func), klass, self.phase, self.micro, kernels, self.captured))
         else:
             self.excluded[str(func)] += 1
         return out
@@ -671,7 +685,7 @@ class Recorder(TorchDispatchMode):
         name = func._schema.name
         opdef = torch._library.custom_ops.OPDEFS[name]
         klass = next((c for prefix, c in FAMILIES.items() if name.startswith(prefix)), "fused other")
-        host = HostOp(name, klass, self.phase, self.micro)
+        host = HostOp(name, klass, self.phase, self.micro, captured=self.captured)
         outer, self.inside = self.inside, host
         try:
             cuda_args, cuda_kwargs = tree_map(_to_device("cuda:0"), (args, kwargs))
@@ -845,6 +859,7 @@ class StepSpec:
     grad_accum_steps: int = 4
     gpu: str = "H100"
     accumulation: Optional[str] = None  # force kernels/cross_entropy.py's fp32-accumulation mode (None: probe)
+    micro_batch: Optional[int] = None  # train.py's --micro-batch (None: batch_size)
 
 
 @contextlib.contextmanager
@@ -868,12 +883,14 @@ def record(fn, *, gpu: str = "H100") -> Recorder:
 
 
 def record_step(spec: StepSpec) -> Recorder:
-    """Run two optimizer steps of the training core on fake tensors; return the recording of the second."""
+    """Run two optimizer steps of the training core on fake tensors; return the recording of the second (with
+    the split the trainer ran: `micro_batch`, `micro_steps`)."""
     recorder = Recorder()
     cfg = TrainConfig(
         dtype="bfloat16",
         batch_size=spec.batch_size,
         grad_accum_steps=spec.grad_accum_steps,
+        micro_batch=spec.micro_batch or spec.batch_size,
         seq_len=spec.model.max_seq_len,
         compile=False,
     )
@@ -885,11 +902,31 @@ def record_step(spec: StepSpec) -> Recorder:
         model.configure_optimizer = functools.partial(_fused_optimizer, model)
         trainer = training.Trainer(model, cfg, train_tokens=tokens, val_tokens=tokens, device=torch.device("cpu"))
         _phase_hooks(recorder, model, trainer.optimizer)
+        _mark_regions(recorder, trainer)
         with recorder:
             trainer.train_step()
             recorder.reset()
             trainer.train_step()
+    recorder.micro_batch, recorder.micro_steps = trainer.micro_batch, trainer.micro_steps
     return recorder
+
+
+def _mark_regions(recorder: Recorder, trainer) -> None:
+    """Flag the ops of `Trainer.accumulate_gradients` (what train.py --cuda-graph replays as one graph) and of
+    `Trainer._load_batch` (the batch's copy to the device)."""
+
+    def flagged(method, flag: str):
+        def run(*args):
+            setattr(recorder, flag, True)
+            try:
+                return method(*args)
+            finally:
+                setattr(recorder, flag, False)
+
+        return run
+
+    trainer.accumulate_gradients = flagged(trainer.accumulate_gradients, "captured")
+    trainer._load_batch = flagged(trainer._load_batch, "loading")
 
 
 def _fused_optimizer(model, *args, **kwargs):
@@ -990,14 +1027,20 @@ def _kernel_table(host_ops: list[HostOp]) -> list[dict]:
     return list(rows.values())
 
 
+PER_TOKENS = 8192  # the default micro-batch's tokens (16 x 512): the unit of the per-token view
+
+
 def summarize(recorder: Recorder, spec: StepSpec) -> dict:
     ops_ = recorder.host_ops
-    n = spec.grad_accum_steps
+    n = recorder.micro_steps
     micro = lambda i: [h for h in ops_ if h.phase in ("forward", "backward") and h.micro == i]  # noqa: E731
     last, first = micro(n - 1), micro(0)
     per_phase = {p: [h for h in ops_ if h.phase == p] for p in ("clip", "optimizer", "other")}
     step = _totals(ops_)
-    tokens = spec.batch_size * spec.model.max_seq_len
+    tokens = recorder.micro_batch * spec.model.max_seq_len
+    scale = PER_TOKENS / (tokens * n)
+    outside = sum(not h.captured for h in ops_)
+    copies_out = 1 + any(h.phase == "clip" for h in ops_)  # the loss and the gradient norm, out of the graph
     return {
         "micro_step": {
             **_totals(last),
@@ -1012,6 +1055,19 @@ def summarize(recorder: Recorder, spec: StepSpec) -> dict:
             **step,
             "tokens": tokens * n,
             "floor_tokens_per_s": {g: round(tokens * n / (ms / 1e3)) for g, ms in step["floor_ms"].items()},
+        },
+        f"per_{PER_TOKENS}_tokens": {
+            "host_ops": round(step["host_ops"] * scale, 1),
+            "kernels": round(step["kernels"] * scale, 1),
+            "bytes": round(step["bytes"] * scale),
+            "floor_ms": {g: round(ms * scale, 4) for g, ms in step["floor_ms"].items()},
+        },
+        # train.py --cuda-graph: the same kernels; the host launches what is outside the graph, the graph once,
+        # and the copies of its outputs.
+        "graphed": {
+            "host_ops_per_optimizer_step": outside + 1 + copies_out,
+            "captured_host_ops": len(ops_) - outside,
+            "captured_kernels": sum(k.count for h in ops_ if h.captured for k in h.kernels),
         },
         "excluded_ops_per_step": dict(recorder.excluded.most_common()),
         "autocast_divergences": dict(recorder.autocast_divergences),
@@ -1028,19 +1084,23 @@ def predict(
     batch_size: int = 16,
     grad_accum_steps: int = 4,
     accumulation: Optional[str] = None,
+    micro_batch: Optional[int] = None,
 ) -> dict:
     """The whole prediction (what the JSON holds) for the model (default: the default model) on each path."""
-    model = model or GPTConfig()
+    model, env = model or GPTConfig(), collect_environment()
     result = {
         "tool": "bench.step_cost",
-        "commit": _commit(),
-        "versions": {"torch": torch.__version__, "triton": importlib.import_module("triton").__version__},
+        "commit": env["git"]["commit"],
+        "git": env["git"],  # the commit, whether the tree differed from it, the source hash
+        "versions": {name: env[name] for name in ("torch", "triton", "python")},
         "gpus": {k: dataclasses.asdict(g) for k, g in GPUS.items()},
         "step": {
             "model": model.to_dict() | {"fused": None},
             "batch_size": batch_size,
             "grad_accum_steps": grad_accum_steps,
-            "tokens_per_micro_step": batch_size * model.max_seq_len,
+            "micro_batch": micro_batch or batch_size,
+            "micro_steps": batch_size * grad_accum_steps // (micro_batch or batch_size),
+            "tokens_per_micro_step": (micro_batch or batch_size) * model.max_seq_len,
             "autocast": "bfloat16",
             "master_weights": "float32",
             "optimizer": "AdamW(fused=True)",
@@ -1049,29 +1109,16 @@ def predict(
     }
     for path in paths:
         spec = StepSpec(
-            dataclasses.replace(model, fused=path == "fused"), batch_size, grad_accum_steps, accumulation=accumulation
+            dataclasses.replace(model, fused=path == "fused"),
+            batch_size,
+            grad_accum_steps,
+            accumulation=accumulation,
+            micro_batch=micro_batch,
         )
         t0 = time.perf_counter()
         recorder = record_step(spec)
         result["paths"][path] = summarize(recorder, spec) | {"seconds_to_count": round(time.perf_counter() - t0, 1)}
     return result
-
-
-def _commit() -> Optional[str]:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "fastcenter", "kernels", "train.py"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return out.stdout.strip() + ("+changes" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1104,8 +1151,8 @@ def table(result: dict) -> str:
     for path, r in result["paths"].items():
         m = r["micro_step"]
         lines += [
-            f"{path} path, one micro-step of {step['batch_size']} x {step['model']['max_seq_len']} tokens "
-            f"(the last of {step['grad_accum_steps']}):",
+            f"{path} path, one micro-step of {step['micro_batch']} x {step['model']['max_seq_len']} tokens "
+            f"(the last of {step['micro_steps']}):",
             "",
             "| class | host ops | kernels | MB | H100 floor ms | share | H200 floor ms |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -1127,10 +1174,16 @@ def table(result: dict) -> str:
                 f"| {part} (per optimizer step) | {v['host_ops']} | {v['kernels']} | {_mb(v['bytes'])} "
                 f"| {v['floor_ms']['H100']:.3f} | | {v['floor_ms']['H200']:.3f} |"
             )
-        s = r["optimizer_step"]
+        s, t = r["optimizer_step"], r[f"per_{PER_TOKENS}_tokens"]
         lines += [
             f"| **optimizer step** ({s['tokens']:,} tokens) | {s['host_ops']} | {s['kernels']} | {_mb(s['bytes'])} "
             f"| {s['floor_ms']['H100']:.3f} | | {s['floor_ms']['H200']:.3f} |",
+            f"| per {PER_TOKENS:,} tokens | {t['host_ops']:g} | {t['kernels']:g} | {_mb(t['bytes'])} "
+            f"| {t['floor_ms']['H100']:.3f} | | {t['floor_ms']['H200']:.3f} |",
+            "",
+            f"as a CUDA graph (train.py --cuda-graph): {r['graphed']['host_ops_per_optimizer_step']} host ops per "
+            f"optimizer step instead of {s['host_ops']} (the graph replays {r['graphed']['captured_host_ops']} ops' "
+            f"{r['graphed']['captured_kernels']} kernels).",
             "",
             f"floor throughput: {s['floor_tokens_per_s']['H100'] / 1e6:.2f}M tokens/s on an H100, "
             f"{s['floor_tokens_per_s']['H200'] / 1e6:.2f}M on an H200; first micro-step "
@@ -1205,6 +1258,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grad-accum-steps", type=int, default=4)
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="sequences per micro-step, as train.py's --micro-batch (default: --batch-size); the optimizer step "
+        "stays --batch-size x --grad-accum-steps sequences",
+    )
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--mlp-hidden", type=int, default=None)
@@ -1216,6 +1276,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--paths must name fused and/or eager, got {args.paths!r}")
         if args.batch_size < 1 or args.grad_accum_steps < 1:
             raise ValueError("--batch-size and --grad-accum-steps must be positive")
+        sequences = args.batch_size * args.grad_accum_steps
+        if args.micro_batch is not None and (args.micro_batch < 1 or sequences % args.micro_batch):
+            raise ValueError(f"--micro-batch must be a positive divisor of the {sequences} sequences of a step")
         model = GPTConfig(
             vocab_size=args.vocab_size,
             dim=args.dim,
@@ -1235,11 +1298,17 @@ def main(argv=None) -> int:
         batch_size=args.batch_size,
         grad_accum_steps=args.grad_accum_steps,
         accumulation=args.accumulation,
+        micro_batch=args.micro_batch,
     )
     print(table(result))
     if measured is not None:
         print(beside_measurement(result, measured))
-    is_default = model == GPTConfig() and (args.batch_size, args.grad_accum_steps) == (16, 4) and not args.accumulation
+    is_default = (
+        model == GPTConfig()
+        and (args.batch_size, args.grad_accum_steps) == (16, 4)
+        and args.micro_batch in (None, 16)
+        and not args.accumulation
+    )
     out = args.json or (DEFAULT_JSON if is_default and paths == ("fused", "eager") else None)
     if out and not args.no_json:
         out = pathlib.Path(out)

@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 
 from . import checkpoint, data
-from .model import GPTConfig
+from .model import MLPS, NORMS, POSITIONS, GPTConfig
 from .nn import CENTERING_MODES
 from .ops._dispatch import is_real
 
@@ -51,6 +51,9 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "centering_mode": CENTERING_MODES,
+    "norm": NORMS,
+    "mlp": MLPS,
+    "positions": POSITIONS,
 }
 
 
@@ -65,9 +68,21 @@ class TrainConfig:
     data: str = opt("", "directory holding train.bin and val.bin; empty: the demo corpus (stdlib source)")
     out_dir: str = opt("out", "run directory: config.json, metrics.jsonl, ckpt.pt, loss.png")
     resume: bool = opt(False, "continue from <out-dir>/ckpt.pt with its saved config (flags given override)")
-    # The batch: batch_size x grad_accum_steps sequences of seq_len tokens per optimizer step.
-    batch_size: int = opt(16, "sequences per micro-batch (per process)")
-    grad_accum_steps: int = opt(4, "micro-batches per optimizer step, over all processes")
+    # The global batch: batch_size x grad_accum_steps sequences of seq_len tokens per optimizer step, run in
+    # micro-batches of micro_batch sequences per process (any split computes the same mean loss and gradient).
+    batch_size: int = opt(
+        16, "the global batch is batch_size x grad_accum_steps sequences per step; also the validation batch"
+    )
+    grad_accum_steps: int = opt(
+        4, "see --batch-size (micro-batches of batch_size over all processes; --micro-batch says how they run)"
+    )
+    micro_batch: typing.Union[int, str] = opt(
+        "auto",
+        "sequences per forward and backward (per process), a divisor of the sequences each process runs per "
+        "step; the global batch and the data order stay those of batch_size x grad_accum_steps. auto: on CUDA "
+        "the largest that fits the GPU's free memory (measured with two small trial steps before training), "
+        "batch_size on a CPU or with centering (its statistics are per forward)",
+    )
     seq_len: int = opt(512, "tokens per training sequence")
     # Optimisation: AdamW, linear warmup, cosine decay to lr * min_lr_ratio at lr_decay_iters.
     max_iters: int = opt(50_000, "optimizer steps to train for")
@@ -88,6 +103,13 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda if available), cpu or cuda")
     dtype: str = opt("auto", "autocast dtype; auto: bfloat16 on CUDA (float16 if unsupported), float32 on CPU")
     compile: bool = opt(False, "wrap the model in torch.compile")
+    cuda_graph: bool = opt(
+        False,
+        "run each step's forwards, backwards and clipping as one CUDA graph (captured after 3 eager steps); "
+        "off by default until a GPU run shows it right and faster. Where it cannot run (no CUDA, float16, "
+        "torchrun, --compile, FASTCENTER_CHECKS=1, or a capture that fails) the run says so in one line and "
+        "trains uncaptured",
+    )
 
     def __post_init__(self):
         def bad(name, expected):
@@ -128,6 +150,14 @@ class TrainConfig:
         for name in ("device", "dtype"):
             if getattr(self, name) not in CHOICES[name]:
                 bad(name, f"one of {', '.join(CHOICES[name])}")
+        micro = self.micro_batch
+        if isinstance(micro, str) and micro.strip().isdigit():  # as config.json or a command line spells it
+            micro = int(micro)
+        if isinstance(micro, str) and micro.strip().lower() == "auto":
+            micro = "auto"
+        if micro != "auto" and (not isinstance(micro, int) or isinstance(micro, bool) or micro < 1):
+            bad("micro_batch", "auto or an integer >= 1")
+        self.micro_batch = micro
 
     @property
     def tokens_per_step(self) -> int:
@@ -138,15 +168,19 @@ MODEL_HELP = {
     "vocab_size": "vocabulary size (GPT-2 BPE: 50257; a compacted corpus: its meta.json says)",
     "dim": "model width",
     "n_layers": "transformer blocks",
-    "n_heads": "attention heads (dim / n_heads must be even)",
-    "max_seq_len": "longest sequence (RoPE table); raised to --seq-len if smaller and not given",
-    "mlp_hidden": "SwiGLU hidden width; none: 4 * dim",
-    "rope_base": "RoPE base",
-    "norm_eps": "RMSNorm epsilon",
+    "n_heads": "attention heads (with RoPE, dim / n_heads must be even)",
+    "max_seq_len": "longest sequence (RoPE table, or learned positions); raised to --seq-len if smaller and not given",
+    "mlp_hidden": "MLP hidden width; none: 4 * dim",
+    "rope_base": "RoPE base (with --positions rope)",
+    "norm_eps": "epsilon of the norms (nanoGPT's LayerNorm: 1e-5)",
     "center": "vector centering placements: comma list of embeddings,qk,v,residual,mlp (or all, none)",
     "centering_mode": "how the centre is computed",
     "fused": "use fastcenter's fused ops (Triton kernels on a GPU, the CPU implementation on a CPU); "
     "--no-fused: the eager reference ops",
+    "norm": "rmsnorm, or layernorm (nanoGPT's; eager PyTorch)",
+    "mlp": "swiglu, or gelu (nanoGPT's: up, exact GELU, down; eager PyTorch)",
+    "positions": "rope, or learned (nanoGPT's absolute position embedding)",
+    "bias": "a bias in every linear and LayerNorm (nanoGPT's GPTConfig default)",
 }
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -186,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar = {int: "N", float: "F"}.get(kind, "DIR" if f.name in ("data", "out_dir") else "STR")
                 parse = _float_flag if kind is float else kind
                 group.add_argument(flag(f.name), type=parse, metavar=metavar, help=help_text)
+            elif f.name == "micro_batch":
+                group.add_argument(flag(f.name), type=str, metavar="auto|N", help=help_text)
             elif kind == typing.Optional[int]:
                 group.add_argument(flag(f.name), type=_optional_int, metavar="N", help=help_text)
             elif kind is tuple:  # center: GPTConfig parses "qk,v"

@@ -45,6 +45,9 @@ import os
 import pathlib
 import sys
 import sysconfig
+import tempfile
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -348,16 +351,61 @@ def write_tokens(path, ids, *, fmt: str = "nanogpt") -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# Where tiktoken downloads r50k_base from (tiktoken_ext/openai_public.py), and how long to wait for that host.
+ENCODING_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+NETWORK_TIMEOUT_S = 5.0
+OFFLINE_HINT = "offline machines point TIKTOKEN_CACHE_DIR at a directory holding it (copied from tiktoken's cache)"
+
+
+def encoding_cache_file() -> pathlib.Path | None:
+    """The file tiktoken keeps r50k_base in once downloaded (tiktoken/load.py: sha1 of the URL in
+    TIKTOKEN_CACHE_DIR, else DATA_GYM_CACHE_DIR, else the temp folder's data-gym-cache); None when caching is
+    off (TIKTOKEN_CACHE_DIR="")."""
+    for name in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if name in os.environ:
+            directory = os.environ[name]
+            break
+    else:
+        directory = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    if directory == "":
+        return None
+    return pathlib.Path(directory) / hashlib.sha1(ENCODING_URL.encode()).hexdigest()
+
+
+def _unreachable(url: str) -> str | None:
+    """Why `url`'s host does not answer within NETWORK_TIMEOUT_S (through the environment's proxy settings, as a
+    download would go), or None when it answers (any HTTP status will do)."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=NETWORK_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as e:  # URLError, a timeout, a refused or unroutable connection, a bad proxy
+        reason = getattr(e, "reason", None) or e
+        return f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+    return None
+
+
 def get_encoding():
-    """tiktoken's GPT-2 BPE, with a clear message when it can be neither downloaded nor found in a cache."""
+    """tiktoken's GPT-2 BPE, or a one-line DataError when it is neither cached nor downloadable.
+
+    tiktoken downloads a missing encoding with no timeout, so on a machine whose network drops packets it would
+    wait forever: when the cache lacks the file, the download host is asked first, for NETWORK_TIMEOUT_S."""
     import tiktoken
 
+    cached = encoding_cache_file()
+    if cached is None or not cached.is_file():
+        problem = _unreachable(ENCODING_URL)
+        if problem is not None:
+            where = "caching is off (TIKTOKEN_CACHE_DIR is empty)" if cached is None else f"{cached} does not exist"
+            raise DataError(
+                f"tiktoken's {ENCODING_NAME!r} encoding (GPT-2's BPE) is not cached ({where}) and its download host "
+                f"cannot be reached ({problem}): {OFFLINE_HINT}"
+            )
     try:
         return tiktoken.get_encoding(ENCODING_NAME)
     except Exception as e:  # network errors surface as various exception types
         raise DataError(
-            f"cannot load tiktoken's {ENCODING_NAME!r} encoding ({type(e).__name__}: {e}). Offline machines "
-            "point TIKTOKEN_CACHE_DIR at a directory holding it (e.g. ../shared/tiktoken_cache)."
+            f"cannot load tiktoken's {ENCODING_NAME!r} encoding ({type(e).__name__}: {e}); {OFFLINE_HINT}"
         ) from e
 
 

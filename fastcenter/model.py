@@ -38,9 +38,28 @@ Centering placements (`GPTConfig.center`, any subset; `fastcenter.nn.VectorCente
 
 q, k and v are centred over their [B, T, H * Dh] views: one statistic per head and feature.
 
+Architecture options (`GPTConfig.norm`, `mlp`, `positions`, `bias`; defaults: the default model). The centering
+claims were measured on nanoGPT's architecture, which these options rebuild (`NANOGPT` holds the setting):
+
+    norm="layernorm"     LayerNorm (nanoGPT's: gain, and a bias when bias=True; eps norm_eps, nanoGPT's is 1e-5)
+    mlp="gelu"           up projection, exact GELU, down projection (hidden mlp_hidden, 4 * dim by default)
+    positions="learned"  a learned absolute position embedding added to the token embedding (no RoPE)
+    bias=True            a bias in every linear (and in LayerNorm); the head stays the tied embedding, no bias
+
+They run as eager PyTorch ops whatever `fused` says (fastcenter has no kernel for them); RMSNorm, RoPE and SwiGLU
+keep their fused ops where chosen. LayerNorm takes the same fused-residual interface as RMSNorm
+(`add_and_norm`), so every placement works with every option: `embeddings` centres the stream entering the first
+block (token plus position embedding), `qk` centres right after the projection (with no RoPE there is nothing to
+come before; then a centre common to every key, as every mode but `causal` subtracts, is a per-query constant in
+the scores and changes nothing: only the query centring acts), `mlp` centres the GELU hidden activation.
+
 Parameter count of the seed config (vocab 50257, dim 256, 4 layers, MLP hidden 1024, embedding tied to the head):
     embedding 50257 * 256 = 12,865,792;  per layer: qkv 3 * 256^2 + out 256^2 + gate|up 256 * 2048 + down 1024 * 256
     + two norm gains 2 * 256 = 1,049,088, times 4 = 4,196,352;  final norm 256;  total 17,062,400.
+nanoGPT's architecture at 384 wide (NANOGPT, 6 layers, 6 heads, max_seq_len 256, vocab 50257):
+    embedding 50257 * 384 = 19,298,688;  positions 256 * 384 = 98,304;  per layer: two LayerNorms 4 * 384,
+    qkv 384 * 1152 + 1152, out 384^2 + 384, up 384 * 1536 + 1536, down 1536 * 384 + 384 = 1,774,464, times 6
+    = 10,646,784;  final LayerNorm 768;  total 30,044,544.
 """
 
 from __future__ import annotations
@@ -59,10 +78,27 @@ from torch import Tensor, nn
 from . import ops
 from .nn import CENTERING_MODES, RMSNorm, VectorCentering
 
-__all__ = ["PLACEMENTS", "RESIDUAL_PARTS", "GPTConfig", "GPT", "parse_placements"]
+__all__ = [
+    "PLACEMENTS",
+    "RESIDUAL_PARTS",
+    "NORMS",
+    "MLPS",
+    "POSITIONS",
+    "NANOGPT",
+    "GPTConfig",
+    "GPT",
+    "parse_placements",
+]
 
 PLACEMENTS = ("embeddings", "qk", "v", "residual", "mlp")  # "all"
 RESIDUAL_PARTS = ("residual_inner", "residual_final")  # "residual" is both
+# Architecture options: the first of each is the default model's.
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu")
+POSITIONS = ("rope", "learned")
+# nanoGPT's architecture (its model.py: LayerNorm with eps 1e-5, exact GELU, learned positions, bias=True as its
+# GPTConfig's default), as GPTConfig fields: GPTConfig(**NANOGPT, dim=384, n_layers=6, n_heads=6, ...).
+NANOGPT = {"norm": "layernorm", "mlp": "gelu", "positions": "learned", "bias": True, "norm_eps": 1e-5}
 
 
 def parse_placements(center) -> tuple[str, ...]:
@@ -112,6 +148,11 @@ class GPTConfig:
     center: tuple = ()  # placements, a subset of PLACEMENTS (a "qk,v" string or a list is accepted)
     centering_mode: str = "adaptive"  # one of fastcenter.nn.CENTERING_MODES
     fused: bool = False  # True: fastcenter.ops picks its implementation; False: the eager reference
+    # Architecture options (see the module docstring; NANOGPT is nanoGPT's setting).
+    norm: str = "rmsnorm"  # one of NORMS
+    mlp: str = "swiglu"  # one of MLPS
+    positions: str = "rope"  # one of POSITIONS
+    bias: bool = False  # a bias in every linear and LayerNorm
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -120,7 +161,12 @@ class GPTConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if self.head_dim % 2:
+        for name, choices in (("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"bias must be a bool, got {self.bias!r}")
+        if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"dim / n_heads = {self.head_dim} (the head size) must be even for RoPE")
         if self.mlp_hidden is not None and (
             not isinstance(self.mlp_hidden, int) or isinstance(self.mlp_hidden, bool) or self.mlp_hidden < 1
@@ -143,7 +189,7 @@ class GPTConfig:
 
     @property
     def hidden_dim(self) -> int:
-        """Width of the SwiGLU hidden activation."""
+        """Width of the MLP's hidden activation."""
         return 4 * self.dim if self.mlp_hidden is None else self.mlp_hidden
 
     def to_dict(self) -> dict:
@@ -172,19 +218,56 @@ def _centering(config: GPTConfig, placement: str, dim: int) -> Optional[VectorCe
     return VectorCentering(dim, config.centering_mode) if enabled else None
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dim (gain, optional bias), eager PyTorch, with RMSNorm's fused-residual interface.
+
+    `add_and_norm(x, residual=r, center=c)` forms the stream `hidden = x + r - c` and returns
+    `(layer_norm(hidden), hidden)`, in float32 and then in x's dtype as `fastcenter.ops.center_rms_norm` does,
+    so that the model's residual stream is written the same way whichever norm it has.
+    """
+
+    def __init__(self, dim: int, eps: float, bias: bool):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+    def add_and_norm(self, x: Tensor, *, residual: Tensor | None = None, center: Tensor | None = None):
+        hidden = x.float()
+        if residual is not None:
+            hidden = hidden + residual.float()
+        if center is not None:
+            hidden = hidden - center.float()
+        normed = F.layer_norm(hidden, (self.dim,), self.weight, self.bias, self.eps)
+        return normed.to(x.dtype), hidden.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, bias={self.bias is not None}"
+
+
+def _norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "layernorm":
+        return LayerNorm(config.dim, config.norm_eps, config.bias)
+    return RMSNorm(config.dim, config.norm_eps)
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention: one packed qkv projection, optional q/k/v centering, RoPE, SDPA."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
-        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=config.bias)
+        self.proj = nn.Linear(config.dim, config.dim, bias=config.bias)
         self.q_center = _centering(config, "qk", config.dim)
         self.k_center = _centering(config, "qk", config.dim)
         self.v_center = _centering(config, "v", config.dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
+        """cos, sin: the RoPE tables, or None for a model with learned positions (no rotation)."""
         B, T, D = x.shape
         # Views into the one packed projection: no copies unless a centering makes one.
         q, k, v = self.qkv(x).split(D, dim=-1)
@@ -193,7 +276,10 @@ class Attention(nn.Module):
         if self.v_center is not None:
             v = self.v_center(v)
         heads = (B, T, self.n_heads, self.head_dim)
-        q, k = ops.rope(q.view(heads), k.view(heads), cos, sin)
+        if cos is None:
+            q, k = q.view(heads), k.view(heads)
+        else:
+            q, k = ops.rope(q.view(heads), k.view(heads), cos, sin)
         # SDPA wants [B, H, T, Dh]; transposes are free views.
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.view(heads).transpose(1, 2), is_causal=True
@@ -206,12 +292,28 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.gate_up = nn.Linear(config.dim, 2 * config.hidden_dim, bias=False)
-        self.down = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.gate_up = nn.Linear(config.dim, 2 * config.hidden_dim, bias=config.bias)
+        self.down = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)
         self.hidden_center = _centering(config, "mlp", config.hidden_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         a = ops.swiglu(self.gate_up(x))  # the packed [..., 2H] output, split inside the op
+        if self.hidden_center is not None:
+            a = self.hidden_center(a)
+        return self.down(a)
+
+
+class GeluMLP(nn.Module):
+    """nanoGPT's MLP: up projection, exact GELU, optional centering, down projection (eager PyTorch)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.up = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)
+        self.down = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)
+        self.hidden_center = _centering(config, "mlp", config.hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = F.gelu(self.up(x))
         if self.hidden_center is not None:
             a = self.hidden_center(a)
         return self.down(a)
@@ -222,13 +324,15 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, last: bool):
         super().__init__()
-        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn_norm = _norm(config)
         self.attn = Attention(config)
-        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp_norm = _norm(config)
+        self.mlp = MLP(config) if config.mlp == "swiglu" else GeluMLP(config)
         self.residual_center = _centering(config, "residual_final" if last else "residual_inner", config.dim)
 
-    def forward(self, h: Tensor, delta: Optional[Tensor], center: Optional[Tensor], cos: Tensor, sin: Tensor):
+    def forward(
+        self, h: Tensor, delta: Optional[Tensor], center: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor]
+    ):
         """Input stream h + delta - center; returns (h, delta, center) whose sum is the output stream."""
         x, h = self.attn_norm.add_and_norm(h, residual=delta, center=center)
         x, h = self.mlp_norm.add_and_norm(h, residual=self.attn(x, cos, sin))
@@ -247,13 +351,16 @@ class GPT(nn.Module):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)  # also the output head (tied)
+        # Learned absolute positions (nanoGPT's wpe), or None: RoPE.
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.dim) if config.positions == "learned" else None
         self.emb_center = _centering(config, "embeddings", config.dim)
         self.blocks = nn.ModuleList(Block(config, last=i == config.n_layers - 1) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        # RoPE tables for every position: not parameters, not saved (recomputed from the config).
-        cos, sin = ops.rope_cache(config.max_seq_len, config.head_dim, config.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.norm = _norm(config)
+        if config.positions == "rope":
+            # RoPE tables for every position: not parameters, not saved (recomputed from the config).
+            cos, sin = ops.rope_cache(config.max_seq_len, config.head_dim, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def _ops_scope(self) -> ops.using:
@@ -262,7 +369,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02) for every matrix; norm gains 1; centres 0.
+        """GPT-2 init: N(0, 0.02) for every matrix (the position embedding too); norm gains 1; biases and centres 0.
 
         The output projections of attention and MLP are scaled by 1/sqrt(2 * n_layers): each of the 2 * n_layers
         residual branches adds its output to the stream, so with unscaled init the stream's variance at init
@@ -271,8 +378,12 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, RMSNorm):
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (RMSNorm, LayerNorm)):
                 nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, VectorCentering) and module.center is not None:
                 nn.init.zeros_(module.center)
         branch_std = 0.02 / math.sqrt(2 * self.config.n_layers)
@@ -299,8 +410,12 @@ class GPT(nn.Module):
     def hidden_states(self, idx: Tensor) -> Tensor:
         """The final-normed hidden states [B, T, dim], i.e. what the tied head turns into logits."""
         T = idx.shape[1]
-        cos, sin = self.rope_cos[:T].float(), self.rope_sin[:T].float()
         x = self.tok_emb(idx)
+        if self.pos_emb is None:
+            cos, sin = self.rope_cos[:T].float(), self.rope_sin[:T].float()
+        else:  # learned absolute positions, added to the token embeddings: no rotation in attention
+            cos = sin = None
+            x = x + self.pos_emb.weight[:T]
         center = None if self.emb_center is None else self.emb_center.center_for(x)
         h, delta = x, None  # the stream is h + delta - center, materialised lazily by the next norm
         with self._ops_scope():
@@ -374,9 +489,12 @@ class GPT(nn.Module):
     # ----------------------------------------------------------------------------------------------------------
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters (the tied embedding once); non_embedding=True leaves the embedding matrix out."""
+        """Unique parameters (the tied embedding once); non_embedding=True leaves the embedding matrices out (the
+        token embedding, and the position embedding where there is one)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.tok_emb.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= sum(e.weight.numel() for e in (self.tok_emb, self.pos_emb) if e is not None)
+        return n
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> int:
         """Training FLOPs (forward + backward) per token, for MFU.
@@ -397,7 +515,7 @@ class GPT(nn.Module):
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: weight decay on 2-D matrices only (linears and the tied embedding, once);
-        none on norm gains and learnable centres (decaying a centre would pull it to 0 for no reason)."""
+        none on norm gains, biases and learnable centres (decaying a centre would pull it to 0 for no reason)."""
         decay, no_decay = [], []
         for p in self.parameters():  # parameters() yields the tied embedding once
             if p.requires_grad:
@@ -414,4 +532,3 @@ class GPT(nn.Module):
         return torch.optim.AdamW(
             self.optim_groups(weight_decay), lr=lr, betas=tuple(betas), fused=(device_type == "cuda")
         )
-

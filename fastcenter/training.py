@@ -8,12 +8,19 @@ train.py, the centering study (fastcenter.experiments) and the training-step ben
         if report.row is not None:        # a log step: the metrics (and val_loss on evaluation steps)
             ...
 
-One optimizer step (`Trainer.train_step`) sees batch_size x grad_accum_steps windows of seq_len tokens from
-`fastcenter.data.WindowSampler` (with N processes each runs grad_accum_steps / N micro-steps): per micro-step a
-forward under autocast and a backward of loss / micro-steps (DDP synchronises the gradients on the last one
-only), then the gradients are unscaled (float16 loss scaling), clipped to `grad_clip` (the norm before
-clipping is kept), and AdamW steps at the scheduled learning rate. Nothing in a step waits for the device: the
-loss stays a device tensor, and non-finite losses are remembered on the device and checked at log steps.
+One optimizer step (`Trainer.train_step`) sees the global batch, batch_size x grad_accum_steps windows of seq_len
+tokens from `fastcenter.data.WindowSampler` (with N processes each takes its 1/N share). A process copies its
+windows to the device as one batch and `accumulate_gradients` runs them in micro-batches of `micro_batch`
+windows (cfg.micro_batch: a number, or "auto": batch_size on a CPU or with centering, on CUDA the largest split
+that fits in the GPU's free memory): per micro-batch a forward and a backward of loss / micro-steps (DDP
+synchronises the gradients on the last one only), so the gradient is the mean over the global batch however it
+is split. All forwards of a step run in one autocast region, so autocast's low-precision copies of the
+float32 weights are made once per step; the gradients of later micro-steps are added to the held ones by one
+multi-tensor add. Then the gradients are unscaled (float16 loss scaling) and clipped to `grad_clip` (the norm
+before clipping is kept), and AdamW steps at the scheduled learning rate. Nothing in a step waits for the
+device: the loss stays a device tensor, and non-finite losses are remembered on the device and checked at log
+steps. So `accumulate_gradients` can run as one CUDA graph (cfg.cuda_graph; `StepGraph`), the optimizer step
+after it staying eager.
 
 Evaluation (`Trainer.evaluate`) is the mean loss over fixed validation windows (`data.validation_positions`),
 in eval mode (centering uses its running statistics), or in training mode with every buffer restored before
@@ -31,7 +38,8 @@ runs the matmuls in bf16 (CUDA default) or float16 (with loss scaling), or nothi
 
 Exactness: the windows of step s depend on (seed, s) only, the learning rate on s only, and `state_dict()`
 holds everything else (model, optimizer, scaler, RNGs, sampler), so a resumed run reproduces the losses of an
-uninterrupted one bit for bit (same machine and software).
+uninterrupted one bit for bit (same machine, software and micro-batch). A resumed run may run another
+micro-batch: the same windows in the same order, the same mean loss and gradient up to float rounding.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from . import checkpoint, data
 from .config import TrainConfig, UsageError
 from .model import GPT
 from .nn import VectorCentering
+from .ops._dispatch import checks_enabled
 
 __all__ = [
     "Trainer",
@@ -63,6 +72,9 @@ __all__ = [
     "warmup_cosine_lr",
     "preserved",
     "check_fits",
+    "check_split",
+    "largest_fitting_divisor",
+    "StepGraph",
 ]
 
 
@@ -116,6 +128,11 @@ class Precision:
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def paused(self):
+        """Autocast off inside an autocast region (for a backward), without ending the region: autocast keeps
+        its copies of the float32 weights until the outermost region exits."""
+        return torch.autocast(self.device_type, enabled=False)
 
 
 # Peak dense bf16 tensor-core FLOP/s of one GPU, for MFU. The first substring found in the device name wins;
@@ -190,8 +207,9 @@ def check_fits(config, device: torch.device) -> None:
     Arithmetic on the config: nothing is allocated, so a size too large to allocate is refused before it is tried.
     """
     d = config.dim
-    matrices = config.vocab_size * d + config.n_layers * (4 * d * d + 3 * d * config.hidden_dim)
-    state, rope = 16 * matrices, 4 * config.max_seq_len * config.head_dim
+    mlp = (3 if config.mlp == "swiglu" else 2) * d * config.hidden_dim  # gate|up and down, or up and down
+    matrices = config.vocab_size * d + config.n_layers * (4 * d * d + mlp)
+    state, rope = 16 * matrices, (4 * config.max_seq_len * config.head_dim if config.positions == "rope" else 0)
     available = device_memory(device)
     if available is not None and state + rope > available:
 
@@ -221,6 +239,128 @@ def setup_distributed(device_choice: str) -> tuple[Dist, torch.device]:
     return dist, device
 
 
+def check_split(cfg: TrainConfig, dist: Dist) -> None:
+    """UsageError unless the global batch splits evenly: its grad_accum_steps micro-batches of batch_size over the
+    processes, and each process's share into micro-batches of cfg.micro_batch (when a number)."""
+    if cfg.grad_accum_steps % dist.world_size:
+        raise UsageError(
+            f"--grad-accum-steps {cfg.grad_accum_steps} must be divisible by the number of processes "
+            f"({dist.world_size}): the global batch stays batch_size x grad_accum_steps"
+        )
+    sequences = cfg.batch_size * cfg.grad_accum_steps // dist.world_size
+    if cfg.micro_batch != "auto" and sequences % cfg.micro_batch:
+        per = f" / {dist.world_size} processes" if dist.enabled else ""
+        raise UsageError(
+            f"--micro-batch {cfg.micro_batch} must divide the {sequences} sequences each process trains on per "
+            f"step (--batch-size {cfg.batch_size} x --grad-accum-steps {cfg.grad_accum_steps}{per})"
+        )
+
+
+def largest_fitting_divisor(sequences: int, *, per_sequence: float, fixed: float, budget: float) -> int:
+    """The largest divisor m of `sequences` with fixed + m * per_sequence <= budget (bytes), or 1 if none fits
+    (then the run is as small as it can be, and a real shortage of memory shows itself as CUDA's error)."""
+    fitting = [m for m in range(1, sequences + 1) if sequences % m == 0 and fixed + m * per_sequence <= budget]
+    return max(fitting, default=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step as a CUDA graph
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StepGraph:
+    """`Trainer.accumulate_gradients` captured once as a CUDA graph and replayed every step (--cuda-graph).
+
+    Why: a micro-step launches a few hundred kernels, each through Python, the dispatcher and autograd; a
+    replay launches all of a step's at once, so host time leaves the critical path. What stays eager is the
+    optimizer step (fused AdamW: a few launches per step, and exactly the uncaptured step's arithmetic) and
+    the bookkeeping around it.
+
+    How: the first WARMUP_STEPS steps run eagerly on the capture's stream. They do every lazy first-call
+    thing before the capture sees it: Triton compiles and loads each kernel, kernels/cross_entropy.py probes
+    its float32-accumulation mode and kernels/_device.py the SM count (both cached), cuBLAS makes its
+    workspace for the stream, AdamW creates its state. Then, with the gradients unset, one capture of
+    accumulate_gradients over the batch buffer: its first micro-step's backward creates the gradients inside
+    the graph's memory, so each replay overwrites them and nothing zeroes them again. Every later step copies
+    its windows into the buffer and replays; the loss and the gradient norm are copied out of the graph's
+    outputs, which the next replay overwrites. Nothing in the captured function waits for the device (that
+    would fail the capture); a capture that fails anyway is reported in one line and the run goes on eagerly.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        self.stream = torch.cuda.Stream(trainer.device)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.outputs: Optional[tuple] = None
+        self.eager_steps = 0
+
+    @staticmethod
+    def unsupported(trainer: "Trainer") -> Optional[str]:
+        """Why this run cannot capture its step, or None."""
+        if trainer.device.type != "cuda":
+            return "it needs a CUDA device"
+        if trainer.dist.enabled:
+            return "it does not run under torchrun (DDP) yet"
+        if trainer.precision.scaler.is_enabled():
+            return "float16's loss scaling reads the device on the host every step"
+        if trainer.cfg.compile:
+            return "with --compile, torch.compile(mode='reduce-overhead') is the way to graphs"
+        if checks_enabled():
+            return "FASTCENTER_CHECKS=1 reads values on the host inside the ops"
+        return None
+
+    @classmethod
+    def for_trainer(cls, trainer: "Trainer") -> Optional["StepGraph"]:
+        reason = cls.unsupported(trainer)
+        if reason is not None:
+            trainer.say(f"--cuda-graph: the step runs uncaptured ({reason})")
+            return None
+        return cls(trainer)
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def run(self, batch: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """This step's (loss, grad_norm): eagerly on the capture's stream while warming up, else by replay."""
+        trainer = self.trainer
+        if self.graph is None and self.eager_steps < self.WARMUP_STEPS:
+            self.eager_steps += 1
+            return self._on_stream(lambda: trainer.accumulate_gradients(batch))
+        if self.graph is None:
+            try:
+                self._capture(batch)
+            except Exception as e:  # noqa: BLE001 -- whatever refused the capture, the eager step still runs
+                trainer._clear_gradients()
+                trainer._graph = None
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                trainer.say(f"--cuda-graph: the capture failed ({first}); the step runs uncaptured")
+                return trainer.accumulate_gradients(batch)
+            trainer.say(f"--cuda-graph: step {trainer.step + 1} and every later step replay one captured graph")
+        self.graph.replay()
+        loss, grad_norm = self.outputs
+        return loss.clone(), None if grad_norm is None else grad_norm.clone()
+
+    def _on_stream(self, fn):
+        current = torch.cuda.current_stream(self.trainer.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        current.wait_stream(self.stream)
+        return out
+
+    def _capture(self, batch: torch.Tensor) -> None:
+        self.trainer._clear_gradients()
+        torch.cuda.synchronize(self.trainer.device)
+        torch.cuda.empty_cache()  # the eager steps' cached blocks go back: the graph's own pool replaces them
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            outputs = self.trainer.accumulate_gradients(batch)
+        self.graph, self.outputs = graph, outputs
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------------------
@@ -241,7 +381,9 @@ class Trainer:
     """A model, its optimizer, precision and data stream, and the one training loop of the package.
 
     The model is built (and seeded) by the caller; the trainer moves it to `device`, wraps it in torch.compile
-    (cfg.compile) and DDP (dist), and owns the optimizer (AdamW over the model's groups, fused on CUDA).
+    (cfg.compile) and DDP (dist), and owns the optimizer (AdamW over the model's groups, fused on CUDA). It
+    decides the micro-batch (`micro_batch`, `micro_steps`) and, with cfg.cuda_graph, runs the step's device
+    work as a CUDA graph; `say` prints its notes (the micro-batch auto chose, the graph's fate).
     """
 
     def __init__(
@@ -254,13 +396,10 @@ class Trainer:
         device: torch.device,
         dist: Dist = Dist(),
         digest_batches: bool = False,
+        say: Callable[[str], None] = print,
     ):
-        if cfg.grad_accum_steps % dist.world_size:
-            raise UsageError(
-                f"--grad-accum-steps {cfg.grad_accum_steps} must be divisible by the number of processes "
-                f"({dist.world_size}): the global batch stays batch_size x grad_accum_steps"
-            )
-        self.cfg, self.device, self.dist = cfg, device, dist
+        check_split(cfg, dist)
+        self.cfg, self.device, self.dist, self.say = cfg, device, dist, say
         self.raw_model = model.to(device)
         self.precision = Precision(device, cfg.dtype)
         self.optimizer = model.configure_optimizer(
@@ -286,6 +425,15 @@ class Trainer:
                 self.eval_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
             )
         self._statistics = [m.running_mean for m in model.modules() if isinstance(m, VectorCentering)]
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        # This process's windows of the current step on the device, [sequences, seq_len + 1]: one buffer, refilled
+        # every step (the CUDA graph reads it where it was captured).
+        self._batch: Optional[torch.Tensor] = None
+        self.micro_batch, note = self._choose_micro_batch()
+        self.micro_steps = self.sequences_per_process // self.micro_batch
+        if note:
+            self.say(note)
+        self._graph = StepGraph.for_trainer(self) if cfg.cuda_graph else None
         self.token_ids: Optional[list[int]] = None  # a compacted corpus's GPT-2 ids, saved for sampling
         self.data_identity: Optional[dict] = None  # the corpus's (data.Corpus.identity), saved for --resume
         self.step = 0  # optimizer steps completed
@@ -301,42 +449,164 @@ class Trainer:
     def tokens_per_step(self) -> int:
         return self.cfg.tokens_per_step
 
+    @property
+    def sequences_per_process(self) -> int:
+        """Windows each process trains on per optimizer step: its share of batch_size x grad_accum_steps."""
+        return self.cfg.batch_size * self.cfg.grad_accum_steps // self.dist.world_size
+
+    # -- the micro-batch -----------------------------------------------------------------------------------
+
+    def _choose_micro_batch(self) -> tuple[int, Optional[str]]:
+        """(sequences per forward, a note to print or None) for cfg.micro_batch: a number is checked, "auto" is
+        batch_size on a CPU or with centering (its statistics are per forward, so the split is part of the
+        math), and on CUDA the largest divisor of this process's sequences that fits (`_fitting_micro_batch`)."""
+        cfg, sequences = self.cfg, self.sequences_per_process
+        if cfg.micro_batch != "auto":
+            return cfg.micro_batch, None  # check_split has checked it
+        if self.device.type != "cuda":
+            return cfg.batch_size, None
+        if self.raw_model.config.center:
+            return cfg.batch_size, (
+                f"micro-batch: {cfg.batch_size} sequences (--batch-size; auto does not change it for a model with "
+                "centering, whose statistics are per forward)"
+            )
+        try:
+            micro, note = self._fitting_micro_batch()
+        except torch.cuda.OutOfMemoryError:
+            self._clear_gradients()
+            torch.cuda.empty_cache()
+            micro, note = cfg.batch_size, f"a trial step ran out of memory: --batch-size {cfg.batch_size}"
+        if self.dist.enabled:  # every process runs the same split (the smallest choice divides every share)
+            micro = int(self.dist.all_reduce(torch.tensor(micro, device=self.device), "min").item())
+        return micro, f"micro-batch: {micro} sequences x {sequences // micro} micro-steps per step (auto; {note})"
+
+    def _fitting_micro_batch(self) -> tuple[int, str]:
+        """The largest divisor of this process's sequences whose forward and backward fit the GPU's free memory.
+
+        Peak memory grows linearly in the micro-batch: two trial forwards and backwards (2 and 4 sequences, after
+        one of 2 that makes the one-time allocations) give the slope and the intercept. They leave no trace: the
+        model's buffers are put back and the gradients dropped. The budget is 85% of what is free (the driver's
+        free memory and the allocator's unused cache) less AdamW's two moments, which the first step allocates.
+        """
+        peaks = [self._trial_peak(b) for b in (2, 2, 4)][1:]
+        per_sequence = max((peaks[1] - peaks[0]) / 2, 1.0)
+        fixed = max(peaks[0] - 2 * per_sequence, 0.0)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        moments = 8 * sum(p.numel() for p in self._params)
+        budget = 0.85 * (free + unused) - moments
+        torch.cuda.reset_peak_memory_stats(self.device)
+        micro = largest_fitting_divisor(
+            self.sequences_per_process, per_sequence=per_sequence, fixed=fixed, budget=budget
+        )
+        gib = 2**30
+        return micro, (
+            f"{fixed / gib:.2f} GiB + {per_sequence / 2**20:,.0f} MiB a sequence measured, "
+            f"{budget / gib:,.1f} GiB to spend"
+        )
+
+    def _trial_peak(self, sequences: int) -> int:
+        """Bytes a forward and backward of `sequences` windows allocate at their peak, beyond what was allocated."""
+        x = torch.zeros((sequences, self.cfg.seq_len), dtype=torch.long, device=self.device)
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        with preserved(self.raw_model, training=True):
+            with self.precision.autocast():
+                loss = self.raw_model(x, x)
+            loss.backward()
+        self._clear_gradients()
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+    def _clear_gradients(self) -> None:
+        for p in self._params:
+            p.grad = None
+
     # -- one step ------------------------------------------------------------------------------------------
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over this process's micro-batches; returns its mean loss (a device tensor)."""
+        """One optimizer step over this process's share of the global batch; returns its mean loss (a device
+        tensor): the windows to the device, `accumulate_gradients` (eager, or replayed as a CUDA graph), then the
+        optimizer step and the bookkeeping, eager."""
         self.lr = learning_rate(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        micro_batches = self.sampler.next_step()
-        n_micro = len(micro_batches)
+        windows = np.concatenate(self.sampler.next_step())  # this process's windows, in the sampler's order
+        if self.batches_digest is not None:
+            self.batches_digest.update(windows.tobytes())
+        self._load_batch(windows)
+        if self._graph is not None:
+            step_loss, self.grad_norm = self._graph.run(self._batch)
+        else:
+            step_loss, self.grad_norm = self.accumulate_gradients(self._batch)
         scaler = self.precision.scaler
-        loss_sum = torch.zeros((), device=self.device)
-        for i, windows in enumerate(micro_batches):
-            if self.batches_digest is not None:
-                self.batches_digest.update(windows.tobytes())
-            x, y = data.to_inputs_targets(windows, self.device)
-            # DDP all-reduces gradients in backward; on all but the last micro-step they only accumulate locally.
-            skip_sync = self.dist.enabled and i < n_micro - 1
-            with self.model.no_sync() if skip_sync else contextlib.nullcontext():
-                with self.precision.autocast():
-                    loss = self.model(x, y)
-                # Each micro-batch loss / n_micro, and DDP averages over processes: the gradient is the mean
-                # over the global batch, as in one process.
-                scaler.scale(loss / n_micro).backward()
-            loss_sum += loss.detach().float()
-        self.grad_norm = None
-        if self.cfg.grad_clip > 0:
-            scaler.unscale_(self.optimizer)  # clip the true gradients, not the float16-scaled ones
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip)
         scaler.step(self.optimizer)
         scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self._graph is None or not self._graph.captured:  # a graph's replays overwrite the gradients it holds
+            self.optimizer.zero_grad(set_to_none=True)
         self._average_statistics()
         self.step += 1
-        step_loss = loss_sum / n_micro
         self._first_bad = torch.where((self._first_bad < 0) & ~torch.isfinite(step_loss), self.step, self._first_bad)
         return step_loss
+
+    def _load_batch(self, windows: np.ndarray) -> None:
+        """Copy the step's windows into the batch buffer (from pinned memory without waiting, on CUDA: the copy
+        overlaps the previous step's kernels)."""
+        batch = torch.from_numpy(windows)
+        if self._batch is None or self._batch.shape != batch.shape:
+            self._batch = torch.empty(batch.shape, dtype=batch.dtype, device=self.device)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        self._batch.copy_(batch, non_blocking=True)
+
+    def accumulate_gradients(self, batch: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The device work of one step on this process's windows `batch` [sequences, seq_len + 1]: a forward and
+        backward per micro-batch of `micro_batch` windows, the gradients summed, unscaled and clipped. Returns
+        (the step's mean loss, the gradient norm before clipping or None).
+
+        The eager step and the CUDA graph (`StepGraph`) run this one function: it reads only `batch`, the model
+        and the gradients, keeps no Python state between calls, and never waits for the device.
+
+        Each micro-batch's loss / micro_steps is backpropagated (and DDP averages over processes): the gradient
+        is the mean over the global batch however it is split. All forwards run in one autocast region, so the
+        low-precision copies of the float32 weights that autocast caches for a region are made once per step;
+        each backward runs with autocast paused, as outside a region.
+        """
+        n, m = self.micro_steps, self.micro_batch
+        scaler = self.precision.scaler
+        loss_sum = torch.zeros((), device=self.device)
+        with self.precision.autocast():
+            for i in range(n):
+                windows = batch[i * m : (i + 1) * m]
+                # DDP all-reduces gradients in backward; on all but the last micro-step they only accumulate
+                # locally, and its last backward must add into .grad itself for the all-reduce to see the sum.
+                skip_sync = self.dist.enabled and i < n - 1
+                with self.model.no_sync() if skip_sync else contextlib.nullcontext():
+                    loss = self.model(windows[:, :-1], windows[:, 1:])
+                    with self.precision.paused():
+                        self._backward(scaler.scale(loss / n), add=i > 0 and (skip_sync or not self.dist.enabled))
+                loss_sum += loss.detach().float()
+        step_loss, grad_norm = loss_sum / n, None
+        if self.cfg.grad_clip > 0:
+            scaler.unscale_(self.optimizer)  # clip the true gradients, not the float16-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip)
+        return step_loss, grad_norm
+
+    def _backward(self, loss: torch.Tensor, *, add: bool) -> None:
+        """loss.backward(); with `add`, its gradients are added to those already held by one multi-tensor add
+        instead of autograd's one add per parameter (the same float32 sums, in one launch per ~100 tensors)."""
+        if not add:
+            loss.backward()
+            return
+        held = [p.grad for p in self._params]
+        self._clear_gradients()
+        loss.backward()
+        both = [(h, p.grad) for h, p in zip(held, self._params) if h is not None and p.grad is not None]
+        if both:
+            torch._foreach_add_([h for h, _ in both], [g for _, g in both])
+        for p, h in zip(self._params, held):
+            if h is not None:
+                p.grad = h
 
     @torch.no_grad()
     def _average_statistics(self) -> None:

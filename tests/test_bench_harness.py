@@ -174,12 +174,20 @@ def test_tensor_bytes_counts_storages_once_and_leaves_out_inputs():
     assert tensor_bytes((q, fresh), exclude={"qkv": qkv}) == nbytes(fresh)
 
 
-def test_skip_reason_without_cuda(monkeypatch):
+def test_skip_reasons_with_and_without_cuda(monkeypatch):
+    """The GPU cases run on a GPU or in a dry run; the CPU comparison where they cannot, in a dry run, or when
+    asked for (FASTCENTER_BENCH_CPU=1)."""
+    for name in ("FASTCENTER_BENCH_DRY_RUN", "FASTCENTER_BENCH_CPU"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("FASTCENTER_BENCH_DRY_RUN", raising=False)
-    assert skip_reason() == CUDA_SKIP_REASON
+    assert skip_reason() == CUDA_SKIP_REASON and skip_reason(cpu_comparison=True) is None
     monkeypatch.setenv("FASTCENTER_BENCH_DRY_RUN", "1")
-    assert skip_reason() is None
+    assert skip_reason() is None and skip_reason(cpu_comparison=True) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("FASTCENTER_BENCH_DRY_RUN", "0")
+    assert skip_reason() is None and "FASTCENTER_BENCH_CPU=1" in skip_reason(cpu_comparison=True)
+    monkeypatch.setenv("FASTCENTER_BENCH_CPU", "1")
+    assert skip_reason(cpu_comparison=True) is None
 
 
 def test_environment_commit_override_and_source_hash(monkeypatch):
@@ -560,30 +568,10 @@ def test_cpu_comparison_commands_and_command_line(tmp_path, monkeypatch, capsys)
     argv, metrics = compare_plain.commands(compare_plain.settings_for(), tmp_path / "data", tmp_path / "out")[
         "fastcenter"
     ]
-    assert argv[1:] == [
-        "train.py",
-        "--fused",
-        "--device",
-        "cpu",
-        "--batch-size",
-        "16",
-        "--grad-accum-steps",
-        "1",
-        "--seq-len",
-        "512",
-        "--max-iters",
-        "4",
-        "--eval-interval",
-        "4",
-        "--eval-iters",
-        "1",
-        "--log-interval",
-        "1",
-        "--data",
-        str(tmp_path / "data"),
-        "--out-dir",
-        str(tmp_path / "out" / "fastcenter"),
-    ]
+    flags = "--fused --device cpu --batch-size 16 --grad-accum-steps 1 --seq-len 512 --max-iters 4 --eval-interval 4"
+    flags += " --eval-iters 1 --log-interval 1"
+    data, out = str(tmp_path / "data"), str(tmp_path / "out" / "fastcenter")
+    assert argv[1:] == ["train.py", *flags.split(), "--data", data, "--out-dir", out]
     assert metrics == tmp_path / "out" / "fastcenter" / "metrics.jsonl"
     tiny, _ = compare_plain.commands(compare_plain.settings_for("tiny"), tmp_path, tmp_path)["fastcenter"]
     assert "--dim=32" in tiny and not any(a.startswith("--dim") for a in argv)  # model flags only where not default
@@ -619,6 +607,9 @@ def test_report_cpu_section_shows_the_newest_comparison():
     )
     assert _row(section, compare_plain.LABELS["fastcenter"])[1:] == ["601 [600 - 602]", "1,800 [1,800 - 1,800]", "3"]
     assert _row(section, compare_plain.LABELS["plain"])[1:] == ["300 [300 - 300]", "6,900 [6,900 - 6,900]", "3"]
-    assert _row(section, report.CPU_TARGETS[0])[1:] == ["1,800 MB (largest run)", "met"]
-    assert _row(section, report.CPU_TARGETS[1])[1:] == ["2.00x (median of 3 rounds; 2.00x-2.01x)", "met"]
+    assert _row(section, report.CPU_TARGETS["peak_rss"]["text"])[1:] == ["1,800 MB (largest run)", "met"]
+    assert _row(section, report.CPU_TARGETS["speedup"]["text"])[1:] == [
+        "2.00x (median of 3 rounds; 2.00x-2.01x)",
+        "met",
+    ]
     assert "Other processes used 50%" in section

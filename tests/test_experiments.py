@@ -14,6 +14,7 @@ import math
 import pathlib
 import random
 import shutil
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -33,10 +34,10 @@ from fastcenter.experiments import (
 )
 from fastcenter.experiments.centering import NaiveCentering, measure_mechanisms, recording
 from fastcenter.experiments.ngram import KneserNey, seen_windows
-from fastcenter.experiments.plan import RUN_FORMAT, weights_digest
-from fastcenter.experiments.run import load_runs
+from fastcenter.experiments.plan import RUN_FORMAT, scale_differences, weights_digest
+from fastcenter.experiments.records import load_runs
 from fastcenter.experiments.stats import adjust, direction_verdict, holm, paired, size_verdict
-from fastcenter.model import GPT, GPTConfig
+from fastcenter.model import GPT, NANOGPT, GPTConfig
 from fastcenter.nn import CENTERING_MODES, VectorCentering
 from fastcenter.training import preserved
 
@@ -484,6 +485,108 @@ def test_resume_skips_finished_runs_and_reruns_a_missing_one_identically(study, 
     assert new_groups == pytest.approx(old_groups, abs=1e-6)
 
 
+def test_runs_name_their_data_by_the_corpus_identity(study, corpus):
+    """Every record holds the identity fastcenter.data gives the corpus, and the digest of it."""
+    _, _, results = study
+    identity = data.load_corpus(corpus, vocab_size=None, seq_len=TINY["seq_len"]).identity
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    assert {json.dumps(r["data_identity"], sort_keys=True) for r in results["runs"]} == {
+        json.dumps(identity, sort_keys=True)
+    }
+    assert {r["data_digest"] for r in results["runs"]} == {digest}
+
+
+def test_a_directory_begun_before_the_identity_keeps_its_digest(study, corpus, tmp_path):
+    """Records written before they held the corpus identity name the data by the sha256 of its files' bytes
+    (as bench/results/centering/cpu-dim256 and cpu-dim256-1600 do): such a directory still resumes, its new runs
+    take its digest, and other data is still refused."""
+    cfg, out, _ = study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    files = [hashlib.sha256((corpus / name).read_bytes()).hexdigest() for name in ("train.bin", "val.bin")]
+    legacy = hashlib.sha256("".join(files).encode()).hexdigest()
+    for path in (copy / "runs").glob("*.json"):
+        record = json.loads(path.read_text())
+        del record["data_identity"]
+        path.write_text(json.dumps({**record, "data_digest": legacy}))
+    (copy / "runs" / "s1-qk_v-simple.json").unlink()
+    lines = []
+    experiments.run_study(cfg, corpus, copy, log=lines.append)
+    assert "11 already finished" in lines[0]
+    rerun = json.loads((copy / "runs" / "s1-qk_v-simple.json").read_text())
+    assert rerun["data_digest"] == legacy and "data_identity" in rerun
+    other = tmp_path / "other"
+    shutil.copytree(corpus, other)
+    with open(other / "val.bin", "r+b") as f:  # one token changed: another corpus
+        first = f.read(2)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1, first[1]]))
+    with pytest.raises(experiments.StudyError, match="other data"):
+        experiments.run_study(cfg, other, copy, log=lambda line: None)
+
+
+def test_a_time_budget_leaves_runs_for_the_next_session_and_the_same_call_resumes(study, corpus, tmp_path):
+    cfg, out, _ = study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    for name in ("s1-embeddings-naive.json", "s1-qk_v-simple.json"):
+        (copy / "runs" / name).unlink()
+    lines = []
+    experiments.run_study(cfg, corpus, copy, time_budget_s=1e-6, log=lines.append)  # spent before the first run
+    assert any("2 run(s) left for the next session" in line for line in lines)
+    assert not any(line.startswith("[run") for line in lines)
+    sessions = [json.loads(line) for line in (copy / "sessions.jsonl").read_text().splitlines()]
+    assert sessions[-1]["stopped_by_time_budget"] == 2 and sessions[-1]["runs_done"] == 0
+    lines, bundle = [], copy / "bundle.tar.gz"  # inside the study directory: it leaves itself out
+    experiments.run_study(cfg, corpus, copy, time_budget_s=1e6, bundle=bundle, log=lines.append)
+    assert len({line.split(":")[0] for line in lines if line.startswith("[run")}) == 2
+    assert len(list((copy / "runs").glob("*.json"))) == 12
+    # The bundle is the study directory: unpacked elsewhere, it holds every record and rebuilds the same report.
+    with tarfile.open(bundle) as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert "study/bundle.tar.gz" not in names and len([n for n in names if n.startswith("study/runs/")]) == 12
+    rebuilt = experiments.build_results(tmp_path / "unpacked" / "study", log=lambda line: None, plots=False)
+    assert rebuilt["contrasts"] == json.loads((copy / "results.json").read_text())["contrasts"]
+    with pytest.raises(experiments.StudyError, match="--time-budget"):
+        experiments.run_study(cfg, corpus, copy, workers=2, time_budget_s=60, log=lambda line: None)
+
+
+def test_the_regime_can_wait_for_the_report(corpus, tmp_path):
+    """--no-regime computes no n-gram baselines (a GPU lease's time); --report-only --data adds them later."""
+    out = tmp_path / "later"
+    args = cli_args(corpus, out, seeds=1, arms="baseline", iters=2, eval_points=1) + ["--no-regime"]
+    assert experiments.main(args) == 0
+    assert not (out / "ngrams.json").exists()
+    assert json.loads((out / "results.json").read_text())["regime"] is None
+    assert "Not computed" in (out / "results.md").read_text()
+    assert experiments.main(["centering", "--out", str(out), "--report-only", "--data", str(corpus)]) == 0
+    assert json.loads((out / "results.json").read_text())["regime"]["seeds"] == [0]
+
+
+def test_the_python_corpus_is_the_source_of_the_standard_library_and_the_packages(tmp_path, monkeypatch, gpt2_encoding):
+    std, site = tmp_path / "std", tmp_path / "site"
+    for path, text in {
+        std / "a.py": "import os\nprint(os.sep)\n",
+        std / "json" / "b.py": "def f(x):\n    return x + 1\n",
+        std / "site-packages" / "skipped.py": "x = 1\n",  # installed packages are not the standard library
+        site / "mypkg" / "__init__.py": "__version__ = '0.1'\n",
+        site / "mypkg" / "core.py": "class A:\n    pass\n",
+    }.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.setattr(data, "stdlib_root", lambda: std)
+    monkeypatch.syspath_prepend(str(site))
+    out = tmp_path / "corpus"
+    assert experiments.main(["python-corpus", "--out", str(out), "--packages", "mypkg"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["python_corpus"]["packages"] == {"mypkg": "0.1"}
+    assert sorted(meta["train_documents"] + meta["val_documents"]) == ["__init__.py", "a.py", "core.py", "json/b.py"]
+    tokens = np.concatenate([data.open_tokens(out / f"{split}.bin") for split in ("train", "val")])
+    assert (tokens == data.EOT_TOKEN).sum() == 4 and len(tokens) == meta["train_tokens"] + meta["val_tokens"]
+    assert experiments.main(["python-corpus", "--out", str(tmp_path / "x"), "--packages", "no_such_pkg"]) == 2
+
+
 def test_runs_of_another_configuration_are_refused(study, corpus, tmp_path, capsys):
     _, out, _ = study
     copy = tmp_path / "study"
@@ -712,6 +815,8 @@ def test_study_config_holds_the_model_and_training_configurations():
     assert cfg.train.eval_iters == 20 and cfg.eval_steps == [50, 100, 150, 200, 250, 300, 350, 400]
     run = cfg.run_config(3, torch.device("cpu"))
     assert (run.seed, run.device, run.dtype, run.max_iters, run.lr) == (3, "cpu", "float32", 400, 1e-3)
+    # Every arm, the baseline included, splits its batch alike (train.py's "auto" would not on a GPU).
+    assert run.micro_batch == run.batch_size == 4
     # The committed study's runs agree with these flags: same result fields, same plan.
     committed = json.loads((RESULTS / "cpu-dim256" / "plan.json").read_text())
     assert cfg.result_fields() == committed["config"]
@@ -721,9 +826,13 @@ def test_study_config_holds_the_model_and_training_configurations():
     # A field with no flag of its own joins the result fields when it leaves its default.
     assert not any("." in k for k in cfg.result_fields())
     other = StudyConfig(
-        model=dataclasses.replace(cfg.model, norm_eps=1e-5), train=cfg.train, arms=cfg.arms, modes=cfg.modes
+        model=dataclasses.replace(cfg.model, rope_base=500.0), train=cfg.train, arms=cfg.arms, modes=cfg.modes
     )
-    assert other.result_fields() == {**cfg.result_fields(), "model.norm_eps": 1e-5}
+    assert other.result_fields() == {**cfg.result_fields(), "model.rope_base": 500.0}
+    # So does an architecture flag, under its own name: the default model's studies keep their result fields.
+    nanogpt = StudyConfig.from_flags(**CPU_DIM256, **NANOGPT)
+    assert nanogpt.result_fields() == {**cfg.result_fields(), **NANOGPT}
+    assert StudyConfig.from_flags(**CPU_DIM256, norm="rmsnorm", bias=False).result_fields() == cfg.result_fields()
 
 
 def test_arm_mode_pairs_extend_the_horizon_into_the_confirmatory_design():
@@ -758,6 +867,26 @@ def test_the_study_flags_name_themselves_in_errors(tmp_path, capsys):
     assert experiments.main(["centering", "--out", str(tmp_path / "x"), "--iters", "0"]) == 2
     err = capsys.readouterr().err
     assert "--iters" in err and "--max-iters" not in err
+
+
+def test_a_study_of_nanogpts_architecture_says_which_it_ran(corpus, tmp_path):
+    """The architecture flags reach the model of every run, its record and the report's comparison with the
+    claims: on nanoGPT's architecture the architecture is no difference (the width still is)."""
+    out = tmp_path / "nanogpt"
+    flags = dict(seeds=1, arms="baseline,v/simple", modes="simple", iters=2, eval_points=1)
+    args = cli_args(corpus, out, **flags) + ["--norm", "layernorm", "--mlp", "gelu", "--positions", "learned"]
+    assert experiments.main(args + ["--bias", "--norm-eps", "1e-5"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for r in results["runs"]:
+        assert {k: r["configs"]["model"][k] for k in NANOGPT} == NANOGPT and r["config"]["norm"] == "layernorm"
+        assert r["parameters"] == GPT(GPTConfig.from_dict(r["configs"]["model"])).num_params()
+    notes = results["scale_differences"]
+    assert not any(n.startswith("architecture") for n in notes) and any(n.startswith("width 16") for n in notes)
+    default = scale_differences(results["config"], {})  # a record without a model config: the default model
+    assert default[0] == (
+        "architecture: RMSNorm, rotary positions, SwiGLU MLP; the claims': LayerNorm, learned absolute positions, "
+        "GELU MLP (nanoGPT)"
+    )
 
 
 def test_the_committed_study_rebuilds_from_its_records(tmp_path):

@@ -8,27 +8,28 @@ session finds no plumbing bug, and the folder it leaves must be one a GPU lease 
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tarfile
 import time
 
 import pytest
+import torch
 
-from bench import first_contact, report
+from bench import compare_plain, first_contact, report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_dry_run_runs_every_phase_into_a_folder_that_comes_back(tmp_path):
+def test_dry_run_runs_every_phase_into_a_folder_that_comes_back(tmp_path, capsys):
+    """The command itself runs in this process (its phases are child processes, with the interpreter setting
+    they need whatever this process has)."""
     pytest.importorskip("pytest_benchmark")
     tracked = {p: p.read_bytes() for p in (REPO / "BENCHMARKS.md",) if p.exists()}
     results_before = sorted((REPO / "bench" / "results").rglob("*.json"))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "fc"
-    cmd = [sys.executable, "-m", "bench.first_contact", "--dry-run", "--out", str(out), "--budget-s", "400"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rc = first_contact.main(["--dry-run", "--out", str(out), "--budget-s", "400"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.out[-3000:] + printed.err[-3000:]
 
     assert first_contact.bundle_problems(out) == []
     names = ["bench-loss.json", "bench-ops.json", "logs.tar.gz", "measured.json", "results.json", "summary.md"]
@@ -63,53 +64,52 @@ def test_dry_run_runs_every_phase_into_a_folder_that_comes_back(tmp_path):
 
 
 def test_the_gpu_selections_select_tests_that_exist():
-    """Phases 1 and 5 name test files and -k expressions: they must collect what they mean to run."""
+    """Phases 1 and 5 name test files and -k expressions: they must collect what they mean to run (collected in
+    this process)."""
+
+    class Collected:
+        def pytest_collection_finish(self, session):
+            self.ids = [item.nodeid for item in session.items]
+
     for phase in ("correctness", "tests"):
-        args = first_contact.selections(dry=False)[phase]
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
+        found = Collected()
+        args = [
             "--collect-only",
             "-q",
             "-p",
             "no:cacheprovider",
             "-o",
             "addopts=",
-            *args,
+            *first_contact.selections(False)[phase],
         ]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-        collected = [line for line in proc.stdout.splitlines() if "::" in line]
-        assert proc.returncode == 0 and collected, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert pytest.main(args, plugins=[found]) == 0 and found.ids, phase
         if phase == "correctness":
-            assert any("bf16_autocast" in line for line in collected)
-            assert any(first_contact.shapes_test_file() in line for line in collected)
+            assert any("bf16_autocast" in node for node in found.ids)
+            assert any(node.startswith(first_contact.shapes_test_file()) for node in found.ids)
 
 
-def test_refused_without_a_gpu_or_into_a_full_folder(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "FASTCENTER_BENCH_DRY_RUN": "0"}
-    command = [sys.executable, "-m", "bench.first_contact", "--out"]
-    proc = subprocess.run([*command, str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--dry-run" in proc.stderr and len(proc.stderr.splitlines()) == 1
+def test_refused_without_a_gpu_or_into_a_full_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert first_contact.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--dry-run" in err and len(err.splitlines()) == 1
     (tmp_path / "old.txt").write_text("x")
-    proc = subprocess.run([*command, str(tmp_path), "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "must be a new or empty folder" in proc.stderr
+    assert first_contact.main(["--out", str(tmp_path), "--dry-run"]) == 2
+    assert "must be a new or empty folder" in capsys.readouterr().err
 
 
 def test_a_phase_past_its_time_is_cut_off_and_a_stopped_one_ends(tmp_path):
-    started = time.monotonic()
-    result = first_contact.run(
-        [sys.executable, "-c", "import time; time.sleep(60)"], 1.0, tmp_path / "log", dict(os.environ)
-    )
+    """bench.compare_plain.run, which runs every phase: the deadline ends the command and what it started."""
+    started, log = time.monotonic(), tmp_path / "log"
+    script = "import subprocess, time; print(subprocess.Popen(['sleep', '60']).pid, flush=True); time.sleep(60)"
+    result = compare_plain.run([sys.executable, "-c", script], 1.0, log, dict(os.environ))
     assert result["timed_out"] and result["rc"] != 0 and time.monotonic() - started < 30
-    result = first_contact.run(
-        [sys.executable, "-c", "import time; time.sleep(60)"],
-        30.0,
-        tmp_path / "log",
-        dict(os.environ),
-        stop_when=lambda: True,
-    )
-    assert result["stopped"] and not result["timed_out"] and result["wall_s"] < 20
+    grandchild = pathlib.Path("/proc", log.read_text().splitlines()[1])  # in the command's process group
+    while grandchild.exists() and grandchild.joinpath("stat").read_text().split()[2] != "Z":
+        assert time.monotonic() - started < 30, "the command's own child outlived its deadline"
+        time.sleep(0.1)
+    result = compare_plain.run([sys.executable, "-c", script], 30.0, log, dict(os.environ), stop_when=lambda: True)
+    assert result["stopped"] and not result["timed_out"] and result["wall_s"] < 20 and result["peak_rss_bytes"] > 0
 
 
 def test_pytest_output_is_counted_with_or_without_xdist_even_when_cut_off():

@@ -14,8 +14,6 @@ import ast
 import pathlib
 import sys
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Module name prefix -> folder: kernels/ is the subpackage fastcenter.kernels (pyproject's package-dir).
 FOLDERS = {"fastcenter": ROOT / "fastcenter", "fastcenter.kernels": ROOT / "kernels"}
@@ -103,24 +101,8 @@ def test_the_graph_sees_function_local_imports():
     assert "fastcenter.kernels._device" in GRAPH["fastcenter.kernels.norm"]
 
 
-# One cycle exists outside the ops, inside the centering study: experiments/report.py imports run.py (inside
-# build_results) and run.py imports report.py. Removing it is the study's part of issue 17; the strict xfail
-# below turns red the day it is gone, so that this exemption goes with it.
-STUDY = "fastcenter.experiments."
-
-
-def _in_study(cycle: list[str]) -> bool:
-    return all(name.startswith(STUDY) for name in cycle)
-
-
 def test_no_import_cycle():
-    cycles = [c for c in _cycles() if not _in_study(c)]
-    assert cycles == [], "modules that import each other (directly, or through others, or inside functions)"
-
-
-@pytest.mark.xfail(strict=True, reason="experiments/report.py <-> experiments/run.py: the study's area (issue 17)")
-def test_no_import_cycle_in_the_study():
-    assert [c for c in _cycles() if _in_study(c)] == []
+    assert _cycles() == [], "modules that import each other (directly, or through others, or inside functions)"
 
 
 def test_kernels_import_only_torch_triton_and_the_standard_library():

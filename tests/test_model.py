@@ -1,11 +1,13 @@
 """The reference model: size, fused == eager, loss == logits, causality and batch independence of every centering
-placement and mode, the attention facts behind the placements, sampling and the sample CLI.
+placement and mode, the attention facts behind the placements, the architecture options (nanoGPT's) against a
+plain float64 formulation, the default model's losses as they were, sampling and the sample CLI.
 
 Small configs (dim 32-48, 2 layers, odd vocabularies, ragged T) keep the interpreted kernels affordable on CPU.
 """
 
 import copy
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -16,9 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, ON_GPU
-from fastcenter import data, reference
-from fastcenter.model import GPT, PLACEMENTS, GPTConfig, parse_placements
+from fastcenter import checkpoint, data, reference
+from fastcenter import model as model_module
+from fastcenter.model import GPT, NANOGPT, PLACEMENTS, GPTConfig, parse_placements
 from fastcenter.nn import CENTERING_MODES, VectorCentering
+
+
+# The architectures the leak tests hold for: the default model's, and nanoGPT's (LayerNorm with biases, GELU MLP,
+# learned positions: the model's options).
+ARCHS = {"default": {}, "nanogpt": NANOGPT}
 
 
 def small_config(**overrides) -> GPTConfig:
@@ -263,10 +271,11 @@ def leak_probe(model: GPT, idx: torch.Tensor, t: int):
     return outs
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", CENTERING_MODES)
 @pytest.mark.parametrize("placement", PLACEMENTS + ("all",))
-def test_eval_mode_never_leaks_future_tokens_or_other_sequences(placement, mode):
-    model = GPT(small_config(dim=32, center=placement, centering_mode=mode)).to(DEVICE)
+def test_eval_mode_never_leaks_future_tokens_or_other_sequences(placement, mode, arch):
+    model = GPT(small_config(dim=32, center=placement, centering_mode=mode, **ARCHS[arch])).to(DEVICE)
     train_a_few_steps(model)
     if mode != "learnable":
         assert all(m.running_mean.abs().sum() > 0 for m in model.modules() if isinstance(m, VectorCentering))
@@ -278,9 +287,10 @@ def test_eval_mode_never_leaks_future_tokens_or_other_sequences(placement, mode)
     torch.testing.assert_close(other[[0, 2]], base[[0, 2]], **LEAK_TOL)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["simple", "causal"])
-def test_fused_path_in_eval_mode_never_leaks(mode):
-    model = GPT(small_config(dim=32, center="all", centering_mode=mode, fused=True)).to(DEVICE)
+def test_fused_path_in_eval_mode_never_leaks(mode, arch):
+    model = GPT(small_config(dim=32, center="all", centering_mode=mode, fused=True, **ARCHS[arch])).to(DEVICE)
     train_a_few_steps(model, steps=2)
     model.eval()
     idx, t = tokens(model.config, 3, 12), 6
@@ -289,9 +299,10 @@ def test_fused_path_in_eval_mode_never_leaks(mode):
     torch.testing.assert_close(other[[0, 2]], base[[0, 2]], **LEAK_TOL)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["adaptive", "learnable", "causal"])
-def test_training_mode_is_causal_and_batch_independent_for_non_leaking_modes(mode):
-    model = GPT(small_config(dim=32, center="all", centering_mode=mode)).to(DEVICE)
+def test_training_mode_is_causal_and_batch_independent_for_non_leaking_modes(mode, arch):
+    model = GPT(small_config(dim=32, center="all", centering_mode=mode, **ARCHS[arch])).to(DEVICE)
     train_a_few_steps(model)
     model.train()
     idx, t = tokens(model.config, 3, 12), 4
@@ -300,10 +311,11 @@ def test_training_mode_is_causal_and_batch_independent_for_non_leaking_modes(mod
     torch.testing.assert_close(other[[0, 2]], base[[0, 2]], **LEAK_TOL)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_training_mode_simple_centering_does_leak(placement):
+def test_training_mode_simple_centering_does_leak(placement, arch):
     """The positive control: batch-mean centering in training mode mixes sequences and positions."""
-    model = GPT(small_config(dim=32, center=placement, centering_mode="simple")).to(DEVICE)
+    model = GPT(small_config(dim=32, center=placement, centering_mode="simple", **ARCHS[arch])).to(DEVICE)
     train_a_few_steps(model)
     model.train()
     idx, t = tokens(model.config, 3, 12), 5
@@ -437,14 +449,276 @@ def test_simple_centering_zeroes_the_batch_mean_exactly_where_placed(placement, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The default model as it was, and the architecture options
+# ---------------------------------------------------------------------------------------------------------------
+
+# Losses of a tiny default-shaped model (below), recorded from the code before the architecture options existed:
+# three AdamW steps in training mode, then one eval-mode loss, on the CPU in float32, TRITON_INTERPRET=1 (the
+# fused path through the interpreted kernels), torch 2.13. (center, mode) -> path -> the four losses as float.hex.
+DEFAULT_MODEL_LOSSES = {
+    ((), "adaptive"): {
+        "reference": ["0x1.264fda0000000p+2", "0x1.fe537a0000000p+1", "0x1.f4d0560000000p+1", "0x1.a468b80000000p+1"],
+        "fused": ["0x1.264fda0000000p+2", "0x1.fe537a0000000p+1", "0x1.f4d0560000000p+1", "0x1.a468b80000000p+1"],
+    },
+    ("all", "simple"): {
+        "reference": ["0x1.264df20000000p+2", "0x1.fc9e8e0000000p+1", "0x1.f6ce420000000p+1", "0x1.b897940000000p+1"],
+        "fused": ["0x1.264df40000000p+2", "0x1.fc9e8e0000000p+1", "0x1.f6ce420000000p+1", "0x1.b897900000000p+1"],
+    },
+}
+
+
+@pytest.mark.parametrize("path", ["reference", "fused"])
+@pytest.mark.parametrize("center, mode", DEFAULT_MODEL_LOSSES)
+def test_the_default_model_gives_the_losses_it_gave(center, mode, path):
+    """New options leave the default model as it was: same init, same arithmetic, same losses -- bit for bit where
+    the run is the recorded one (CPU, interpreted kernels, torch 2.13); elsewhere other kernels round otherwise,
+    so within a few float32 roundings."""
+    torch.manual_seed(1234)
+    fields = dict(vocab_size=97, dim=48, n_layers=2, n_heads=2, max_seq_len=16, center=center, centering_mode=mode)
+    config = GPTConfig(**fields, fused=path == "fused")
+    model = GPT(config)
+    g = torch.Generator().manual_seed(5)
+    idx, targets = torch.randint(0, 97, (3, 13), generator=g), torch.randint(0, 97, (3, 13), generator=g)
+    opt = torch.optim.AdamW(model.optim_groups(0.1), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(idx, targets)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        losses.append(model(idx, targets).item())
+    expected = [float.fromhex(h) for h in DEFAULT_MODEL_LOSSES[(center, mode)][path]]
+    recorded_run = os.environ.get("TRITON_INTERPRET") == "1" and torch.__version__.startswith("2.13")
+    if recorded_run:
+        assert [x.hex() for x in losses] == [x.hex() for x in expected]
+    else:
+        assert losses == pytest.approx(expected, rel=2e-6)
+
+
+def plain_gpt(p: dict, idx: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    """The logits of the model, without centering, written out in plain tensor math from the parameters `p`
+    (name -> tensor, float64 here): every option from its formula, nothing of fastcenter's."""
+    B, T = idx.shape
+    H, Dh = config.n_heads, config.head_dim
+
+    def norm(prefix, x):
+        w, b = p[prefix + ".weight"], p.get(prefix + ".bias")
+        if config.norm == "layernorm":
+            mu = x.mean(-1, keepdim=True)
+            y = (x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + config.norm_eps) * w
+            return y if b is None else y + b
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + config.norm_eps) * w
+
+    def linear(prefix, x):
+        y = x @ p[prefix + ".weight"].T
+        return y if p.get(prefix + ".bias") is None else y + p[prefix + ".bias"]
+
+    def rotate(t):  # half-split pairs (i, i + Dh/2), angles t * base^(-2i/Dh)
+        inv = config.rope_base ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
+        angle = torch.outer(torch.arange(T, dtype=torch.float64), inv)[:, None, :]  # [T, 1, Dh/2]
+        t1, t2 = t[..., : Dh // 2], t[..., Dh // 2 :]
+        return torch.cat((t1 * angle.cos() - t2 * angle.sin(), t2 * angle.cos() + t1 * angle.sin()), dim=-1)
+
+    x = p["tok_emb.weight"][idx]
+    if config.positions == "learned":
+        x = x + p["pos_emb.weight"][:T]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(config.n_layers):
+        pre = f"blocks.{i}."
+        q, k, v = (
+            t.reshape(B, T, H, Dh) for t in linear(pre + "attn.qkv", norm(pre + "attn_norm", x)).split(config.dim, -1)
+        )
+        if config.positions == "rope":
+            q, k = rotate(q), rotate(k)
+        scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(Dh)
+        weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        x = x + linear(pre + "attn.proj", torch.einsum("bhts,bshd->bthd", weights, v).reshape(B, T, -1))
+        h = norm(pre + "mlp_norm", x)
+        if config.mlp == "gelu":  # exact GELU: u * Phi(u)
+            u = linear(pre + "mlp.up", h)
+            a = 0.5 * u * (1.0 + torch.erf(u / math.sqrt(2.0)))
+        else:
+            gate, up = linear(pre + "mlp.gate_up", h).chunk(2, dim=-1)
+            a = gate * torch.sigmoid(gate) * up
+        x = x + linear(pre + "mlp.down", a)
+    return norm("norm", x) @ p["tok_emb.weight"].T
+
+
+OPTIONS = {
+    "layernorm": dict(norm="layernorm"),
+    "gelu": dict(mlp="gelu"),
+    "learned": dict(positions="learned"),
+    "bias": dict(bias=True),
+    "nanogpt": NANOGPT,
+    "nanogpt-no-bias": {**NANOGPT, "bias": False},
+}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("option", OPTIONS)
+def test_each_architecture_option_is_its_formula(option, fused):
+    """The model with each option (alone, and all of nanoGPT's) against `plain_gpt` in float64: logits, loss and
+    the gradient of every parameter, from weights perturbed off their init (biases and gains not 0 and 1)."""
+    config = small_config(fused=fused, **OPTIONS[option])
+    model = GPT(config).to(DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    names = dict(model.named_parameters())
+    assert ("pos_emb.weight" in names) == (config.positions == "learned")
+    assert any(n.endswith(".bias") for n in names) == config.bias
+    assert ("blocks.0.mlp.up.weight" in names) == (config.mlp == "gelu")
+    idx, targets = tokens(config, 3, 11), tokens(config, 3, 11)
+    p64 = {n: t.detach().double().requires_grad_() for n, t in names.items()}
+    logits64 = plain_gpt(p64, idx, config)
+    loss64 = F.cross_entropy(logits64.flatten(0, 1), targets.flatten())
+    loss64.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).double(), logits64, rtol=1e-5, atol=1e-5)
+    loss = model(idx, targets)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    for name, p in names.items():
+        expected = p64[name].grad
+        torch.testing.assert_close(
+            p.grad.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(), msg=name
+        )
+
+
+@pytest.mark.parametrize(
+    "center, mode", [("embeddings", "simple"), ("qk,v", "causal"), ("residual,mlp", "learnable"), ("all", "momentum")]
+)
+def test_fused_and_eager_paths_agree_on_nanogpts_architecture(center, mode):
+    """Where the options run eager PyTorch, the fused path still fuses what it can (the centre into the next norm's
+    residual add is LayerNorm's own add_and_norm here): both paths give one loss, gradients and statistics."""
+    eager = GPT(small_config(center=center, centering_mode=mode, fused=False, **NANOGPT)).to(DEVICE)
+    randomize_centering(eager)
+    fused = GPT(small_config(center=center, centering_mode=mode, fused=True, **NANOGPT)).to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    idx, targets = tokens(eager.config, 3, 11), tokens(eager.config, 3, 11)
+    losses = {}
+    for name, model in (("eager", eager), ("fused", fused)):
+        losses[name] = model.train()(idx, targets)
+        losses[name].backward()
+    torch.testing.assert_close(losses["fused"], losses["eager"], **PATH_TOL)
+    eager_params = dict(eager.named_parameters())
+    for name, p in fused.named_parameters():
+        expected = eager_params[name].grad
+        torch.testing.assert_close(
+            p.grad, expected, rtol=GRAD_RTOL, atol=GRAD_RTOL * 0.1 * expected.abs().max().item() + 1e-9, msg=name
+        )
+    eager_buffers = dict(eager.named_buffers())
+    for name, b in fused.named_buffers():
+        torch.testing.assert_close(b, eager_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_simple_centering_zeroes_the_batch_mean_where_placed_in_nanogpts_architecture(placement, monkeypatch):
+    """As for the default model: embeddings centre the stream entering the first block (token + position
+    embedding), residual every later norm's input, qk the attention's q and k right after the projection (no
+    RoPE), v its values, mlp the GELU output."""
+    config = small_config(dim=32, n_layers=3, center=placement, centering_mode="simple", **NANOGPT)
+    model = GPT(config).to(DEVICE).train()
+    seen = []
+    add_and_norm, sdpa = model_module.LayerNorm.add_and_norm, F.scaled_dot_product_attention
+
+    def record_norm(self, x, *, residual=None, center=None):
+        normed, hidden = add_and_norm(self, x, residual=residual, center=center)
+        if center is not None:
+            seen.append(hidden.flatten(0, -2))
+        return normed, hidden
+
+    def record_sdpa(q, k, v, **kw):
+        wanted = {"qk": (q, k), "v": (v,)}.get(placement, ())
+        seen.extend(t.transpose(1, 2).flatten(0, 1).flatten(1) for t in wanted)  # [B, H, T, Dh] -> [B*T, H*Dh]
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(model_module.LayerNorm, "add_and_norm", record_norm)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record_sdpa)
+    if placement == "mlp":
+        for block in model.blocks:
+            block.mlp.down.register_forward_pre_hook(lambda m, args: seen.append(args[0].flatten(0, -2)))
+    model(tokens(config, 3, 10), tokens(config, 3, 10))
+    assert len(seen) == {"embeddings": 1, "qk": 2 * 3, "v": 3, "residual": 3, "mlp": 3}[placement]
+    for x in seen:
+        mean, typical = x.float().mean(0), x.float().abs().mean()
+        assert mean.abs().max() < 1e-5 * typical + 1e-7, (placement, mean.abs().max().item(), typical.item())
+
+
+def test_without_rope_a_key_centre_changes_nothing_and_a_query_centre_does():
+    """With learned positions nothing rotates the keys: one vector subtracted from every key shifts each query's
+    scores by a constant (softmax ignores it), so of the qk placement only the query centring acts."""
+    model = GPT(small_config(center="qk", centering_mode="learnable", **NANOGPT)).to(DEVICE).eval()
+    idx = tokens(model.config, 2, 13)
+    with torch.no_grad():
+        base = model(idx)
+        for block in model.blocks:
+            block.attn.k_center.center.normal_(0.0, 1.0)
+        keys_shifted = model(idx)
+        for block in model.blocks:
+            block.attn.q_center.center.normal_(0.0, 1.0)
+        queries_shifted = model(idx)
+    torch.testing.assert_close(keys_shifted, base, rtol=1e-4, atol=1e-5)
+    assert (queries_shifted[:, 1:] - base[:, 1:]).abs().max() > 1e-3  # position 0 attends to itself only
+
+
+def test_nanogpts_architecture_at_384_wide_has_30044544_parameters():
+    """The claims' width with nanoGPT's 384-wide shape (6 layers, 6 heads, block 256) and GPT-2's vocabulary,
+    counted by hand: the tied token embedding, the position embedding, per layer two LayerNorms (gain and bias),
+    qkv, out, up and down with their biases, and the final LayerNorm."""
+    V, D, L, T = 50257, 384, 6, 256
+    model = GPT(GPTConfig(**NANOGPT, vocab_size=V, dim=D, n_layers=L, n_heads=6, max_seq_len=T))
+    per_layer = 2 * 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * 4 * D + 4 * D) + (4 * D * D + D)
+    expected = V * D + T * D + L * per_layer + 2 * D
+    assert expected == 30_044_544 and model.num_params() == expected
+    assert model.num_params(non_embedding=True) == expected - V * D - T * D
+
+
+def test_architecture_options_are_checked_and_old_checkpoints_load_as_the_default_model(tmp_path):
+    for field, bad in (("norm", "batchnorm"), ("mlp", "relu"), ("positions", "alibi"), ("bias", 1)):
+        with pytest.raises(ValueError, match=field):
+            GPTConfig(**{field: bad})
+    with pytest.raises(ValueError, match="even"):
+        GPTConfig(dim=36, n_heads=4)  # RoPE needs an even head size; learned positions do not
+    assert GPTConfig(dim=36, n_heads=4, positions="learned").head_dim == 9
+    config = GPTConfig(**NANOGPT, dim=48, n_heads=3, center="all")
+    assert GPTConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    # A checkpoint written before the options existed holds no such fields: it is the default model.
+    model = GPT(small_config(center="residual"))
+    path = tmp_path / "ckpt.pt"
+    _write_train_style_checkpoint(path, model)
+    state = torch.load(path, weights_only=True)
+    for name in ("norm", "mlp", "positions", "bias"):
+        del state["config"]["model"][name]
+    torch.save(state, path)
+    loaded = checkpoint.load_model(path)
+    assert loaded.config == model.config and (loaded.config.norm, loaded.config.positions) == ("rmsnorm", "rope")
+    idx = tokens(model.config, 2, 9).cpu()
+    torch.testing.assert_close(loaded(idx), model.eval()(idx), rtol=0, atol=0)
+
+
+def test_learned_positions_generate_within_their_table():
+    config = small_config(max_seq_len=16, center="embeddings", centering_mode="causal", **NANOGPT)
+    model = GPT(config).to(DEVICE)
+    out = model.generate(tokens(config, 2, 10), 20, temperature=0.0)  # 30 > max_seq_len: the context is cropped
+    assert out.shape == (2, 30)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(tokens(config, 2, 17))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # torch.compile, generation and the sample CLI
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_compiles_with_fullgraph(fused):
+@pytest.mark.parametrize("fused, arch", [(False, "default"), (True, "default"), (True, "nanogpt")])
+def test_compiles_with_fullgraph(fused, arch):
     torch._dynamo.reset()
-    model = GPT(small_config(dim=32, center="residual,qk", centering_mode="causal", fused=fused)).to(DEVICE)
+    config = small_config(dim=32, center="residual,qk", centering_mode="causal", fused=fused, **ARCHS[arch])
+    model = GPT(config).to(DEVICE)
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     idx, targets = tokens(model.config, 2, 9), tokens(model.config, 2, 9)

@@ -4,7 +4,6 @@ the emulation's launch plan, and a whole step of a tiny model (no timings: count
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -21,22 +20,8 @@ from fastcenter import ops  # noqa: E402
 from fastcenter.model import GPTConfig  # noqa: E402
 
 TINY = dict(vocab_size=1000, dim=64, n_layers=2, n_heads=2, max_seq_len=64)
-TINY_FLAGS = [
-    "--vocab-size",
-    "1000",
-    "--dim",
-    "64",
-    "--n-layers",
-    "2",
-    "--n-heads",
-    "2",
-    "--max-seq-len",
-    "64",
-    "--batch-size",
-    "2",
-    "--grad-accum-steps",
-    "2",
-]
+TINY_FLAGS = [f"--{name.replace('_', '-')}={value}" for name, value in TINY.items()]
+TINY_FLAGS += ["--batch-size=2", "--grad-accum-steps=2"]
 
 
 def meta(*shape, dtype=torch.bfloat16):
@@ -192,15 +177,18 @@ def test_the_fused_step_launches_less_than_the_eager_one(tiny):
 
 
 def test_the_step_is_counted_whole_and_consistently(tiny):
-    n_params = 1 + TINY["n_layers"] * 6 + 1  # tied embedding, per block 2 norms + 4 linears, final norm
+    d, hidden = TINY["dim"], 4 * TINY["dim"]
+    n_weights = TINY["vocab_size"] * d + TINY["n_layers"] * (4 * d * d + 3 * d * hidden + 2 * d) + d
     for path, r in tiny["paths"].items():
         m = r["micro_step"]
         assert m["kernels"] >= m["host_ops"] > 0, path
         for key in ("host_ops", "kernels", "bytes", "flops"):
             assert sum(c[key] for c in m["by_class"].values()) == m[key], (path, key)
             assert m["forward"][key] + m["backward"][key] == m[key], (path, key)
-        # Accumulation: the last micro-step adds every gradient into .grad, the first adds none.
-        assert m["by_class"]["grad accumulation"]["host_ops"] == n_params, path
+        # Accumulation: the last micro-step adds every gradient into the held ones in one multi-tensor add (as
+        # many float32 bytes as the parameters, read twice and written once); the first adds none.
+        accumulation = m["by_class"]["grad accumulation"]
+        assert accumulation["host_ops"] == 1 and accumulation["bytes"] == 3 * 4 * n_weights, path
         assert "grad accumulation" not in r["first_micro_step"]["by_class"], path
         assert r["autocast_divergences"] == {} and r["host_syncs"] == 0, path
         assert r["optimizer"]["kernels"] >= 2 and r["clip"]["kernels"] >= 2, path
@@ -212,9 +200,36 @@ def test_the_step_is_counted_whole_and_consistently(tiny):
     assert {"aten.mm.out", "_cross_entropy_kernel"} <= {k["kernel"] for k in lm_head}  # inside the custom op
 
 
+def test_the_weights_are_cast_once_per_optimizer_step(tiny):
+    # All micro-steps run in one autocast region: its cached bf16 copies of the linears' float32 weights are
+    # made in the first micro-step only (the 4 linears of each block; the LM head casts inside its own op).
+    linears = 4 * TINY["n_layers"]
+    for path, r in tiny["paths"].items():
+        first, last = r["first_micro_step"]["by_class"]["casts"], r["micro_step"]["by_class"]["casts"]
+        assert first["host_ops"] - last["host_ops"] == linears, path
+
+
+def test_one_micro_step_of_the_whole_batch_launches_less_per_token():
+    split = step_cost.predict(GPTConfig(**TINY), paths=("fused",), batch_size=2, grad_accum_steps=2)
+    whole = step_cost.predict(GPTConfig(**TINY), paths=("fused",), batch_size=2, grad_accum_steps=2, micro_batch=4)
+    assert (whole["step"]["micro_batch"], whole["step"]["micro_steps"]) == (4, 1)
+    split, whole = split["paths"]["fused"], whole["paths"]["fused"]
+    assert whole["optimizer_step"]["tokens"] == split["optimizer_step"]["tokens"]
+    per = f"per_{step_cost.PER_TOKENS}_tokens"
+    assert whole[per]["host_ops"] < split[per]["host_ops"] and whole[per]["kernels"] < split[per]["kernels"]
+    assert whole["optimizer_step"]["host_ops"] == whole["micro_step"]["host_ops"] + sum(
+        whole[p]["host_ops"] for p in ("clip", "optimizer", "other")
+    )
+    # As a CUDA graph the host launches only what stays outside it: the optimizer and the step's bookkeeping.
+    graphed = whole["graphed"]
+    assert graphed["captured_kernels"] >= whole["micro_step"]["kernels"]
+    outside = whole["optimizer_step"]["host_ops"] - graphed["captured_host_ops"]
+    assert graphed["host_ops_per_optimizer_step"] == outside + 3 < whole["optimizer_step"]["host_ops"] / 5
+
+
 def test_the_json_has_the_fields_a_reader_needs(tiny):
     data = json.loads(step_cost.dumps(tiny))
-    assert {"commit", "versions", "gpus", "step", "paths"} <= set(data)
+    assert {"commit", "git", "versions", "gpus", "step", "paths"} <= set(data) and data["git"]["source_sha256"]
     assert set(data["gpus"]) == {"H100", "H200"}
     for r in data["paths"].values():
         assert {"micro_step", "first_micro_step", "clip", "optimizer", "optimizer_step", "kernels"} <= set(r)
@@ -228,23 +243,14 @@ def test_the_prediction_prints_beside_a_measurement(tiny):
     assert "H200 floor" in text and "| fused | micro-step time, ms |" in text and "| 3.00 |" in text
 
 
-def test_the_command_runs_on_a_tiny_config(tmp_path):
+def test_the_command_runs_on_a_tiny_config(tmp_path, capsys):
+    """The command line, in this process (the counting is the module's, above): a table per path and the JSON;
+    a user error is one line and exit status 2."""
     out = tmp_path / "cost.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.step_cost", *TINY_FLAGS, "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "| class | host ops | kernels |" in result.stdout and "eager path" in result.stdout
-    assert set(json.loads(out.read_text())["paths"]) == {"fused", "eager"}
-    bad = subprocess.run(
-        [sys.executable, "-m", "bench.step_cost", "--paths", "fast"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert step_cost.main([*TINY_FLAGS, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| class | host ops | kernels |" in printed and "eager path" in printed
+    data = json.loads(out.read_text())
+    assert set(data["paths"]) == {"fused", "eager"} and data["step"]["model"]["dim"] == TINY["dim"]
+    assert step_cost.main(["--paths", "fast"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -240,11 +240,13 @@ def test_busy_directory_is_refused_and_a_killed_run_does_not_block_resume(token_
 
 
 def test_two_process_gloo_run_matches_single_process(token_corpus, tmp_path):
+    # The processes also split the global batch differently: each runs its 8 windows as 4 micro-steps of 2
+    # (the middle ones summed by the trainer's multi-tensor add, the last by autograd for DDP's all-reduce).
     args = dict(grad_accum_steps=4, max_iters=6, eval_interval=3, eval_iters=3)
     single = start(tiny_args(token_corpus, tmp_path / "single", **args))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAIN_PY)]
     result = subprocess.run(
-        command + tiny_args(token_corpus, tmp_path / "ddp", **args),
+        command + tiny_args(token_corpus, tmp_path / "ddp", micro_batch=2, **args),
         env=env(),
         capture_output=True,
         text=True,
@@ -252,7 +254,7 @@ def test_two_process_gloo_run_matches_single_process(token_corpus, tmp_path):
     )
     single.communicate(timeout=300)
     assert result.returncode == 0 and single.returncode == 0, result.stdout + result.stderr
-    assert "2 x cpu" in result.stdout
+    assert "(4 x 2 sequences per process) on 2 x cpu" in result.stdout
     rows_single, rows_ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
     assert [r["step"] for r in rows_ddp] == [r["step"] for r in rows_single] == list(range(1, 7))
     # Same windows, same weights; only the order of the gradient sums differs (float32 rounding).
@@ -396,7 +398,7 @@ def test_fused_without_gpu_says_so_and_the_demo_corpus_is_announced(tmp_path, gp
     # built from the stdlib (a few seconds) into a private cache; it needs the GPT-2 BPE (gpt2_encoding skips).
     argv = tiny_args(None, tmp_path / "run", fused=True, max_iters=2, batch_size=2, grad_accum_steps=1, eval_iters=1)
     result = ok(train(argv, FASTCENTER_CACHE=str(tmp_path / "cache")))
-    assert "fused ops run their CPU implementation" in result.stdout
+    assert "fused ops run their CPU implementation (fastcenter/ops/<family>.py)" in result.stdout
     assert "No --data given" in result.stdout and "Python standard library" in result.stdout
     assert str(tmp_path / "cache") in result.stdout
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -581,6 +583,51 @@ def test_a_first_ctrl_c_before_training_is_not_called_the_second(token_corpus, t
     monkeypatch.setattr(data, "open_tokens", interrupted)
     code, _, err = cli(tiny_args(token_corpus, tmp_path / "run"), capsys)
     assert code == 130 and "second" not in err and "starting or finishing" in err and err.count("\n") == 1
+
+
+def test_a_micro_batch_that_does_not_divide_the_batch_is_one_line_before_the_run_starts(token_corpus, tmp_path, capsys):
+    cli_error(tiny_args(token_corpus, tmp_path / "run", micro_batch=3), capsys, r"--micro-batch 3 must divide the 8")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("variable", ["FASTCENTER_BACKEND", "FASTCENTER_CHECKS"])
+def test_an_unknown_environment_value_is_one_line_before_anything_runs(
+    token_corpus, tmp_path, capsys, monkeypatch, variable
+):
+    monkeypatch.setenv(variable, "bogus")
+    cli_error(
+        tiny_args(token_corpus, tmp_path / "run"), capsys, rf"environment variable {variable}='bogus' is not one of"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_offline_machine_without_the_tokenizer_fails_at_once_naming_tiktoken_cache_dir(
+    tmp_path, capsys, monkeypatch
+):
+    # No --data: the demo corpus needs GPT-2's BPE, which is not cached here and cannot be downloaded (every
+    # connection fails, as on a machine whose network drops packets). tiktoken would wait forever; the run fails
+    # in one line, having tried the download host once, with a timeout.
+    import socket
+
+    import tiktoken
+
+    attempts = []
+
+    def unreachable(address, timeout=None, *args, **kwargs):
+        attempts.append((address, timeout))
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: pytest.fail("tiktoken would download with no timeout"))
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("FASTCENTER_CACHE", str(tmp_path / "cache"))
+    argv = tiny_args(None, tmp_path / "run", max_iters=1)
+    cli_error(argv, capsys, r"'r50k_base' encoding .* not cached .*cannot be reached .*TIKTOKEN_CACHE_DIR")
+    assert [host for (host, _), _ in attempts] == ["openaipublic.blob.core.windows.net"]
+    assert all(0 < timeout <= data.NETWORK_TIMEOUT_S for _, timeout in attempts)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_model_too_large_to_allocate_is_one_line(token_corpus, tmp_path, capsys):

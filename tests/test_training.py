@@ -14,13 +14,14 @@ import pathlib
 import tempfile
 import typing
 
+import numpy as np
 import pytest
 import torch
 
 from fastcenter import checkpoint, data, files, training
 from fastcenter.config import TrainConfig, UsageError, build_parser, resolve_configs
 from fastcenter.files import RunDirectory, RunDirectoryError, atomic_write, read_jsonl
-from fastcenter.model import GPT, GPTConfig
+from fastcenter.model import GPT, NANOGPT, GPTConfig
 from fastcenter.training import NonFiniteLossError, Trainer, check_fits, gpu_peak_flops, learning_rate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -172,6 +173,169 @@ def test_gpu_peak_table(monkeypatch, name, peak):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The step: one function over the batch buffer, any micro-batch, a CUDA graph
+# ---------------------------------------------------------------------------------------------------------
+
+
+def plain_step(trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """An optimizer step written the obvious way, as the trainer's step was before it ran one function over a
+    batch buffer: an autocast region per micro-batch, autograd's own gradient accumulation."""
+    cfg, model, optimizer = trainer.cfg, trainer.raw_model, trainer.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(trainer.step, cfg)
+    micro_batches = trainer.sampler.next_step()
+    loss_sum = torch.zeros(())
+    for windows in micro_batches:
+        x, y = data.to_inputs_targets(windows, "cpu")
+        with trainer.precision.autocast():
+            loss = model(x, y)
+        (loss / len(micro_batches)).backward()
+        loss_sum += loss.detach().float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    trainer.step += 1
+    return loss_sum / len(micro_batches), grad_norm
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_step_is_the_plain_step_bit_for_bit(token_corpus, dtype):
+    # What StepGraph captures is the eager step's function; here it runs eagerly against the plain step: the same
+    # losses, norms and weights bit for bit, with bf16 autocast's weight copies reused across the three
+    # micro-steps and the gradients of the second and third added by one multi-tensor add.
+    trainers = [make_trainer(token_corpus, seed=3, grad_accum_steps=3, dtype=dtype) for _ in range(2)]
+    assert trainers[0].micro_steps == 3
+    for _ in range(3):
+        loss, (plain_loss, plain_norm) = trainers[0].train_step(), plain_step(trainers[1])
+        assert torch.equal(loss, plain_loss) and torch.equal(trainers[0].grad_norm, plain_norm)
+    for a, b in zip(trainers[0].raw_model.parameters(), trainers[1].raw_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_any_micro_batch_gives_the_same_step(token_corpus):
+    # A global batch of 4 x 4 sequences, as 4 micro-steps of 4 (the default on a CPU), 2 of 8 or 1 of 16: the
+    # same windows, and the same mean loss and gradients up to float32 rounding (sums in another order).
+    trainers = {m: make_trainer(token_corpus, seed=5, grad_accum_steps=4, micro_batch=m) for m in ("auto", 8, 16)}
+    assert [(t.micro_batch, t.micro_steps) for t in trainers.values()] == [(4, 4), (8, 2), (16, 1)]
+    windows = np.concatenate(trainers["auto"].sampler.global_positions(0))
+    batch = torch.from_numpy(data.gather_windows(trainers["auto"].sampler.tokens, windows, 16))
+    results = {m: t.accumulate_gradients(batch) for m, t in trainers.items()}
+    grads = {m: [p.grad.clone() for p in t._params] for m, t in trainers.items()}
+    for m in (8, 16):
+        torch.testing.assert_close(results[m][0], results["auto"][0], rtol=1e-6, atol=0)  # the loss
+        torch.testing.assert_close(results[m][1], results["auto"][1], rtol=1e-5, atol=0)  # the gradient norm
+        for g, reference in zip(grads[m], grads["auto"]):
+            torch.testing.assert_close(g, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    # Training on: the same windows every step, losses within float32 rounding.
+    for t in trainers.values():
+        t._clear_gradients()
+    steps = {m: [] for m in trainers}
+    for _ in range(2):
+        for m, t in trainers.items():
+            steps[m].append((t.train_step().item(), t._batch.clone()))
+    for m in (8, 16):
+        assert all(torch.equal(b, ref) for (_, b), (_, ref) in zip(steps[m], steps["auto"]))
+        np.testing.assert_allclose([l for l, _ in steps[m]], [l for l, _ in steps["auto"]], rtol=1e-5)
+
+
+def test_a_resumed_run_may_change_its_micro_batch_not_its_batch_or_data(token_corpus):
+    straight = make_trainer(token_corpus, seed=7, max_iters=6)
+    losses = [r.loss.item() for r in straight.run()]
+    first = make_trainer(token_corpus, seed=7, max_iters=3)
+    part = [r.loss.item() for r in first.run()]
+    torch.manual_seed(8)  # another init: everything comes from the state
+    second = make_trainer(token_corpus, seed=7, max_iters=6, micro_batch=8, model=GPT(GPTConfig(**TINY)))
+    second.load_state_dict(first.state_dict())
+    assert (second.micro_batch, second.micro_steps) == (8, 1) and second.tokens_per_step == first.tokens_per_step
+    seen, load = [], second._load_batch
+    second._load_batch = lambda windows: seen.append(windows) or load(windows)
+    rest = [r.loss.item() for r in second.run()]
+    assert part == losses[:3]
+    np.testing.assert_allclose(rest, losses[3:], rtol=1e-5)  # another split: float32 rounding only
+    # The windows of steps 4-6, in the order the uninterrupted run drew them.
+    replay = make_trainer(token_corpus, seed=7)
+    replay.sampler.step = 3
+    assert len(seen) == 3
+    for windows in seen:
+        assert np.array_equal(windows, np.concatenate(replay.sampler.next_step()))
+
+
+def test_a_micro_batch_must_divide_each_processes_share(token_corpus):
+    with pytest.raises(
+        UsageError, match=r"--micro-batch 3 must divide the 8 sequences .*--batch-size 4 x --grad-accum"
+    ):
+        make_trainer(token_corpus, micro_batch=3)
+    assert make_trainer(token_corpus, micro_batch=1).micro_steps == 8
+
+
+def test_largest_fitting_divisor():
+    fits = training.largest_fitting_divisor
+    assert fits(64, per_sequence=1.0, fixed=10.0, budget=1000.0) == 64
+    assert fits(64, per_sequence=10.0, fixed=100.0, budget=500.0) == 32  # 40 would fit, but does not divide 64
+    assert fits(12, per_sequence=10.0, fixed=0.0, budget=59.0) == 4
+    assert fits(12, per_sequence=10.0, fixed=100.0, budget=50.0) == 1  # nothing fits: the smallest
+
+
+def test_cuda_graph_without_a_gpu_says_so_once_and_trains_uncaptured(token_corpus):
+    said = []
+    graphed = make_trainer(token_corpus, seed=9, max_iters=3, cuda_graph=True)
+    assert graphed._graph is None
+    plain = make_trainer(token_corpus, seed=9, max_iters=3)
+    graphed.say = said.append
+    graphed._graph = training.StepGraph.for_trainer(graphed)
+    assert graphed._graph is None and said == ["--cuda-graph: the step runs uncaptured (it needs a CUDA device)"]
+    assert [r.loss.item() for r in graphed.run()] == [r.loss.item() for r in plain.run()]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda_trainer(corpus, **overrides) -> Trainer:
+    fields = dict(
+        batch_size=4, grad_accum_steps=2, seq_len=16, max_iters=8, lr=3e-3, warmup_iters=2, seed=11, device="cuda"
+    )
+    cfg = TrainConfig(**{**fields, **overrides})
+    tokens = data.load_split(corpus, "train", vocab_size=50257, seq_len=cfg.seq_len)
+    torch.manual_seed(11)
+    model = GPT(GPTConfig(**TINY, fused=True))
+    return Trainer(model, cfg, train_tokens=tokens, val_tokens=tokens, device=torch.device("cuda"), say=lambda m: None)
+
+
+@needs_cuda
+def test_the_captured_step_is_the_uncaptured_step_bit_for_bit(token_corpus):
+    # 3 eager warm-up steps, the capture and its replay at step 4, replays after; 4 micro-steps a step, so the
+    # graph holds the multi-tensor gradient adds too. The same losses, gradient norms and weights as the run
+    # that never captures, bit for bit -- where two uncaptured runs agree bit for bit (the control): a GPU whose
+    # kernels are not deterministic can only show closeness.
+    graphed, eager, control = (cuda_trainer(token_corpus, micro_batch=2, cuda_graph=g) for g in (True, False, False))
+    runs = {"graphed": [], "eager": [], "control": []}
+    for step in range(8):
+        for name, trainer in zip(runs, (graphed, eager, control)):
+            runs[name].append((trainer.train_step(), trainer.grad_norm))
+        assert graphed._graph is not None and graphed._graph.captured == (step >= 3)
+    weights = {name: list(t.raw_model.parameters()) for name, t in zip(runs, (graphed, eager, control))}
+
+    def same(a, b, exact):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y) if exact else torch.allclose(x, y, rtol=1e-3, atol=1e-4)
+
+    exact = all(torch.equal(x, y) for pair in zip(runs["eager"], runs["control"]) for x, y in zip(*pair))
+    for (loss, norm), (eager_loss, eager_norm) in zip(runs["graphed"], runs["eager"]):
+        same((loss, norm), (eager_loss, eager_norm), exact)
+    same(weights["graphed"], weights["eager"], exact)
+
+
+@needs_cuda
+def test_auto_micro_batch_on_cuda_measures_without_a_trace(token_corpus):
+    trainer = cuda_trainer(token_corpus, micro_batch="auto")
+    assert trainer.sequences_per_process % trainer.micro_batch == 0 and trainer.micro_batch == 8  # tiny: all fits
+    assert all(p.grad is None for p in trainer.raw_model.parameters())
+    fresh = cuda_trainer(token_corpus, micro_batch=8)
+    for (name, a), b in zip(trainer.raw_model.state_dict().items(), fresh.raw_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Configuration and flags
 # ---------------------------------------------------------------------------------------------------------
 
@@ -246,8 +410,12 @@ BAD_VALUES = {
     "--norm-eps": ["-1", "nan", "inf"],
     "--center": ["bogus"],
     "--centering-mode": ["mean"],
+    "--norm": ["batchnorm"],
+    "--mlp": ["relu"],
+    "--positions": ["alibi"],
     "--device": ["tpu"],
     "--dtype": ["float64"],
+    "--micro-batch": ["0", "-2", "x", "2.5"],
 }
 
 
@@ -283,7 +451,10 @@ def test_every_float_flag_refuses_values_beyond_float32s_range():
         TrainConfig(lr=1e300)  # in-process too
 
 
-@pytest.mark.parametrize("fields", [{}, dict(dim=48, n_heads=4, n_layers=3, mlp_hidden=100, center="all")])
+@pytest.mark.parametrize(
+    "fields",
+    [{}, dict(dim=48, n_heads=4, n_layers=3, mlp_hidden=100, center="all"), dict(mlp_hidden=4096, **NANOGPT)],
+)
 def test_check_fits_refuses_only_what_cannot_fit(monkeypatch, fields):
     config = GPTConfig(**{**TINY, **fields})
     model = GPT(config)

@@ -7,7 +7,8 @@
 It tests the claims of the origin study (a nanoGPT model, LayerNorm, learned positions and GELU, 384-768 wide: val
 loss after 1000 iterations, baseline 5.0749, embeddings centered 4.9603 (+2.26%), qk+v 4.9791 (+1.89%), v only
 5.0174 (+1.13%), residual -11.73%, mlp -0.57%, everything at once "catastrophic"; adaptive the recommended mode)
-with this package's model (RMSNorm, RoPE, SwiGLU) and data.
+with this package's model: the default model (RMSNorm, RoPE, SwiGLU), or nanoGPT's architecture through the
+model's options (--norm layernorm --mlp gelu --positions learned --bias; fastcenter.model.NANOGPT).
 
 Design
     Arms and modes. An arm is a set of placements (`plan.ARMS`); every arm but the baseline runs in every mode
@@ -46,9 +47,12 @@ Design
 
 Outputs (in --out)
     plan.json         the planned runs
-    runs/<run>.json   one finished run each (config, digests, curves, mechanisms, final losses, leak check,
-                      timings); written atomically when the run ends. A restarted study skips the runs found
-                      there, so an interruption costs at most the runs in progress.
+    runs/<run>.json   one finished run each (config, the model's configuration, the data's identity, digests,
+                      curves, mechanisms, final losses, leak check, timings); written atomically when the run
+                      ends. A restarted study skips the runs found there, so an interruption costs at most the
+                      runs in progress; --time-budget ends a session before a run it could not finish, and
+                      --bundle FILE keeps the whole directory in one .tar.gz, rewritten after every run (what
+                      a GPU lease brings back).
     ngrams.json       the n-gram baselines (the regime)
     results.json      config, environment, every run, contrasts, verdicts (rebuilt from runs/ every time)
     results.md        the analysis and the tables
@@ -61,6 +65,8 @@ Code
     plan.py       arms, modes, the claims, StudyConfig, the plan of runs, the paired initial weights
     centering.py  the study's own centering code: the mechanism probe and the naive leak control
     run.py        one run through the training core, the leak check, the whole study (workers, resume)
+    records.py    the run records of a study directory, their compatibility, the data they name
+    corpus.py     a corpus of Python source for long runs (`python -m fastcenter.experiments python-corpus`)
     ngram.py      the n-gram baselines
     stats.py      the analysis: paired t, Holm, simultaneous intervals, verdicts, secondary outcomes
     report.py     results.json, results.md, plots
@@ -82,8 +88,9 @@ from .plan import (
     model_config,
     plan_runs,
 )
+from .records import Corpus, StudyError, load_corpus
 from .report import build_results
-from .run import Corpus, StudyError, leak_check, load_corpus, run_study, train_run
+from .run import leak_check, run_study, train_run
 from .stats import claim_verdicts, contrasts, direction_verdict, holm, paired, size_verdict
 
 __all__ = [

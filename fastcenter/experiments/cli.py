@@ -9,9 +9,12 @@ import sys
 import torch
 
 from .. import data
+from ..config import CHOICES
+from .corpus import PYTHON_CORPUS_PACKAGES, build_python_corpus
 from .plan import ARMS, DEFAULT_ARMS, DEFAULT_MODES, FLAGS, STUDY_MODES, StudyConfig
+from .records import StudyError
 from .report import build_results
-from .run import StudyError, prepare_text_corpus, regime_of_study, run_study
+from .run import prepare_text_corpus, regime_of_study, run_study
 
 # Flags whose default is decided later: from --iters, from the data.
 _LATE_DEFAULTS = {"warmup_iters", "vocab_size"}
@@ -57,15 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"evaluation too; default {','.join(DEFAULT_MODES)})",
     )
     defaults = StudyConfig()
-    for name, (_, _, help_text) in FLAGS.items():
+    for name, (_, name_there, help_text) in FLAGS.items():
         option = "--" + name.replace("_", "-")
         default = None if name in _LATE_DEFAULTS else defaults.flag_value(name)
-        if name == "fused":
-            p.add_argument(
-                option, action=argparse.BooleanOptionalAction, default=None, help=f"{help_text} (default: fused)"
-            )
-        elif name == "device":
-            p.add_argument(option, choices=("auto", "cpu", "cuda"), default=None, help=f"{help_text} (default auto)")
+        if isinstance(default, bool):
+            shown = f" (default: {'yes' if default else 'no'})"
+            p.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=help_text + shown)
+        elif name_there in CHOICES:
+            choices = CHOICES[name_there]
+            p.add_argument(option, choices=choices, default=None, help=f"{help_text} (default {default})")
         else:
             kind = int if name in _LATE_DEFAULTS else type(default)
             shown = "" if default is None else f" (default {default:g})"
@@ -84,10 +87,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads per run (default: torch's choice; 1 per worker with --workers)",
     )
     p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no run that would end later than this after the start (judged by this session's longest run); "
+        "the runs left wait for the next session, which the same command resumes (with --workers 1)",
+    )
+    p.add_argument(
+        "--bundle",
+        metavar="FILE",
+        help="after every finished run and at the end, also write the study directory as one .tar.gz (what a GPU "
+        "lease brings back; unpacked beside a study directory of the same name, it resumes there)",
+    )
+    p.add_argument(
+        "--no-regime",
+        action="store_true",
+        help="skip the n-gram baselines (CPU work), e.g. on a GPU lease; --report-only --data DIR adds them later",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="train nothing: rebuild results.json, results.md and the plots from OUT/runs (with --data, "
         "also the n-gram baselines)",
+    )
+    c = sub.add_parser(
+        "python-corpus",
+        help="a corpus of Python source (the standard library and installed packages) for long runs",
+        description="Tokenize the .py files of this Python's standard library and of installed packages into "
+        "train.bin / val.bin / meta.json (fastcenter/experiments/corpus.py): a corpus that needs no download.",
+    )
+    c.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    c.add_argument(
+        "--packages",
+        default=",".join(PYTHON_CORPUS_PACKAGES),
+        help=f"comma list of installed packages whose source joins the standard library's "
+        f"(default {','.join(PYTHON_CORPUS_PACKAGES)})",
     )
     return parser
 
@@ -96,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = pathlib.Path(args.out)
     try:
+        if args.command == "python-corpus":
+            build_python_corpus(out_dir, [p.strip() for p in args.packages.split(",") if p.strip()])
+            return 0
         if args.report_only:
             if args.data:
                 regime_of_study(out_dir, args.data)
@@ -117,7 +155,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg = study_config({**given, "vocab_size": len(ids)})
         if args.threads:
             torch.set_num_threads(args.threads)
-        run_study(cfg, data_dir, out_dir, workers=args.workers, threads=args.threads)
+        run_study(
+            cfg,
+            data_dir,
+            out_dir,
+            workers=args.workers,
+            threads=args.threads,
+            time_budget_s=args.time_budget,
+            regime=not args.no_regime,
+            bundle=args.bundle,
+        )
     except (StudyError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

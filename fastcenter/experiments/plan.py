@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import pathlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -100,22 +99,45 @@ CLAIMS = (
 )
 
 # What the claims ran, as far as their document says: nanoGPT at 384-768 wide, 1000 iterations. It states no
-# batch size or context length. fastcenter.model.GPT is another architecture.
-CLAIMS_ARCHITECTURE = "LayerNorm, learned absolute positions, GELU MLP (nanoGPT)"
+# depth, heads, biases, batch size or context length. The default model is another architecture; the model's
+# options rebuild nanoGPT's (fastcenter.model.NANOGPT).
+CLAIMS_ARCHITECTURE = {"norm": "layernorm", "positions": "learned", "mlp": "gelu"}
 CLAIMS_WIDTHS = (384, 768)
 CLAIMS_ITERS = 1000
-MODEL_ARCHITECTURE = "RMSNorm, rotary positions, SwiGLU MLP"
+ARCHITECTURE_WORDS = {
+    "norm": {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"},
+    "positions": {"rope": "rotary positions", "learned": "learned absolute positions"},
+    "mlp": {"swiglu": "SwiGLU MLP", "gelu": "GELU MLP"},
+}
 # The batch the project takes for "the claims' scale" (the default configuration's 16 x 4 x 512): an assumption,
 # since the claims' document names none.
 ASSUMED_CLAIMS_TOKENS_PER_STEP = 16 * 4 * 512
 
 
-def scale_differences(config: dict) -> list[str]:
-    """How a study's configuration (its result fields) differs from the claims'. Any difference makes every
-    verdict one "at this scale"."""
+def architecture(model: dict) -> dict:
+    """The architecture options of a recorded model configuration (`GPTConfig.to_dict()`); those it lacks (records
+    written before the options existed) are the default model's."""
+    return {name: model.get(name, getattr(GPTConfig, name)) for name in (*CLAIMS_ARCHITECTURE, "bias")}
+
+
+def describe_architecture(arch: dict) -> str:
+    """'LayerNorm, learned absolute positions, GELU MLP' (+ ', biases' where a recorded architecture has them)."""
+    words = [ARCHITECTURE_WORDS[name][arch[name]] for name in CLAIMS_ARCHITECTURE]
+    return ", ".join(words + (["biases"] if arch.get("bias") else []))
+
+
+def scale_differences(config: dict, model: dict) -> list[str]:
+    """How a study's configuration (its result fields, and its runs' recorded model configuration `model`) differs
+    from the claims'. Any difference makes every verdict one "at this scale"."""
     tokens_per_step = config["batch_size"] * config["grad_accum_steps"] * config["seq_len"]
     run_tokens = config["iters"] * tokens_per_step
-    notes = [f"architecture: {MODEL_ARCHITECTURE}; the claims': {CLAIMS_ARCHITECTURE}"]
+    notes = []
+    arch = architecture(model)
+    if any(arch[name] != value for name, value in CLAIMS_ARCHITECTURE.items()):
+        notes.append(
+            f"architecture: {describe_architecture(arch)}; the claims': {describe_architecture(CLAIMS_ARCHITECTURE)} "
+            "(nanoGPT)"
+        )
     if not CLAIMS_WIDTHS[0] <= config["dim"] <= CLAIMS_WIDTHS[1]:
         notes.append(f"width {config['dim']}; the claims': {CLAIMS_WIDTHS[0]}-{CLAIMS_WIDTHS[1]}")
     if config["iters"] != CLAIMS_ITERS:
@@ -166,12 +188,20 @@ FLAGS = {
         "fused",
         "fastcenter's fused ops (Triton on a GPU, the CPU implementation on a CPU); --no-fused: the eager reference",
     ),
+    "norm": ("model", "norm", "rmsnorm, or layernorm (nanoGPT's)"),
+    "mlp": ("model", "mlp", "swiglu, or gelu (nanoGPT's)"),
+    "positions": ("model", "positions", "rope, or learned (nanoGPT's absolute position embedding)"),
+    "bias": ("model", "bias", "a bias in every linear and LayerNorm (nanoGPT's)"),
+    "norm_eps": ("model", "norm_eps", "epsilon of the norms (nanoGPT's LayerNorm: 1e-5)"),
     "seeds": ("study", "seeds", "paired seeds"),
     "seed_offset": ("study", "seed_offset", "first seed: seeds are offset..offset+K-1"),
     "log_interval": ("train", "log_interval", "print the training loss every N steps"),
     "device": ("train", "device", "auto (cuda if available), cpu or cuda"),
 }
 NOT_RESULTS = ("seeds", "seed_offset", "log_interval", "device")  # flags that decide which runs, or nothing
+# Flags added after studies were recorded: in the result fields only where they leave the default model's value,
+# so that the runs recorded before them still agree with a study of the default model.
+ONLY_WHEN_CHANGED = ("norm", "mlp", "positions", "bias", "norm_eps")
 # Fields each run sets for itself (or that decide nothing): not part of a study's configuration.
 PER_RUN = {
     "model": ("center", "centering_mode", "max_seq_len"),
@@ -253,10 +283,16 @@ class StudyConfig:
     def result_fields(self) -> dict:
         """The fields that decide a run's numbers (not which runs are planned): runs agree iff these agree.
 
-        The flags' values under the flags' names; a field of `model` or `train` that has no flag enters as
-        "model.<field>" / "train.<field>", and only when it differs from its default, so that the records
-        written before it existed still agree."""
-        out = {name: self.flag_value(name) for name in FLAGS if name not in NOT_RESULTS}
+        The flags' values under the flags' names (those of ONLY_WHEN_CHANGED where they leave their default); a
+        field of `model` or `train` that has no flag enters as "model.<field>" / "train.<field>", and only when
+        it differs from its default, so that the records written before it existed still agree."""
+        default_model = GPTConfig()
+        out = {
+            name: self.flag_value(name)
+            for name in FLAGS
+            if name not in NOT_RESULTS
+            and (name not in ONLY_WHEN_CHANGED or self.flag_value(name) != getattr(default_model, FLAGS[name][1]))
+        }
         flagged = {part: {spec[1] for spec in FLAGS.values() if spec[0] == part} for part in ("model", "train")}
         for part, cfg in (("model", self.model), ("train", self.train)):
             default = type(cfg)()
@@ -276,6 +312,9 @@ class StudyConfig:
             device=device.type,
             eval_interval=self.train.max_iters,
             dtype="bfloat16" if device.type == "cuda" else "float32",
+            # Every arm splits its batch the same way: train.py's "auto" micro-batch keeps batch_size only for
+            # models with centering, and a baseline split otherwise would round differently from its arms.
+            micro_batch=self.train.batch_size,
         )
 
     @property
@@ -400,20 +439,4 @@ def weights_digest(model: torch.nn.Module, keys: Iterable[str]) -> str:
         t = state[key].detach().cpu().contiguous()
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_digest(path: pathlib.Path, limit: int = 1 << 28) -> str:
-    """sha256 of a file; beyond `limit` bytes, of its size and first and last 16 MB (token files can be huge)."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size <= limit:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        else:
-            h.update(str(size).encode())
-            h.update(f.read(1 << 24))
-            f.seek(size - (1 << 24))
-            h.update(f.read())
     return h.hexdigest()

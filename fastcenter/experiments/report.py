@@ -16,6 +16,7 @@ from ..environment import collect as collect_environment
 from ..files import atomic_write, atomic_write_text
 from .ngram import ORDERS, load_regime
 from .plan import ARMS, BASELINE_MODE, CLAIMED_BASELINE_LOSS, CLAIMS, LEAK_TOLERANCE, MODE_ORDER, scale_differences
+from .records import StudyError, check_compatible, load_runs
 from .stats import (
     ANALYSIS,
     claim_verdicts,
@@ -560,8 +561,6 @@ def _save_figure(fig, path: pathlib.Path) -> None:
 
 def build_results(out_dir: pathlib.Path, log: Callable[[str], None] = print, plots: bool = True) -> dict:
     """Rebuild results.json, results.md (and the plots) from every finished run under out_dir/runs."""
-    from .run import StudyError, check_compatible, load_runs
-
     runs = load_runs(out_dir)
     if not runs:
         raise StudyError(f"no finished runs under {out_dir}/runs")
@@ -584,7 +583,8 @@ def build_results(out_dir: pathlib.Path, log: Callable[[str], None] = print, plo
         else []
     )
     config = runs[0]["config"]
-    differences = scale_differences(config)
+    # The model configuration the runs recorded (records written before they held it: the default model's).
+    differences = scale_differences(config, runs[0].get("configs", {}).get("model", {}))
     regime = load_regime(out_dir, config, runs[0]["data_digest"])
     results = {
         "format": RESULTS_FORMAT,

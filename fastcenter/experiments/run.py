@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import multiprocessing
 import pathlib
+import tarfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .. import data
-from ..files import atomic_write_text
+from ..files import TEMP_SUFFIX, atomic_write, atomic_write_text
 from ..training import NonFiniteLossError, Trainer, preserved
 from .centering import measure_mechanisms
 from .ngram import update_regime
@@ -32,11 +30,11 @@ from .plan import (
     RunSpec,
     StudyConfig,
     build_model,
-    file_digest,
     initial_state,
     plan_runs,
     weights_digest,
 )
+from .records import Corpus, StudyError, check_compatible, load_corpus, load_runs, uses_legacy_digest
 from .report import build_results, environment
 from .stats import seed_of
 
@@ -79,24 +77,6 @@ def leak_check(model, tokens: torch.Tensor, seed: int = 0) -> dict:
         }
         result[phase]["leak"] = result[phase]["future_leak"] or result[phase]["batch_leak"]
     return result
-
-
-@dataclass
-class Corpus:
-    train: np.ndarray
-    val: np.ndarray
-    data_dir: str
-    digest: str
-
-
-def load_corpus(data_dir, vocab_size: int, seq_len: int) -> Corpus:
-    data_dir = pathlib.Path(data_dir)
-    train = data.load_split(data_dir, "train", vocab_size=vocab_size, seq_len=seq_len)
-    val = data.load_split(data_dir, "val", vocab_size=vocab_size, seq_len=seq_len)
-    digest = hashlib.sha256(
-        (file_digest(data_dir / "train.bin") + file_digest(data_dir / "val.bin")).encode()
-    ).hexdigest()
-    return Corpus(train, val, str(data_dir.resolve()), digest)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -175,6 +155,7 @@ def train_run(
         "config": cfg.result_fields(),
         "configs": {"model": model.config.to_dict(), "train": dataclasses.asdict(run_cfg)},
         "data_digest": corpus.digest,
+        "data_identity": corpus.identity,
         "device": device.type,
         "ops": ops_name(device, cfg.model.fused),
         "autocast": trainer.precision.name,
@@ -219,44 +200,13 @@ def ops_name(device: torch.device, fused: bool) -> str:
     return "triton" if device.type == "cuda" else "cpu"
 
 
-class StudyError(ValueError):
-    """The study cannot run as asked (the message says why)."""
-
-
-def load_runs(out_dir: pathlib.Path) -> list[dict]:
-    runs = []
-    for path in sorted((out_dir / "runs").glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise StudyError(f"{path}: not valid JSON ({e}); delete it to rerun that run") from e
-        if record.get("format") != RUN_FORMAT:
-            raise StudyError(f"{path}: not a run record of {RUN_FORMAT}")
-        runs.append(record)
-    return runs
-
-
-def check_compatible(records: list[dict], fields: dict, digest: str | None, out_dir: pathlib.Path) -> None:
-    """Refuse to mix runs of different configurations or data in one study."""
-    for r in records:
-        changed = sorted(k for k in set(fields) | set(r["config"]) if fields.get(k) != r["config"].get(k))
-        if changed:
-            detail = ", ".join(f"{k}: {r['config'].get(k)!r} there, {fields.get(k)!r} now" for k in changed)
-            raise StudyError(
-                f"{out_dir}/runs holds runs of another configuration ({detail}); "
-                "use another --out, or the same settings"
-            )
-        if digest is not None and r["data_digest"] != digest:
-            raise StudyError(f"{out_dir}/runs holds runs trained on other data ({r['run_id']}); use another --out")
-
-
 def regime_of_study(out_dir: pathlib.Path, data_dir, log: Callable[[str], None] = print) -> dict:
     """OUT/ngrams.json for the planned seeds of a study, from its data (`--report-only --data DIR`)."""
     runs = load_runs(out_dir)
     if not runs:
         raise StudyError(f"no finished runs under {out_dir}/runs")
     config, digest = runs[0]["config"], runs[0]["data_digest"]
-    corpus = load_corpus(data_dir, config["vocab_size"], config["seq_len"])
+    corpus = load_corpus(data_dir, config["vocab_size"], config["seq_len"], legacy=uses_legacy_digest(runs))
     if corpus.digest != digest:
         raise StudyError(f"{data_dir} is not the data the runs under {out_dir} trained on (another digest)")
     plan_path = out_dir / "plan.json"
@@ -277,6 +227,9 @@ def run_study(
     *,
     workers: int = 1,
     threads: int | None = None,
+    time_budget_s: float | None = None,
+    regime: bool = True,
+    bundle=None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run every planned run not already finished under out_dir/runs, then rebuild the results.
@@ -284,17 +237,26 @@ def run_study(
     workers > 1 runs that many runs at once in separate processes with `threads` torch threads each (default
     1): on a CPU, two single-thread processes do far more work than one two-thread process at these sizes.
     Each run writes its record when it ends, so an interruption loses at most the runs in progress.
+    time_budget_s: start no run that would end past this many seconds after the call, judged by the longest run
+    of this session so far (none before the first); the runs left wait for the next session, which the same
+    call resumes (one worker only). regime=False: leave the n-gram baselines for later (`--report-only --data`).
+    bundle: a .tar.gz path, rewritten with the whole study directory after every finished run and at the end
+    (`write_bundle`): one file that a GPU lease brings back, complete whenever the session is cut off.
     """
+    t_call = time.perf_counter()
     out_dir = pathlib.Path(out_dir)
+    if time_budget_s is not None and (workers > 1 or not time_budget_s > 0):
+        raise StudyError(f"--time-budget must be a number of seconds > 0, with --workers 1; got {time_budget_s}")
     try:
         device = resolve_device(cfg.train.device)
     except ValueError as e:
         raise StudyError(str(e)) from e
     if workers < 1:
         raise StudyError(f"--workers must be >= 1, got {workers}")
-    corpus = load_corpus(data_dir, cfg.model.vocab_size, cfg.train.seq_len)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     finished = {r["run_id"]: r for r in load_runs(out_dir)}
+    legacy = uses_legacy_digest(list(finished.values()))  # a directory begun before records held the identity
+    corpus = load_corpus(data_dir, cfg.model.vocab_size, cfg.train.seq_len, legacy=legacy)
     check_compatible(list(finished.values()), cfg.result_fields(), corpus.digest, out_dir)
     plan = plan_runs(cfg)
     atomic_write_text(
@@ -319,7 +281,8 @@ def run_study(
     )
     log(f"finished: {', '.join(s.run_id for s in plan if s.run_id in finished) or 'none'}")
     log(f"to run: {', '.join(s.run_id for s in todo) or 'none'}")
-    update_regime(out_dir, corpus.train, corpus.val, cfg.result_fields(), corpus.digest, cfg.seed_list, log)
+    if regime:
+        update_regime(out_dir, corpus.train, corpus.val, cfg.result_fields(), corpus.digest, cfg.seed_list, log)
     session = {
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "runs_planned": len(plan),
@@ -350,6 +313,8 @@ def run_study(
             f"ETA {_format_seconds(elapsed / done * (len(todo) - done))}"
         )
         build_results(out_dir, log, plots=False)  # partial results stay current
+        if bundle is not None:
+            write_bundle(out_dir, bundle)
 
     try:
         if parallel:
@@ -358,7 +323,9 @@ def run_study(
                 workers, mp_context=context, initializer=_worker_init, initargs=(threads or 1,)
             ) as pool:
                 futures = {
-                    pool.submit(_run_and_save, spec, cfg, str(data_dir), str(out_dir), _prefix(spec, plan)): spec
+                    pool.submit(
+                        _run_and_save, spec, cfg, str(data_dir), str(out_dir), legacy, _prefix(spec, plan)
+                    ): spec
                     for spec in todo
                 }
                 try:
@@ -370,7 +337,17 @@ def run_study(
                     raise
         else:
             base_states: dict[int, dict] = {}
+            longest = 0.0  # the longest run of this session, seconds
             for spec in todo:
+                if time_budget_s is not None and time.perf_counter() - t_call + longest > time_budget_s:
+                    left = len(todo) - session["runs_done"]
+                    session["stopped_by_time_budget"] = left
+                    log(
+                        f"time budget of {time_budget_s:g} s: {left} run(s) left for the next session "
+                        "(the same command resumes)"
+                    )
+                    break
+                started = time.perf_counter()
                 if spec.seed not in base_states:
                     base_states = {spec.seed: initial_state(cfg, spec.seed)}  # one seed at a time in memory
                 record = train_run(
@@ -378,6 +355,7 @@ def run_study(
                 )
                 atomic_write_text(out_dir / "runs" / f"{spec.run_id}.json", json.dumps(record) + "\n")
                 finished_one(spec, record)
+                longest = max(longest, time.perf_counter() - started)
     finally:
         session["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         session["wall_s"] = time.perf_counter() - t0
@@ -385,7 +363,28 @@ def run_study(
             f.write(json.dumps(session) + "\n")
     results = build_results(out_dir, log)
     log(f"wrote {out_dir / 'results.json'}, results.md and the plots")
+    if bundle is not None:
+        write_bundle(out_dir, bundle)
+        log(f"wrote {bundle}")
     return results
+
+
+def write_bundle(out_dir: pathlib.Path, path) -> None:
+    """The study directory as one .tar.gz at `path`, written atomically (the bundle itself and temp files left out).
+
+    Unpacked into the parent of a study directory of the same name, it resumes there."""
+    out_dir, path = pathlib.Path(out_dir), pathlib.Path(path).resolve()
+
+    def keep(info: tarfile.TarInfo):
+        name = pathlib.Path(info.name).name
+        left_out = name.endswith(TEMP_SUFFIX) or (out_dir.parent / info.name).resolve() == path
+        return None if left_out else info
+
+    def write(f) -> None:
+        with tarfile.open(fileobj=f, mode="w:gz") as tar:
+            tar.add(out_dir, arcname=out_dir.name, filter=keep)
+
+    atomic_write(path, write)
 
 
 def _prefix(spec: RunSpec, plan: list[RunSpec]) -> str:
@@ -396,10 +395,11 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_and_save(spec: RunSpec, cfg: StudyConfig, data_dir: str, out_dir: str, prefix: str) -> dict:
-    """One run in a worker process: everything from the plan and the data, the record written when done."""
+def _run_and_save(spec: RunSpec, cfg: StudyConfig, data_dir: str, out_dir: str, legacy: bool, prefix: str) -> dict:
+    """One run in a worker process: everything from the plan and the data, the record written when done (naming
+    the data by the legacy digest where the study directory does)."""
     device = resolve_device(cfg.train.device)
-    corpus = load_corpus(data_dir, cfg.model.vocab_size, cfg.train.seq_len)
+    corpus = load_corpus(data_dir, cfg.model.vocab_size, cfg.train.seq_len, legacy=legacy)
     record = train_run(
         spec,
         cfg,
