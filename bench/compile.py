@@ -327,20 +327,21 @@ def _norm_plans() -> list[Plan]:
 
     plans = []
 
-    def add(label, n, d, x_dtype, other_dtype, *, residual, center, weight, out_dtype=None, ci=False):
+    def add(
+        label, n, d, x_dtype, other_dtype, *, residual, center, weight, out_dtype=None, weight_offset=0.0, ci=False
+    ):
         def launch():
             x = _meta(n, d, dtype=x_dtype)
             r = _meta(n, d, dtype=other_dtype) if residual else None
             c = {"none": None, "vector": _meta(d, dtype=other_dtype), "token": _meta(n, d, dtype=other_dtype)}[center]
             w = _meta(d, dtype=other_dtype) if weight else None
-            normed, hidden, rstd = norm.norm_forward(x, w, c, r, 1e-6, out_dtype)
+            normed, hidden, rstd = norm.norm_forward(x, w, c, r, 1e-6, out_dtype, weight_offset)
             stored = hidden if hidden.numel() else x
             grad_hidden = torch.empty_like(x) if (residual or center != "none") else None
             # With a residual the kernel also stores the residual's own gradient, in its dtype (ops/norm.py).
             residual_grad_dtype = other_dtype if residual else None
-            norm.norm_backward(
-                torch.empty_like(normed), grad_hidden, stored, w, rstd, center == "vector", residual_grad_dtype
-            )
+            dy = torch.empty_like(normed)
+            norm.norm_backward(dy, grad_hidden, stored, w, rstd, center == "vector", residual_grad_dtype, weight_offset)
 
         plans.append(Plan(label, launch, ci))
 
@@ -361,6 +362,11 @@ def _norm_plans() -> list[Plan]:
             add(f"center_rms_norm {name} D={width} per-token centre", rows, width, dtype, dtype, residual=True,
                 center="token", weight=True)  # fmt: skip
         add(f"rms_norm {name} D=256 no weight", n, 256, dtype, dtype, residual=False, center="none", weight=False)
+        # Gemma's (1 + weight): Gemma 2 2B's width, and the widest row with every flag (the split backward)
+        add(f"rms_norm {name} D=2304 weight offset", n, 2304, dtype, dtype, residual=False, center="none",
+            weight=True, weight_offset=1.0)  # fmt: skip
+        add(f"center_rms_norm {name} D={MAX_FUSED_NORM_DIM} residual+centre, weight offset", 512, MAX_FUSED_NORM_DIM,
+            dtype, dtype, residual=True, center="vector", weight=True, weight_offset=1.0, ci=name == "bf16")  # fmt: skip
     return plans
 
 
@@ -396,14 +402,14 @@ def _swiglu_plans() -> list[Plan]:
 
     plans = []
 
-    def add(label, n, h, dtype, *, packed, ci=False):
+    def add(label, n, h, dtype, *, packed, activation="silu", ci=False):
         def launch():
             if packed:
                 gate, up = _meta(n, 2 * h, dtype=dtype), None
             else:
                 gate, up = _meta(n, h, dtype=dtype), _meta(n, h, dtype=dtype)
-            out = swiglu.swiglu_forward(gate, up)
-            swiglu.swiglu_backward(torch.empty_like(out), gate, up)
+            out = swiglu.swiglu_forward(gate, up, activation)
+            swiglu.swiglu_backward(torch.empty_like(out), gate, up, activation)
 
         plans.append(Plan(label, launch, ci))
 
@@ -412,6 +418,12 @@ def _swiglu_plans() -> list[Plan]:
         add(f"swiglu {name} default packed", DEFAULT["tokens"], DEFAULT["hidden"], dtype, packed=True)
         add(f"swiglu {name} 65536x4096 packed", 65536, 4096, dtype, packed=True, ci=name == "fp32")
         add(f"swiglu {name} 8192x1000 two tensors", 8192, 1000, dtype, packed=False)
+        # GeGLU: the same kernels with the GELU activations (tanh: Gemma's gate and up projections, two tensors)
+        for activation in ("gelu_tanh", "gelu"):
+            add(f"geglu {activation} {name} 8192x1000 two tensors", 8192, 1000, dtype, packed=False,
+                activation=activation)  # fmt: skip
+            add(f"geglu {activation} {name} 65536x4096 packed", 65536, 4096, dtype, packed=True,
+                activation=activation, ci=name == "fp32")  # fmt: skip
     return plans
 
 

@@ -93,6 +93,14 @@ class VectorCentering(nn.Module):
         # Zeros at init; the model keeps it out of weight decay (it is a 1-D parameter).
         self.center = nn.Parameter(torch.zeros(dim)) if mode == "learnable" else None
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The state at construction: zero statistics (running_mean, num_updates) and a zero learnable centre."""
+        self.running_mean.zero_()
+        self.num_updates.zero_()
+        if self.center is not None:
+            self.center.zero_()
+
     def _batch_mean(self, x: Tensor, residual: Tensor | None) -> Tensor:
         """mean over all leading dims of (x + residual), in float32, keeping the graph."""
         dims = tuple(range(x.dim() - 1))

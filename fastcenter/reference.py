@@ -29,8 +29,10 @@ def rms_norm(
     eps: float | None = None,
     *,
     out_dtype: torch.dtype | None = None,
+    weight_offset: float = 0.0,
 ) -> Tensor:
-    """`torch.nn.functional.rms_norm`: x / sqrt(mean(x**2) + eps) * weight over the trailing `normalized_shape`.
+    """`torch.nn.functional.rms_norm`: x / sqrt(mean(x**2) + eps) * weight over the trailing `normalized_shape`;
+    with a weight_offset, * (weight + weight_offset) (Gemma's RMSNorm: 1.0).
 
     The output is in `out_dtype` (default: the input's dtype), rounded once from the float32 math."""
     if eps is None:
@@ -39,7 +41,7 @@ def rms_norm(
     x = _f32(input)
     y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
     if weight is not None:
-        y = y * _f32(weight)
+        y = y * (_f32(weight) + weight_offset)
     return y.to(out_dtype or input.dtype)
 
 
@@ -51,8 +53,10 @@ def center_rms_norm(
     residual: Tensor | None = None,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
+    weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * weight.
+    """hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * (weight +
+    weight_offset).
 
     Returns (normed, hidden): `normed` in `out_dtype` (default: the input's dtype), `hidden` (the new residual
     stream) in the input's dtype.
@@ -64,7 +68,7 @@ def center_rms_norm(
         hidden = hidden - _f32(center)
     normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        normed = normed * _f32(weight)
+        normed = normed * (_f32(weight) + weight_offset)
     return normed.to(out_dtype or input.dtype), hidden.to(input.dtype)
 
 
@@ -104,6 +108,14 @@ def swiglu(gate: Tensor, up: Tensor | None = None) -> Tensor:
     if up is None:
         gate, up = gate.chunk(2, dim=-1)
     return (F.silu(_f32(gate)) * _f32(up)).to(gate.dtype)
+
+
+def geglu(gate: Tensor, up: Tensor | None = None, *, approximate: str = "none") -> Tensor:
+    """gelu(gate, approximate=approximate) * up ("none": erf GELU, "tanh": its tanh approximation); with up=None,
+    `gate` is the packed [..., 2H] tensor [gate | up]."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return (F.gelu(_f32(gate), approximate=approximate) * _f32(up)).to(gate.dtype)
 
 
 def cross_entropy(

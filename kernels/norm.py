@@ -4,9 +4,9 @@ Forward, per row (all math in float32):
 
     h      = x (+ r) (- c)                    the new residual stream, stored when r or c is given
     rstd   = 1 / sqrt(mean(h**2) + eps)       one float32 per row, kept for the backward
-    y      = h * rstd * w
+    y      = h * rstd * (w + o)               o: a constant weight offset (0; 1 for Gemma's (1 + w))
 
-Backward, with n = h * rstd, g = dy * w and an incoming gradient dh_out of the stored `h` (if it was used):
+Backward, with n = h * rstd, g = dy * (w + o) and an incoming gradient dh_out of the stored `h` (if it was used):
 
     dh     = rstd * (g - n * mean(g * n)) + dh_out        = dx = dr;   dc = -dh
     dw     = sum over rows of dy * n
@@ -38,12 +38,20 @@ import triton.language as tl
 from ._device import cdiv, max_registers, multiprocessor_count, next_power_of_2
 
 
+@triton.jit
+def _offset(w, W_OFFSET: tl.constexpr):
+    """w + W_OFFSET; for the offset 0 no instruction at all (the launches without one compile as they always did)."""
+    if W_OFFSET != 0.0:
+        w += W_OFFSET
+    return w
+
+
 @triton.jit(do_not_specialize=["n_rows"])
 def _norm_fwd_kernel(
     X, R, C, W, Y, H, RSTD,
     n_rows, n_cols, eps,
     stride_x, stride_r, stride_c_row, stride_c_col, stride_w, stride_y, stride_h,
-    HAS_RESIDUAL: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_WEIGHT: tl.constexpr, W_OFFSET: tl.constexpr,
     STORE_HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -63,7 +71,7 @@ def _norm_fwd_kernel(
     rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)  # masked lanes hold 0 and add nothing
     y = h * rstd[:, None]
     if HAS_WEIGHT:
-        y *= tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        y *= _offset(tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32), W_OFFSET)[None, :]
 
     tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     if STORE_HIDDEN:
@@ -75,7 +83,7 @@ def _norm_fwd_kernel(
 def _norm_bwd_dot_kernel(
     DY, H, W, RSTD, DOT,
     n_cols, stride_dy, stride_h, stride_w,
-    HAS_WEIGHT: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, W_OFFSET: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Wide rows: mean(g * n) = rstd * sum(dy * w * h) / D of one row, in column chunks of BLOCK_D."""
     row64 = tl.program_id(0).to(tl.int64)
@@ -85,7 +93,7 @@ def _norm_bwd_dot_kernel(
         mask = cols < n_cols
         g = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_WEIGHT:
-            g *= tl.load(W + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
+            g *= _offset(tl.load(W + cols * stride_w, mask=mask, other=0.0).to(tl.float32), W_OFFSET)
         acc += g * tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(DOT + row64, tl.sum(acc, axis=0) * tl.load(RSTD + row64) / n_cols)
 
@@ -95,7 +103,7 @@ def _norm_bwd_kernel(
     DY, DH_OUT, H, W, RSTD, DOT, DX, DR, DW_PARTIAL, DC_PARTIAL,
     n_rows, n_cols, rows_per_program,
     stride_dy, stride_dh_out, stride_h, stride_w, stride_dx, stride_dr,
-    HAS_DH_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, CENTER_IS_VECTOR: tl.constexpr, ROW_DOT: tl.constexpr,
+    HAS_DH_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, W_OFFSET: tl.constexpr, CENTER_IS_VECTOR: tl.constexpr, ROW_DOT: tl.constexpr,
     STORE_DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Programs (row slab, column block). Without ROW_DOT a column block is the whole row; with it, the row's
@@ -105,7 +113,7 @@ def _norm_bwd_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < n_cols
     if HAS_WEIGHT:
-        w = tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        w = _offset(tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32), W_OFFSET)[None, :]
     dw_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dc_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
@@ -169,7 +177,7 @@ def _block_shape(block_d: int, elements_per_program: int) -> tuple[int, int]:
     return block_m, num_warps
 
 
-def norm_forward(x, weight, center, residual, eps: float, out_dtype=None):
+def norm_forward(x, weight, center, residual, eps: float, out_dtype=None, weight_offset: float = 0.0):
     """x, residual: [N, D] with unit column stride; center: [D] or [N, D] view, weight: [D] (any strides).
 
     Returns (normed [N, D] in out_dtype (default x's), hidden [N, D] in x's dtype or empty when there is nothing
@@ -194,7 +202,7 @@ def norm_forward(x, weight, center, residual, eps: float, out_dtype=None):
         x.stride(0), 0 if residual is None else residual.stride(0), *c_strides, _stride(weight),
         normed.stride(0), hidden.stride(0) if store_hidden else 0,
         HAS_RESIDUAL=residual is not None, HAS_CENTER=center is not None, HAS_WEIGHT=weight is not None,
-        STORE_HIDDEN=store_hidden, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        W_OFFSET=weight_offset, STORE_HIDDEN=store_hidden, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         maxnreg=max_registers(num_warps) if block_m == 1 else None,  # one row of >= 4096: see max_registers
     )  # fmt: skip
     return normed, hidden, rstd
@@ -209,7 +217,9 @@ def _unit_col_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector: bool, residual_grad_dtype=None):
+def norm_backward(
+    grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector: bool, residual_grad_dtype=None, weight_offset=0.0
+):
     """Returns (grad of h [N, D] in h's dtype, grad of weight, float32 grad of a [D] centre, grad of the residual).
 
     The residual's gradient equals h's; with `residual_grad_dtype` the kernel also writes it into a tensor of its
@@ -233,7 +243,7 @@ def norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vect
         _norm_bwd_dot_kernel[(n_rows,)](
             grad_normed, hidden, weight, rstd, dot,
             n_cols, grad_normed.stride(0), hidden.stride(0), _stride(weight),
-            HAS_WEIGHT=weight is not None, BLOCK_D=block_d, num_warps=8,
+            HAS_WEIGHT=weight is not None, W_OFFSET=weight_offset, BLOCK_D=block_d, num_warps=8,
         )  # fmt: skip
     block_m, num_warps = _block_shape(block_d, 2048)
     n_tiles = cdiv(n_rows, block_m)
@@ -252,7 +262,7 @@ def norm_backward(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vect
         n_rows, n_cols, rows_per_program,
         grad_normed.stride(0), 0 if grad_hidden is None else grad_hidden.stride(0), hidden.stride(0), _stride(weight),
         grad_h.stride(0), grad_residual.stride(0) if store_dr else 0,
-        HAS_DH_OUT=grad_hidden is not None, HAS_WEIGHT=weight is not None, CENTER_IS_VECTOR=center_is_vector,
+        HAS_DH_OUT=grad_hidden is not None, HAS_WEIGHT=weight is not None, W_OFFSET=weight_offset, CENTER_IS_VECTOR=center_is_vector,
         ROW_DOT=wide, STORE_DR=store_dr, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
     grad_weight = hidden.new_empty(0) if weight is None else dw_partial.sum(0).to(weight.dtype)

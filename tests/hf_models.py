@@ -35,15 +35,24 @@ FP32 = dict(rtol=2e-5, atol=2e-5)
 
 # What differs per family in a tiny config: Phi-3's default pad id lies beyond this vocabulary, and its rotary
 # embedding covers half of each head here (partial_rotary_factor, as Phi-4-mini's 0.75); the mixture of experts
-# gets 4 experts of which each token takes 2, and a dense MLP in its last layer (mlp_only_layers).
+# gets 4 experts of which each token takes 2, and a dense MLP in its last layer (mlp_only_layers). Gemma: a sliding
+# layer (window shorter than the sequence) then a global one, queries scaled by the head dim as in its releases;
+# Gemma 2's attention and final-logit softcaps small enough to bite at this scale (Gemma 3 has neither).
+_GEMMA = dict(query_pre_attn_scalar=HEAD_DIM, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
 FAMILY_CONFIG = {
     "phi3": dict(pad_token_id=0, eos_token_id=2, partial_rotary_factor=0.5),
     "olmo2": dict(pad_token_id=0, eos_token_id=2),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[LAYERS - 1]),
+    "gemma2": dict(_GEMMA, attn_logit_softcapping=4.0, final_logit_softcapping=3.0),
+    "gemma3_text": _GEMMA,
 }
+# Gemma 2's attention softcap needs transformers' eager attention (it refuses sdpa).
+ATTENTION = {"gemma2": "eager"}
 # RMSNorm modules per layer: Qwen3 (and its MoE) normalises q and k per head, OLMo 2 q and k over all heads and
-# both sublayers' outputs.
-NORMS_PER_LAYER = {"qwen3": 4, "qwen3_moe": 4, "olmo2": 4}
+# both sublayers' outputs; Gemma 2 both sublayers' inputs and outputs, Gemma 3 also q and k per head.
+NORMS_PER_LAYER = {"qwen3": 4, "qwen3_moe": 4, "olmo2": 4, "gemma2": 4, "gemma3_text": 6}
+# The gated op of each family's MLP (GeGLU: Gemma's gelu_pytorch_tanh)
+GATED_OP = {"gemma2": "geglu", "gemma3_text": "geglu"}
 
 
 def tiny_config(model_type: str, *, tied: bool = False, **overrides):
@@ -59,10 +68,11 @@ def tiny_config(model_type: str, *, tied: bool = False, **overrides):
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
     """Weights larger than transformers' init (std 0.02 gives losses of ~log V and vanishing gradients)."""
+    norm_offset = hf.families.family(model.config.model_type).norm_offset  # Gemma's norms multiply by 1 + weight
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+                param.copy_(1.0 - norm_offset + 0.3 * torch.randn_like(param))
             elif param.dim() == 1:  # Qwen2's q/k/v biases
                 param.copy_(0.1 * torch.randn_like(param))
             elif "embed_tokens" in name:
@@ -74,7 +84,7 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
 
 def tiny_model(model_type: str = "llama", *, tied: bool = False, **overrides):
     config = tiny_config(model_type, tied=tied, **overrides)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION.get(model_type, "sdpa"))
     randomize(model.float())
     if tied:
         assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -120,7 +130,7 @@ def assert_same_training(reference, patched, backend=None, tol=FP32, **inputs):
 def count_op_calls(monkeypatch) -> Counter:
     """How often each fastcenter op is called from now on (fastcenter.hf calls them through the `ops` module)."""
     calls = Counter()
-    for name in ("rms_norm", "rope", "swiglu", "linear_cross_entropy"):
+    for name in ("rms_norm", "rope", "swiglu", "geglu", "linear_cross_entropy"):
         original = getattr(ops, name)
 
         def counted(*args, _name=name, _original=original, **kwargs):

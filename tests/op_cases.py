@@ -68,6 +68,18 @@ OPS = {
                 input, weight, center=center, residual=residual, eps=1e-5
             ),
         ),
+        Op(  # Gemma's RMSNorm: * (1 + weight)
+            "rms_norm_offset",
+            [Arg("input", (2, 3, D)), Arg("weight", (D,))],
+            lambda m, input, weight: (m.rms_norm(input, (D,), weight, 1e-5, weight_offset=1.0),),
+        ),
+        Op(
+            "center_rms_norm_offset",
+            [Arg("input", (2, 3, D)), Arg("weight", (D,)), Arg("center", (D,)), Arg("residual", (2, 3, D))],
+            lambda m, input, weight, center, residual: m.center_rms_norm(
+                input, weight, center=center, residual=residual, eps=1e-5, weight_offset=1.0
+            ),
+        ),
         Op(
             "center_rms_norm_per_token_center",
             [Arg("input", (2, 3, D)), Arg("weight", (D,)), Arg("center", (2, 3, D))],
@@ -77,6 +89,12 @@ OPS = {
         Op("rope_interleaved", ROPE_ARGS, lambda m, q, k, cos, sin: m.rope(q, k, cos, sin, interleaved=True)),
         Op("swiglu", [Arg("gate", (3, 4, 24)), Arg("up", (3, 4, 24))], lambda m, gate, up: (m.swiglu(gate, up),)),
         Op("swiglu_packed", [Arg("packed", (3, 4, 48))], lambda m, packed: (m.swiglu(packed),)),
+        Op(
+            "geglu",
+            [Arg("gate", (3, 4, 24)), Arg("up", (3, 4, 24))],
+            lambda m, gate, up: (m.geglu(gate, up, approximate="tanh"),),
+        ),
+        Op("geglu_packed", [Arg("packed", (3, 4, 48))], lambda m, packed: (m.geglu(packed),)),
         Op(
             "cross_entropy",
             [Arg("input", (7, V)), Arg("target", (7,), "target")],

@@ -87,11 +87,15 @@ REQUIRES_GRAD_CASES = [
     pytest.param(name, subset, id=f"{name}-{'+'.join(subset) or 'nothing'}")
     for name in (
         "rms_norm",
+        "rms_norm_offset",
         "center_rms_norm",
+        "center_rms_norm_offset",
         "center_rms_norm_per_token_center",
         "rope",
         "swiglu",
         "swiglu_packed",
+        "geglu",
+        "geglu_packed",
         "cross_entropy",
         "linear_cross_entropy",
         "linear_cross_entropy_none",
@@ -297,10 +301,10 @@ def _every_op(x, w, r, qk, packed, head, target):
     """A small model-shaped function calling every public op once."""
     B, T, Dm = x.shape
     normed, hidden = ops.center_rms_norm(x, w, residual=r, center=w * 0.1)
-    normed = ops.rms_norm(normed + hidden, (Dm,), w)
+    normed = ops.rms_norm(normed + hidden, (Dm,), w, weight_offset=1.0)
     cos, sin = ops.rope_cache(T, 8, device=x.device)
     q, k = ops.rope(qk[..., :2, :], qk[..., 2:, :], cos, sin)
-    a = ops.swiglu(packed)
+    a = ops.swiglu(packed) + ops.geglu(packed, approximate="tanh")
     logits = normed.reshape(B * T, Dm) @ head.T
     ce = ops.cross_entropy(logits, target.reshape(-1), label_smoothing=0.1)
     lce = ops.linear_cross_entropy(normed, head, target, chunk_size=4, z_loss=1e-3)
@@ -421,7 +425,9 @@ class _FastcenterOps(TorchDispatchMode):
     "op_name, backward_op",
     [
         ("center_rms_norm", "norm_bwd"),
+        ("center_rms_norm_offset", "norm_bwd"),
         ("swiglu_packed", "swiglu_bwd"),
+        ("geglu", "swiglu_bwd"),
         ("cross_entropy", "cross_entropy_bwd"),
         ("linear_cross_entropy_none", "linear_cross_entropy_bwd"),
         ("rope", "rope_rotate"),
@@ -525,6 +531,14 @@ CPU_CASES = {
         lambda x, w, c, r: norm_ops.cpu_center_rms_norm(x, w, center=c, residual=r),
         lambda: [_double(2, 3, 6), _double(6), _double(6), _double(2, 3, 6)],
     ),
+    "center_rms_norm_offset": (
+        lambda x, w, c, r: norm_ops.cpu_center_rms_norm(x, w, center=c, residual=r, weight_offset=1.0),
+        lambda: [_double(2, 3, 6), _double(6), _double(6), _double(2, 3, 6)],
+    ),
+    "rms_norm_offset": (
+        lambda x, w: norm_ops.cpu_rms_norm(x, (6,), w, 1e-6, weight_offset=1.0),
+        lambda: [_double(3, 6), _double(6)],
+    ),
     "center_rms_norm_no_residual": (
         lambda x, w: norm_ops.cpu_center_rms_norm(x, w),
         lambda: [_double(3, 6), _double(6)],
@@ -535,6 +549,8 @@ CPU_CASES = {
     ),
     "swiglu": (swiglu_ops.cpu_swiglu, lambda: [_double(3, 8)]),
     "swiglu_two_inputs": (swiglu_ops.cpu_swiglu, lambda: [_double(3, 4), _double(3, 4)]),
+    "geglu_tanh": (lambda x: swiglu_ops.cpu_geglu(x, approximate="tanh"), lambda: [_double(3, 8)]),
+    "geglu_two_inputs": (swiglu_ops.cpu_geglu, lambda: [_double(3, 4), _double(3, 4)]),
     "cross_entropy": (
         lambda z: ce_ops.cpu_cross_entropy(
             z, torch.tensor([0, 4, -100, 2]), label_smoothing=0.1, z_loss=0.01, softcap=3.0

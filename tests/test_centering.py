@@ -302,3 +302,17 @@ def test_bad_arguments_are_refused_by_name():
     vc = VectorCentering(D, "adaptive")
     with pytest.raises(ValueError, match="residual must have the shape of x"):
         vc.center_for(torch.randn(B, T, D), residual=torch.randn(1, T, D))
+
+
+@pytest.mark.parametrize("mode", CENTERING_MODES)
+def test_reset_parameters_restores_the_state_at_construction(mode):
+    vc = VectorCentering(D, mode).train()
+    vc(torch.randn(B, T, D) + 3.0)
+    if vc.center is not None:
+        with torch.no_grad():
+            vc.center.add_(1.0)
+    assert vc.running_mean.any() and int(vc.num_updates) == 1
+    vc.reset_parameters()
+    fresh = VectorCentering(D, mode)
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(vc.state_dict()[name], tensor), name

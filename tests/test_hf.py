@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hf_models import (
     FAMILIES,
     FP32,
+    GATED_OP,
     LAYERS,
     NORMS_PER_LAYER,
     SEQ,
@@ -75,8 +76,10 @@ def test_same_loss_and_gradients(model_type, tied, backend, op_calls, monkeypatc
     assert op_calls["rms_norm"] == LAYERS * NORMS_PER_LAYER.get(model_type, 2) + 1
     assert op_calls["rope"] == LAYERS and op_calls["linear_cross_entropy"] == 1
     # A mixture of experts' sparse layers call swiglu per expert (transformers 4) or once (transformers 5's
-    # grouped experts); its last layer is a dense MLP here.
-    assert op_calls["swiglu"] == LAYERS if model_type != "qwen3_moe" else op_calls["swiglu"] >= LAYERS
+    # grouped experts); its last layer is a dense MLP here. Gemma's MLPs are GeGLU.
+    gated, other = ("geglu", "swiglu") if GATED_OP.get(model_type) == "geglu" else ("swiglu", "geglu")
+    assert op_calls[gated] == LAYERS if model_type != "qwen3_moe" else op_calls[gated] >= LAYERS
+    assert op_calls[other] == 0
 
     # num_items_in_batch (the Trainer's token count over all accumulated micro-batches): sum / count; a mixture
     # of experts adds its router's load-balancing loss when asked for the router logits.
@@ -151,17 +154,18 @@ def test_tuple_output_keeps_transformers_positions(model_type):
 
 
 @pytest.mark.parametrize(
-    "dtype, backend",
+    "model_type, dtype, backend",
     # The interpreter cannot run tl.dot on bf16 (triton#11584): bf16 through the reference, fp16 through the kernels.
-    [(torch.bfloat16, "reference"), (torch.float16, None)],
-    ids=["bf16-reference", "fp16-kernels"],
+    [("qwen3", torch.bfloat16, "reference"), ("qwen3", torch.float16, None), ("gemma2", torch.float16, None)],
+    ids=["bf16-reference", "fp16-kernels", "gemma2-fp16-kernels"],
 )
-def test_autocast(dtype, backend):
+def test_autocast(model_type, dtype, backend):
     """Under autocast the two models round differently (transformers rounds the logits and their gradient to
     the autocast dtype, the fused loss keeps float32 accumulators), so each is held against the float32 truth:
     the patched model must be at least about as accurate as the unpatched one, parameter by parameter. Qwen3:
-    its q/k norms see a half-precision input with a float32 weight."""
-    reference, patched = pair("qwen3", tied=True)
+    its q/k norms see a half-precision input with a float32 weight. Gemma 2: (1 + weight) norms, GeGLU and both
+    softcaps in half precision."""
+    reference, patched = pair(model_type, tied=True)
     ids, labels = make_batch()
     truth, true_grads = loss_and_grads(copy.deepcopy(reference), input_ids=ids, labels=labels)
     with torch.autocast("cpu", dtype=dtype):
@@ -334,6 +338,24 @@ def test_generation():
     simple.eval()
     cached, uncached = (simple.generate(prompt, use_cache=c, **settings) for c in (True, False))
     torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_gemma_generation_and_eval_logits(model_type):
+    """Gemma in eval: greedy generation with the key/value cache past the sliding window (rope at the cached
+    positions of both layer kinds; Gemma 2's softcaps) gives transformers' tokens, and a forward with labels gives
+    its (softcapped) logits and loss."""
+    reference, patched = pair(model_type)
+    reference.eval(), patched.eval()
+    prompt = torch.randint(0, VOCAB, (2, 5))
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    expected = reference.generate(prompt, **settings)
+    torch.testing.assert_close(patched.generate(prompt, **settings), expected, rtol=0, atol=0)
+    ids, labels = make_batch()
+    with torch.no_grad():
+        want, got = reference(input_ids=ids, labels=labels), patched(input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.logits, want.logits, **FP32)
+    torch.testing.assert_close(got.loss, want.loss, **FP32)
 
 
 def test_gradient_checkpointing(op_calls):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hf_models import (
+    ATTENTION,
     FP32,
     HEAD_DIM,
     HIDDEN,
@@ -43,8 +44,14 @@ def _causal_centered(x: torch.Tensor, prior: float = 8.0) -> torch.Tensor:
     return x - x.cumsum(1) / count
 
 
-def test_centering_placements_compute_the_causal_centre():
-    model = hf.patch(tiny_model("llama"), center=hf.CENTER_PLACEMENTS, centering_mode="causal")
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gemma3_text"])
+def test_centering_placements_compute_the_causal_centre(model_type):
+    """Each placement centres what it should, in float64: the embeddings (Gemma's scaled by sqrt(hidden_size), what
+    the first layer sees, in every transformers version: transformers 4 scales Gemma 2's after the embedding
+    module), the values, and the gated MLP's hidden activation (Gemma's GeGLU). The running means are the batch
+    means of what was centred: for Gemma, of the scaled embeddings."""
+    gemma = model_type.startswith("gemma")
+    model = hf.patch(tiny_model(model_type), center=hf.CENTER_PLACEMENTS, centering_mode="causal")
     layer = model.model.layers[0]
     modules = {
         "embeddings": (model.model.embed_tokens.fastcenter_bias, HIDDEN),
@@ -69,13 +76,16 @@ def test_centering_placements_compute_the_causal_centre():
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()
 
-    embeddings = model.model.embed_tokens.weight[ids]
+    embeddings = model.model.embed_tokens.weight[ids].double() * (HIDDEN**0.5 if gemma else 1.0)
     torch.testing.assert_close(seen["layer_input"].double(), _causal_centered(embeddings), **FP32)
+    running_mean = modules["embeddings"][0].running_mean.double()
+    torch.testing.assert_close(running_mean, embeddings.detach().mean((0, 1)), **FP32)
     values = F.linear(seen["v_in"].double(), v_proj.weight.double())
     torch.testing.assert_close(seen["v_out"].double(), _causal_centered(values), **FP32)
     mlp = layer.mlp
     x = seen["mlp_in"].double()
-    hidden = F.silu(F.linear(x, mlp.gate_proj.weight.double())) * F.linear(x, mlp.up_proj.weight.double())
+    act = (lambda g: F.gelu(g, approximate="tanh")) if gemma else F.silu
+    hidden = act(F.linear(x, mlp.gate_proj.weight.double())) * F.linear(x, mlp.up_proj.weight.double())
     torch.testing.assert_close(seen["down_in"].double(), _causal_centered(hidden), **FP32)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -192,7 +202,10 @@ def test_a_refused_patch_changes_nothing(case):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type, center", [("llama", hf.CENTER_PLACEMENTS), ("olmo2", ("embeddings",))])
+@pytest.mark.parametrize(
+    "model_type, center",
+    [("llama", hf.CENTER_PLACEMENTS), ("olmo2", ("embeddings",)), ("gemma2", ("embeddings", "mlp"))],
+)
 def test_centering_statistics_survive_save_and_load(model_type, center, tmp_path):
     """A centred model saved with save_pretrained loads back through patch_model_type(<type>, center=...)
     before from_pretrained with its statistics: identical eval outputs. The other order (plain from_pretrained,
@@ -206,7 +219,8 @@ def test_centering_statistics_survive_save_and_load(model_type, center, tmp_path
         expected = centred(input_ids=ids).logits
     try:
         hf.patch_model_type(model_type, center=center, centering_mode="momentum")
-        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+        attention = ATTENTION.get(model_type, "sdpa")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=attention).eval()
         with pytest.raises(ValueError, match="saved centred"):
             hf.patch_model_type(model_type, center=("embeddings",), centering_mode="causal")
             AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -103,6 +103,53 @@ def test_rms_norm_matches_float64_and_torch(dtype, D):
     assert_close(ops.rms_norm(x, (D,), weight), expected, dtype)
 
 
+def _gemma_rms_norm(x, weight, eps):
+    """transformers' Gemma2RMSNorm / Gemma3RMSNorm forward, written out: normalise in float32, multiply by
+    (1 + weight) in float32, then cast to the input's dtype (float64 stays float64: the truth)."""
+    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = x.to(math_dtype)
+    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (out * (1.0 + weight.to(math_dtype))).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [33, 768])
+def test_offset_rms_norm_is_gemmas(dtype, D):
+    """weight_offset=1.0 computes Gemma's RMSNorm, x * rsqrt(mean(x**2) + eps) * (1 + weight): against the float64
+    truth (forward, and the gradients of input and weight), and against Gemma's own float32 computation in the
+    input's dtype to within one rounding of that dtype. Gemma's weights sit near 0 (initialised to zeros)."""
+    x = (2.0 * torch.randn(19, D, device=DEVICE)).to(dtype)
+    weight = (0.3 * torch.randn(D, device=DEVICE)).to(dtype)
+    grad_out = torch.randn(19, D, device=DEVICE)
+
+    def fn(x, w):
+        if x.dtype == torch.float64:
+            return _gemma_rms_norm(x, w, 1e-6)
+        return ops.rms_norm(x, (D,), w, 1e-6, weight_offset=1.0)
+
+    _check_against_truth(fn, [x, weight], (grad_out,), dtype)
+    out = ops.rms_norm(x, (D,), weight, 1e-6, weight_offset=1.0)
+    assert_close(out, _gemma_rms_norm(x, weight, 1e-6), dtype)
+    # and not the plain norm: the offset is applied
+    assert (out.float() - ops.rms_norm(x, (D,), weight, 1e-6).float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("center_kind", ["vector", "per_token"])
+def test_offset_center_rms_norm_matches_float64(dtype, center_kind):
+    shape = (4, 7, 96)
+    x, residual = torch.randn(shape, device=DEVICE).to(dtype), torch.randn(shape, device=DEVICE).to(dtype)
+    weight = (0.3 * torch.randn(96, device=DEVICE)).to(dtype)
+    center = 0.5 * torch.randn(96 if center_kind == "vector" else shape, device=DEVICE).to(dtype)
+    grads_out = (torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE))
+
+    def fn(x, w, c, r):
+        module = ops if x.dtype != torch.float64 else reference
+        return module.center_rms_norm(x, w, center=c, residual=r, eps=1e-6, weight_offset=1.0)
+
+    _check_against_truth(fn, [x, weight, center, residual], grads_out, dtype)
+
+
 def test_rms_norm_without_weight_and_default_eps():
     x = torch.randn(5, 3, 40, device=DEVICE)
     grad_out = torch.randn_like(x)
@@ -374,6 +421,9 @@ def test_an_unknown_environment_value_is_an_error_naming_the_variable(variable, 
         (lambda x, w: ops.rms_norm(x, (16,), w[:3]), ValueError, "weight"),
         (lambda x, w: ops.rms_norm(x, (16,), w, out_dtype=torch.int32), TypeError, "out_dtype"),
         (lambda x, w: ops.center_rms_norm(x, w, out_dtype="bf16"), TypeError, "out_dtype"),
+        (lambda x, w: ops.rms_norm(x, (16,), None, weight_offset=1.0), ValueError, "weight_offset.*needs a weight"),
+        (lambda x, w: ops.rms_norm(x, (16,), w, weight_offset="1"), ValueError, "weight_offset"),
+        (lambda x, w: ops.center_rms_norm(x, w, weight_offset=float("nan")), ValueError, "weight_offset"),
     ],
 )
 def test_bad_input_is_refused_by_name(call, exc, words):
@@ -383,8 +433,10 @@ def test_bad_input_is_refused_by_name(call, exc, words):
 
 
 @pytest.mark.parametrize("center_kind", ["none", "vector", "per_token"])
-@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no_weight"])
-def test_wide_rows_split_backward(center_kind, with_weight, monkeypatch):
+@pytest.mark.parametrize(
+    "with_weight, weight_offset", [(True, 0.0), (True, 1.0), (False, 0.0)], ids=["weight", "offset", "no_weight"]
+)
+def test_wide_rows_split_backward(center_kind, with_weight, weight_offset, monkeypatch):
     """Rows wider than the single-pass backward holds are split into column blocks after a per-row dot pass.
 
     The thresholds are shrunk so that a small, ragged row (200 = 6 blocks of 32 + 8) takes that path here.
@@ -400,7 +452,8 @@ def test_wide_rows_split_backward(center_kind, with_weight, monkeypatch):
     grads_out = (torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE))
 
     def fn(x, w, c, r):
-        return (ops if x.dtype != torch.float64 else reference).center_rms_norm(x, w, center=c, residual=r)
+        module = ops if x.dtype != torch.float64 else reference
+        return module.center_rms_norm(x, w, center=c, residual=r, weight_offset=weight_offset)
 
     _check_against_truth(fn, [x, weight, center[center_kind], residual], grads_out, torch.float32)
 
@@ -426,17 +479,23 @@ CPU_DTYPES = [torch.float32, torch.bfloat16]
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("normalized", [1, 2])
-@pytest.mark.parametrize("with_weight", [True, False])
-def test_cpu_rms_norm(dtype, normalized, with_weight):
+@pytest.mark.parametrize(
+    "with_weight, weight_offset", [(True, 0.0), (True, 1.0), (False, 0.0)], ids=["weight", "offset", "no_weight"]
+)
+def test_cpu_rms_norm(dtype, normalized, with_weight, weight_offset):
     x = torch.randn(3, 5, 7, 24) * 3
     shape = tuple(x.shape[-normalized:])
     w = torch.randn(shape) if with_weight else None
     check_against_float64(
-        lambda x, w: norm_ops.cpu_rms_norm(x, shape, w, 1e-5),
-        lambda x, w: reference.rms_norm(x, shape, w, 1e-5),
+        lambda x, w: norm_ops.cpu_rms_norm(x, shape, w, 1e-5, weight_offset=weight_offset),
+        lambda x, w: reference.rms_norm(x, shape, w, 1e-5, weight_offset=weight_offset),
         [x, w],
         dtype,
     )
+    if weight_offset:  # the reference itself against Gemma's formula, written out
+        x64, w64 = x.double(), w[-1].double()
+        expected = _gemma_rms_norm(x64, w64, 1e-5)
+        assert_close(reference.rms_norm(x64, shape[-1:], w64, 1e-5, weight_offset=1.0), expected, torch.float32)
 
 
 CPU_CENTERS = {
@@ -451,17 +510,18 @@ CPU_CENTERS = {
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("center", list(CPU_CENTERS))
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_cpu_center_rms_norm(dtype, center, with_residual):
+@pytest.mark.parametrize("weight_offset", [0.0, 1.0])
+def test_cpu_center_rms_norm(dtype, center, with_residual, weight_offset):
     x = torch.randn(2, 9, 40)
     c = None if CPU_CENTERS[center] is None else CPU_CENTERS[center](x)
     r = torch.randn(x.shape) if with_residual else None
     w = torch.rand(40) + 0.5
 
     def ours(x, w, c, r):
-        return norm_ops.cpu_center_rms_norm(x, w, center=c, residual=r, eps=1e-6)
+        return norm_ops.cpu_center_rms_norm(x, w, center=c, residual=r, eps=1e-6, weight_offset=weight_offset)
 
     def truth(x, w, c, r):
-        return reference.center_rms_norm(x, w, center=c, residual=r, eps=1e-6)
+        return reference.center_rms_norm(x, w, center=c, residual=r, eps=1e-6, weight_offset=weight_offset)
 
     check_against_float64(ours, truth, [x, w, c, r], dtype)
 

@@ -1,7 +1,11 @@
-"""swiglu: the Triton kernels against float64 F.silu(gate) * up, forward and gradients, both input forms; and the
-CPU implementation (`cpu_swiglu` of fastcenter/ops/swiglu.py) against the float64 reference."""
+"""swiglu and geglu (the gated activations): the Triton kernels against float64 F.silu(gate) * up and
+F.gelu(gate, approximate=...) * up, forward and gradients, both input forms; and the CPU implementation
+(`cpu_swiglu`, `cpu_geglu` of fastcenter/ops/swiglu.py) against the float64 reference."""
 
+import functools
 import importlib
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,28 +23,46 @@ def _random(shape, dtype, scale=1.0):
     return (scale * torch.randn(shape, device=DEVICE)).to(dtype)
 
 
-def _truth(gate, up):
-    """float64 silu(gate) * up; with up None, gate is the packed [..., 2H] tensor."""
+def _gelu_tanh_by_hand(x):
+    """Gemma's GELU written out (transformers' `gelu_python_tanh`), independent of F.gelu's implementation."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def _gelu_by_hand(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+# name -> (the op under test, the float64 activation it must equal)
+GATED = {
+    "swiglu": (ops.swiglu, F.silu),
+    "geglu_tanh": (functools.partial(ops.geglu, approximate="tanh"), _gelu_tanh_by_hand),
+    "geglu": (ops.geglu, _gelu_by_hand),
+}
+
+
+def _truth(gate, up, activation=F.silu):
+    """float64 activation(gate) * up; with up None, gate is the packed [..., 2H] tensor."""
     if up is None:
         gate, up = gate[..., : gate.shape[-1] // 2], gate[..., gate.shape[-1] // 2 :]
-    return F.silu(gate) * up
+    return activation(gate) * up
 
 
-def _check(gate, up, grad_out, dtype):
+def _check(gate, up, grad_out, dtype, name="swiglu"):
     """Fused output and gradients (wrt the tensors as given, views included) against float64 autograd."""
+    op, activation = GATED[name]
     leaves = [t.detach().requires_grad_(True) for t in (gate, up) if t is not None]
-    out = ops.swiglu(*leaves) if up is not None else ops.swiglu(leaves[0])
+    out = op(*leaves)
     grads = torch.autograd.grad(out, leaves, grad_out)
 
     leaves64 = [t.detach().double().requires_grad_(True) for t in (gate, up) if t is not None]
-    truth = _truth(leaves64[0], leaves64[1] if up is not None else None)
+    truth = _truth(leaves64[0], leaves64[1] if up is not None else None, activation)
     true_grads = torch.autograd.grad(truth, leaves64, grad_out.double())
 
     assert out.dtype == dtype and out.shape == truth.shape
     assert_close(out, truth, dtype, msg="output differs")
-    for name, g, t, leaf in zip(("gate", "up"), grads, true_grads, leaves):
-        assert g.dtype == dtype and g.shape == leaf.shape, name
-        assert_close(g, t, dtype, msg=f"grad of {name} differs")
+    for arg, g, t, leaf in zip(("gate", "up"), grads, true_grads, leaves):
+        assert g.dtype == dtype and g.shape == leaf.shape, arg
+        assert_close(g, t, dtype, msg=f"grad of {arg} differs")
 
 
 # Leading shapes incl. 3-D, none (1-D) and one row; H = 1, H not a power of two, H split into column blocks
@@ -48,25 +70,38 @@ def _check(gate, up, grad_out, dtype):
 SHAPES = [(37, 96), (2, 5, 40), (3, 1, 1000), (7,), (1, 1), (2, 1536), (3, 1100)]
 
 
+@pytest.mark.parametrize("name", GATED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("packed", [False, True], ids=["gate_up", "packed"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_swiglu_matches_float64(dtype, packed, shape):
+def test_gated_activation_matches_float64(dtype, packed, shape, name):
     *lead, H = shape
     grad_out = _random(shape, dtype)
     if packed:
-        _check(_random((*lead, 2 * H), dtype, 2.0), None, grad_out, dtype)
+        _check(_random((*lead, 2 * H), dtype, 2.0), None, grad_out, dtype, name)
     else:
-        _check(_random(shape, dtype, 2.0), _random(shape, dtype), grad_out, dtype)
+        _check(_random(shape, dtype, 2.0), _random(shape, dtype), grad_out, dtype, name)
 
 
+@pytest.mark.parametrize("name", GATED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's exp(100) -> inf, as intended
-def test_large_gates_saturate_the_sigmoid_without_nan(dtype):
-    gate = torch.tensor([[-100.0, -30.0, -5.0, 0.0, 5.0, 30.0, 100.0]], device=DEVICE).to(dtype)
+def test_large_gates_saturate_without_nan(dtype, name):
+    """Gates far out on both sides (the sigmoid or erf saturates; exp under- or overflows) give finite, exact
+    outputs and gradients."""
+    gate = torch.tensor([[-100.0, -30.0, -5.0, -1e-3, 0.0, 1e-4, 5.0, 30.0, 100.0]], device=DEVICE).to(dtype)
     up = _random(gate.shape, dtype)
     grad_out = _random(gate.shape, dtype)
-    _check(gate, up, grad_out, dtype)
+    _check(gate, up, grad_out, dtype, name)
+
+
+def test_geglu_tanh_is_gemmas_activation():
+    """The tanh GeGLU equals transformers' gelu_pytorch_tanh (F.gelu(approximate="tanh")) times up, in float32,
+    and differs from the exact GELU's (so the two activations are not silently the same kernel)."""
+    gate, up = _random((5, 33), torch.float32, 3.0), _random((5, 33), torch.float32)
+    tanh = ops.geglu(gate, up, approximate="tanh")
+    assert_close(tanh, F.gelu(gate.double(), approximate="tanh") * up.double(), torch.float32)
+    assert (tanh - ops.geglu(gate, up)).abs().max() > 1e-4
 
 
 def test_packed_gradient_is_one_tensor_of_the_packed_shape():
@@ -93,17 +128,18 @@ def _strided_inputs(kind, dtype):
     raise AssertionError(kind)
 
 
+@pytest.mark.parametrize("name", GATED)
 @pytest.mark.parametrize(
     "kind",
     ["packed_row_strided", "halves_of_packed", "rows_strided_differently", "leading_transposed", "last_dim_strided"],
 )
-def test_non_contiguous_inputs(kind):
+def test_non_contiguous_inputs(kind, name):
     dtype = torch.float32
     gate, up = _strided_inputs(kind, dtype)
     assert not gate.is_contiguous()
     width = gate.shape[-1] if up is not None else gate.shape[-1] // 2
     grad_out = _random((*gate.shape[:-1], width), dtype)
-    _check(gate, up, grad_out, dtype)
+    _check(gate, up, grad_out, dtype, name)
 
 
 def test_non_contiguous_output_gradient():
@@ -134,17 +170,18 @@ def test_gradient_through_a_packed_projection():
         assert_close(g, t, torch.float32, scale=4.0)
 
 
-def test_inputs_unmodified_and_only_inputs_saved():
+@pytest.mark.parametrize("name", GATED)
+def test_inputs_unmodified_and_only_inputs_saved(name):
     gate, up = _random((4, 3, 24), torch.float16), _random((4, 3, 24), torch.float16)
     before = (gate.clone(), up.clone())
     gate.requires_grad_(True)
     up.requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = ops.swiglu(gate, up)
+        out = GATED[name][0](gate, up)
     out.backward(_random(out.shape, torch.float16))
     assert torch.equal(gate.detach(), before[0]) and torch.equal(up.detach(), before[1])
-    if ops.backend(gate) == "triton":  # the backward recomputes the sigmoid: nothing but the inputs is kept
+    if ops.backend(gate) == "triton":  # the backward recomputes the activation: nothing but the inputs is kept
         assert len(saved) == 2
         assert {t.data_ptr() for t in saved} == {gate.data_ptr(), up.data_ptr()}
 
@@ -160,21 +197,27 @@ BAD_SWIGLU_CALLS = {
     "up_broadcast": (lambda: ops.swiglu(torch.randn(3, 4), torch.randn(4)), ValueError, "up must have gate's shape"),
     "up_dtype": (lambda: ops.swiglu(torch.randn(3, 4), torch.randn(3, 4).half()), TypeError, "gate's dtype"),
     "devices": (lambda: ops.swiglu(torch.randn(3, 4), torch.randn(3, 4, device="meta")), ValueError, "one device"),
+    "geglu_up_shape": (lambda: ops.geglu(torch.randn(3, 4), torch.randn(3, 5)), ValueError, "up must have gate's"),
+    "geglu_packed_odd": (lambda: ops.geglu(torch.randn(3, 5), approximate="tanh"), ValueError, r"packed \[\.\.\."),
+    "geglu_approximate": (lambda: ops.geglu(torch.randn(3, 4), approximate="erf"), ValueError, "approximate must be"),
 }
 
 
 @pytest.mark.parametrize("name", BAD_SWIGLU_CALLS)
-def test_swiglu_rejects_bad_input(name):
+def test_gated_activations_reject_bad_input(name):
     call, error, message = BAD_SWIGLU_CALLS[name]
     with pytest.raises(error, match=message):
         call()
 
 
+@pytest.mark.parametrize("name", GATED)
 @pytest.mark.parametrize("packed", [False, True], ids=["gate_up", "packed"])
-def test_swiglu_compiles_fullgraph_and_matches_eager(packed):
+def test_compiles_fullgraph_and_matches_eager(packed, name):
+    op = GATED[name][0]
+
     def mlp(x, w_in, w_out):
         h = x @ w_in
-        return (ops.swiglu(h) if packed else ops.swiglu(h[..., :24], h[..., 24:])) @ w_out
+        return (op(h) if packed else op(h[..., :24], h[..., 24:])) @ w_out
 
     x = _random((2, 3, 16), torch.float32).requires_grad_(True)
     w_in = _random((16, 48), torch.float32, 0.3).requires_grad_(True)
@@ -191,8 +234,9 @@ def test_swiglu_compiles_fullgraph_and_matches_eager(packed):
         assert_close(gc, ge.double(), torch.float32)
 
 
+@pytest.mark.parametrize("name", GATED)
 @pytest.mark.parametrize("packed", [False, True], ids=["gate_up", "packed"])
-def test_reference_backend_gives_the_same_answer(monkeypatch, packed):
+def test_reference_backend_gives_the_same_answer(monkeypatch, packed, name):
     dtype = torch.bfloat16
     gate = _random((3, 2, 2 * 20 if packed else 20), dtype, 2.0)
     up = None if packed else _random((3, 2, 20), dtype)
@@ -200,7 +244,7 @@ def test_reference_backend_gives_the_same_answer(monkeypatch, packed):
 
     def run():
         leaves = [t.detach().requires_grad_(True) for t in (gate, up) if t is not None]
-        out = ops.swiglu(*leaves)
+        out = GATED[name][0](*leaves)
         return (out, *torch.autograd.grad(out, leaves, grad_out))
 
     fused = run()
@@ -217,9 +261,20 @@ def test_reference_backend_gives_the_same_answer(monkeypatch, packed):
         assert_close(a, b.double(), dtype)
 
 
+CPU_GATED = {
+    "swiglu": (swiglu_ops.cpu_swiglu, reference.swiglu),
+    "geglu_tanh": (
+        functools.partial(swiglu_ops.cpu_geglu, approximate="tanh"),
+        functools.partial(reference.geglu, approximate="tanh"),
+    ),
+    "geglu": (swiglu_ops.cpu_geglu, reference.geglu),
+}
+
+
+@pytest.mark.parametrize("name", CPU_GATED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [True, False])
-def test_cpu_swiglu(dtype, packed):
+def test_cpu_implementation(dtype, packed, name):
     gate = torch.randn(3, 5, 22) * 3
     inputs = [gate] if packed else [gate, torch.randn(gate.shape)]
-    check_against_float64(swiglu_ops.cpu_swiglu, reference.swiglu, inputs, dtype)
+    check_against_float64(*CPU_GATED[name], inputs, dtype)

@@ -54,7 +54,8 @@ def patch(
 
     model: a causal LM of a type in SUPPORTED_MODEL_TYPES (or a PEFT model around one: its base model is
         patched). Returns `model`.
-    rms_norm, rope, swiglu, linear_cross_entropy: which ops to swap in (see `layers.py` and `loss.py`).
+    rms_norm, rope, swiglu, linear_cross_entropy: which ops to swap in (see `layers.py` and `loss.py`); `swiglu`
+        is the gated MLP's activation, through `ops.swiglu` (SiLU) or `ops.geglu` (GELU, as Gemma's).
     center: placements from CENTER_PLACEMENTS ("embeddings", "values", "mlp"; None or () for none) that get a
         `fastcenter.nn.VectorCentering(dim, centering_mode)`, on the model's device, float32 statistics.
     centering_mode: one of fastcenter.nn.CENTERING_MODES, only with `center`; default DEFAULT_CENTERING_MODE.
@@ -101,19 +102,25 @@ def _patch(model, ops_flags: dict, center: tuple, centering_mode, eval_logits, *
     if ops_flags["rms_norm"]:
         norm_cls = family.cls("RMSNorm")
         for module in base.modules():
-            layers.swap_class(module, norm_cls, layers.FastRMSNorm, _fastcenter_norm_output=family.norm_output)
+            layers.swap_class(
+                module,
+                norm_cls,
+                layers.FastRMSNorm,
+                _fastcenter_norm_output=family.norm_output,
+                _fastcenter_weight_offset=family.norm_offset,
+            )
     if ops_flags["rope"]:
         layers.install_rope_dispatch(family.modeling, family.prefix)
         for module in base.modules():
             layers.swap_class(module, family.cls("Attention"), layers.FastAttention)
-    silu = layers.is_silu(base.config)
-    swiglu = ops_flags["swiglu"] and silu
+    glu = layers.gated_activation(base.config, family)
+    swiglu = ops_flags["swiglu"] and glu is not None
     if swiglu or "mlp" in center:
         for mlp in base.modules():
             layers.swap_class(mlp, family.cls("MLP"), layers.FastMLP)
             if swiglu and isinstance(mlp, layers.FastMLP):
-                mlp.fastcenter_swiglu = True
-    if swiglu and family.experts:
+                mlp.fastcenter_glu = glu
+    if swiglu and family.experts and glu[0] == "swiglu":  # FastExperts computes silu(gate) * up
         experts_cls = family.cls("Experts", None)  # transformers 5; in 4.x the experts are MLP modules
         for module in base.modules():
             layers.swap_class(module, experts_cls, layers.FastExperts)
@@ -123,10 +130,11 @@ def _patch(model, ops_flags: dict, center: tuple, centering_mode, eval_logits, *
     if eval_logits is not None:
         state["eval_logits"] = eval_logits
     centering.apply(base, state, center, mode, targets)
-    if ops_flags["swiglu"] and not silu:
+    if ops_flags["swiglu"] and glu is None:
+        name = family.activation_config
         warnings.warn(
-            f"fastcenter.hf: hidden_act={base.config.hidden_act!r} is not SiLU, so the MLPs keep their activation "
-            "(swiglu computes silu(gate) * up)",
+            f"fastcenter.hf: {name}={getattr(base.config, name, None)!r} is none of the activations fastcenter's gated "
+            f"ops compute ({', '.join(layers.GATED_ACTIVATIONS)}), so the MLPs keep their activation",
             stacklevel=3,
         )
     return model

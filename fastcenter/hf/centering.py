@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..nn import CENTERING_MODES, VectorCentering
+from .families import backbone
 
 # Where `center=` can put a VectorCentering:
 #   "embeddings"  the token embeddings (embed_tokens' output), before the first layer
@@ -84,21 +85,27 @@ def _innermost(module: nn.Module) -> nn.Module:
 
 
 def _targets(base, family, placements):
-    """(placement, slot or None, module to carry, dim, a weight on the target device) for each new placement."""
-    inner = getattr(base, base.base_model_prefix)
+    """(placement, slot or None, module to carry, dim, a weight on the target device, input scale or None) for each
+    new placement."""
+    inner = backbone(base)
     for placement in placements:
         if placement == "embeddings":
             slot = Slot(inner, "embed_tokens")
             layer = _innermost(slot.carrier)
-            yield placement, slot, slot.carrier, layer.embedding_dim, layer.weight
+            # Gemma scales the embeddings by sqrt(hidden_size): inside the embedding (transformers 5, and Gemma 3's
+            # scaled embedding), or after it in the backbone's forward (transformers 4's Gemma 2). There, the
+            # centering is told the scale, so that it centres what the first layer sees in every version (and its
+            # statistics mean the same).
+            scale = base.config.hidden_size**0.5 if family.embed_scale and not hasattr(layer, "embed_scale") else None
+            yield placement, slot, slot.carrier, layer.embedding_dim, layer.weight, scale
         elif placement == "values":
             for attention in [m for m in base.modules() if isinstance(m, family.cls("Attention"))]:
                 slot = Slot(attention, "v_proj")
                 layer = _innermost(slot.carrier)
-                yield placement, slot, slot.carrier, layer.out_features, layer.weight
+                yield placement, slot, slot.carrier, layer.out_features, layer.weight, None
         else:
             for mlp in [m for m in base.modules() if isinstance(m, family.cls("MLP"))]:
-                yield placement, None, mlp, mlp.down_proj.in_features, mlp.down_proj.weight
+                yield placement, None, mlp, mlp.down_proj.in_features, mlp.down_proj.weight, None
 
 
 def plan(base, family, state: dict, center: tuple[str, ...], mode: str | None, *, before_loading: bool):
@@ -135,7 +142,7 @@ def plan(base, family, state: dict, center: tuple[str, ...], mode: str | None, *
             )
     new = [p for p in center if p not in state["center"]]
     targets = list(_targets(base, family, new))
-    for _, _, carrier, _, _ in targets:
+    for _, _, carrier, *_ in targets:
         existing = getattr(carrier, CHILD, None)
         if existing is not None and existing.mode != mode:
             raise ValueError(f"this model is already centred in mode {existing.mode!r} at {type(carrier).__name__}")
@@ -145,17 +152,19 @@ def plan(base, family, state: dict, center: tuple[str, ...], mode: str | None, *
 def apply(base, state: dict, center: tuple[str, ...], mode: str | None, targets) -> None:
     if not center:
         return
-    for _, slot, carrier, dim, like in targets:
+    for _, slot, carrier, dim, like, scale in targets:
         if getattr(carrier, CHILD, None) is None:
             setattr(carrier, CHILD, VectorCentering(dim, mode).to(device=like.device))
             if slot is not None:
                 carrier.register_forward_hook(_center_output_hook)
+        if scale is not None:
+            getattr(carrier, CHILD).fastcenter_input_scale = scale
         if slot is not None:
             state["slots"].append(slot)
     state["center"] = tuple(dict.fromkeys(state["center"] + center))
     state["centering_mode"] = mode
     setattr(base.config, CONFIG_KEY, {"center": list(state["center"]), "centering_mode": mode})
-    inner = getattr(base, base.base_model_prefix)
+    inner = backbone(base)
     if "_fastcenter_hf" not in inner.__dict__:
         inner._fastcenter_hf = state
         inner.register_forward_pre_hook(_backbone_pre_hook, with_kwargs=True)
@@ -163,8 +172,17 @@ def apply(base, state: dict, center: tuple[str, ...], mode: str | None, targets)
 
 def _center_output_hook(module: nn.Module, args, output):
     """Forward hook: the module's output minus its centre (the VectorCentering is the module's child, so the
-    hook holds no reference of its own and deep copies of the model stay consistent)."""
-    return getattr(module, CHILD)(output)
+    hook holds no reference of its own and deep copies of the model stay consistent).
+
+    With an input scale s (embeddings that the backbone scales after this module, see `_targets`): the centre of
+    s * output, divided by s, which the backbone then scales back: s * output - centre, as where the embedding
+    module scales itself. s is rounded to the output's dtype, as transformers rounds it."""
+    centering = getattr(module, CHILD)
+    scale = centering.__dict__.get("fastcenter_input_scale")
+    if scale is None:
+        return centering(output)
+    scale = torch.tensor(scale, dtype=output.dtype)
+    return centering(output * scale) / scale
 
 
 def _follow(slot: Slot) -> None:
@@ -218,11 +236,9 @@ def _backbone_pre_hook(backbone: nn.Module, args, kwargs) -> None:
 
 def init_weights(model, original, module: nn.Module) -> None:
     """The model's `_init_weights` (transformers calls it for every module whose weights a checkpoint did not
-    provide, and from `init_weights()`), extended to the centering: zero statistics, a zero learnable centre.
-    Tensors transformers marks as loaded are left alone."""
+    provide, and from `init_weights()`), extended to the centering: its `reset_parameters()`, unless
+    transformers marks a tensor of it as loaded from a checkpoint."""
     original(module)
     if isinstance(module, VectorCentering):
-        with torch.no_grad():
-            for tensor in (module.running_mean, module.num_updates, module.center):
-                if tensor is not None and not getattr(tensor, "_is_hf_initialized", False):
-                    tensor.zero_()
+        if not any(getattr(t, "_is_hf_initialized", False) for t in (*module.parameters(), *module.buffers())):
+            module.reset_parameters()

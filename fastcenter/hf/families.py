@@ -1,8 +1,8 @@
 """The model families fastcenter.hf patches: one row each, saying where the family differs from Llama.
 
-Every family follows Llama's layout in transformers' modeling code: `<Prefix>ForCausalLM` around `<Prefix>Model`,
-`<Prefix>RMSNorm`, `<Prefix>Attention` calling the module-level `apply_rotary_pos_emb`, `<Prefix>MLP`. A row
-names only what differs, and `patch` reads nothing else about a family.
+Every family follows Llama's layout in transformers' modeling code: `<Prefix>ForCausalLM` around its decoder stack
+in `.model`, `<Prefix>RMSNorm`, `<Prefix>Attention` calling the module-level `apply_rotary_pos_emb`, `<Prefix>MLP`.
+A row names only what differs, and `patch` reads nothing else about a family.
 """
 
 from __future__ import annotations
@@ -36,13 +36,24 @@ class Family:
     # term. Their hidden activation is not a placement: each expert sees only the tokens routed to it.
     experts: bool = False
     # RMSNorm's output dtype: "promote" for `weight * normed.to(input dtype)` (Llama), "input" for
-    # `(weight * normed).to(input dtype)` (OLMo 2).
+    # `(weight * normed).to(input dtype)` (OLMo 2, Gemma).
     norm_output: str = "promote"
+    # RMSNorm multiplies by (weight + norm_offset): 1.0 for Gemma's (1 + weight), its weights initialised to 0.
+    norm_offset: float = 0.0
+    # The config attribute naming the MLP's activation (a key of transformers' ACT2FN): Gemma's is "hidden_activation".
+    activation_config: str = "hidden_act"
+    # The model multiplies the token embeddings by sqrt(hidden_size) (Gemma): the embeddings placement centres
+    # the scaled embeddings, what the first layer sees (see centering.py).
+    embed_scale: bool = False
+    # The folder of the modeling code under transformers.models, when it is not the model type (Gemma 3's text
+    # model, "gemma3_text", is in gemma3).
+    module: str = ""
 
     @property
     def modeling(self):
         require_transformers()
-        return importlib.import_module(f"transformers.models.{self.model_type}.modeling_{self.model_type}")
+        module = self.module or self.model_type
+        return importlib.import_module(f"transformers.models.{module}.modeling_{module}")
 
     def cls(self, suffix: str, default=dataclasses.MISSING) -> type:
         """The family's class `<Prefix><suffix>` (e.g. LlamaRMSNorm) as transformers defines it."""
@@ -56,6 +67,10 @@ class Family:
         return ("embeddings",) + (("values",) if self.values else ()) + (() if self.experts else ("mlp",))
 
 
+# Gemma 2 and 3: RMSNorm with (1 + weight) in float32 cast after the product, GeGLU (gelu_pytorch_tanh), the token
+# embeddings scaled by sqrt(hidden_size); also a final-logit softcap (which the fused loss reads from the config).
+_GEMMA = dict(norm_output="input", norm_offset=1.0, activation_config="hidden_activation", embed_scale=True)
+
 FAMILIES = {
     family.model_type: family
     for family in (
@@ -66,6 +81,8 @@ FAMILIES = {
         Family("phi3", "Phi3", mlp="packed", values=False),
         Family("olmo2", "Olmo2", norm_output="input"),
         Family("qwen3_moe", "Qwen3Moe", experts=True),
+        Family("gemma2", "Gemma2", **_GEMMA),
+        Family("gemma3_text", "Gemma3", module="gemma3", **_GEMMA),  # Gemma 3's text-only causal LM
     )
 }
 
@@ -77,6 +94,12 @@ def family(model_type: str) -> Family:
     if model_type not in FAMILIES:
         raise ValueError(f"fastcenter.hf supports the model types {', '.join(FAMILIES)}; got model_type={model_type!r}")
     return FAMILIES[model_type]
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The causal LM's decoder stack: `.model` in every family (transformers 4's Gemma 3 names another attribute
+    in its base_model_prefix)."""
+    return model.model
 
 
 def family_of(model: nn.Module) -> Family:

@@ -2,9 +2,10 @@
 transformers, accelerate and PEFT keep working) and a marker of what it replaced. Each forward computes what the
 original computes, through fastcenter's ops.
 
-    RMSNorm     `ops.rms_norm` (same eps; the output dtype as the family's own norm)
+    RMSNorm     `ops.rms_norm` (same eps; Gemma's (1 + weight) as weight_offset; the output dtype as the family's)
     attention   the original forward, inside the scope where the family's `apply_rotary_pos_emb` is `ops.rope`
-    MLP         `down(ops.swiglu(gate, up))`, or `ops.swiglu(gate_up)` on a packed projection
+    MLP         `down(ops.swiglu(gate, up))`, or `ops.swiglu(gate_up)` on a packed projection; `ops.geglu` for the
+                GELU activations (Gemma's gelu_pytorch_tanh)
     experts     transformers 5's mixture-of-experts `_apply_gate` (the packed [gate | up] of each routed token)
     lm_head     `nn.Linear` that, called with `fastcenter_loss=`, returns that loss of its input instead of the
                 logits: the loss is computed inside the head's own call, so hooks that gather a sharded weight
@@ -18,7 +19,13 @@ from torch import Tensor, nn
 
 from .. import ops
 
-_SILU_ACTIVATIONS = ("silu", "swish")
+# transformers' activation names (ACT2FN keys) that fastcenter's gated ops compute: (op in `ops`, its keywords)
+GATED_ACTIVATIONS = {
+    "silu": ("swiglu", {}),
+    "swish": ("swiglu", {}),
+    "gelu": ("geglu", {"approximate": "none"}),
+    "gelu_pytorch_tanh": ("geglu", {"approximate": "tanh"}),
+}
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
@@ -39,18 +46,24 @@ def swap_class(module: nn.Module, original: type, mixin: type, **attributes) -> 
     return True
 
 
-def is_silu(config) -> bool:
-    return getattr(config, "hidden_act", None) in _SILU_ACTIVATIONS
+def gated_activation(config, family) -> tuple[str, dict] | None:
+    """(op name, keywords) computing the family's MLP activation times up, or None if no op of ours does."""
+    return GATED_ACTIVATIONS.get(getattr(config, family.activation_config, None))
 
 
 class FastRMSNorm:
     """<Family>RMSNorm with fastcenter's fused rms_norm."""
 
     _fastcenter_norm_output = "promote"
+    _fastcenter_weight_offset = 0.0
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        out = ops.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
-        if self._fastcenter_norm_output == "input":  # OLMo 2: (weight * normed).to(input dtype)
+        eps = getattr(self, "variance_epsilon", None)
+        eps = self.eps if eps is None else eps  # Gemma's name for it
+        out = ops.rms_norm(
+            hidden_states, (hidden_states.shape[-1],), self.weight, eps, weight_offset=self._fastcenter_weight_offset
+        )
+        if self._fastcenter_norm_output == "input":  # OLMo 2, Gemma: (weight * normed).to(input dtype)
             return out
         # Llama: weight * normed.to(input dtype), the promoted dtype (float32 for a bf16 input with a float32
         # weight, as Qwen3's q/k norms see under autocast).
@@ -62,26 +75,33 @@ class FastRMSNorm:
 
 
 class FastMLP:
-    """The gated MLP with fastcenter's swiglu (when the activation is SiLU) and optional hidden centering."""
+    """The gated MLP with fastcenter's gated op for its activation (`fastcenter_glu`: an entry of
+    GATED_ACTIVATIONS, set by `patch`; None keeps the MLP's own) and optional hidden centering."""
+
+    fastcenter_glu = None
 
     def forward(self, x: Tensor) -> Tensor:
-        swiglu = getattr(self, "fastcenter_swiglu", False)
-        if hasattr(self, "gate_up_proj"):  # packed: [gate | up]
+        if hasattr(self, "gate_up_proj"):  # packed: [gate | up], which the fused ops take as it is
             gate_up = self.gate_up_proj(x)
-            hidden = ops.swiglu(gate_up) if swiglu else _gated(self, *gate_up.chunk(2, dim=-1))
+            gate, up = (gate_up, None) if self.fastcenter_glu else gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-            hidden = ops.swiglu(gate, up) if swiglu else _gated(self, gate, up)
+        hidden = _gated(self, gate, up)
         centering = getattr(self, "fastcenter_bias", None)
         if centering is not None:
             hidden = centering(hidden)
         return self.down_proj(hidden)
 
     def extra_repr(self) -> str:
-        return "fastcenter" + (" swiglu" if getattr(self, "fastcenter_swiglu", False) else "")
+        return "fastcenter" + (f" {self.fastcenter_glu[0]}" if self.fastcenter_glu else "")
 
 
-def _gated(mlp, gate: Tensor, up: Tensor) -> Tensor:
+def _gated(mlp, gate: Tensor, up: Tensor | None) -> Tensor:
+    """act(gate) * up through the op in `mlp.fastcenter_glu` (up None: gate is the packed [gate | up]), or by the
+    MLP's own activation."""
+    if mlp.fastcenter_glu:
+        name, keywords = mlp.fastcenter_glu
+        return getattr(ops, name)(gate, up, **keywords)
     act = mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Phi-3 names it activation_fn
     return act(gate) * up
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .families import backbone
 from .layers import FusedLossHead
 
 
@@ -120,9 +121,9 @@ def causal_lm_forward(self, original, *args, **kwargs):
     return _fused_loss_forward(self, named, head)
 
 
-def _linear_cross_entropy(input, weight, bias, *, target, reduction, ignore_index):
+def _linear_cross_entropy(input, weight, bias, *, target, reduction, ignore_index, softcap):
     return ops.linear_cross_entropy(
-        input, weight, target, linear_bias=bias, reduction=reduction, ignore_index=ignore_index
+        input, weight, target, linear_bias=bias, reduction=reduction, ignore_index=ignore_index, softcap=softcap
     )
 
 
@@ -138,12 +139,13 @@ def _fused_loss_forward(self, named: dict, head):
         router = named.get("output_router_logits")
         named["output_router_logits"] = self.config.output_router_logits if router is None else router
     # As transformers' forward: every other argument, loss keywords included, goes to the base model.
-    outputs = getattr(self, self.base_model_prefix)(**named)
+    outputs = backbone(self)(**named)
     hidden = state["slice_logits_to_keep"](outputs.last_hidden_state, logits_to_keep)
 
     # transformers' ForCausalLMLoss: labels shifted left by one (padded with ignore_index) unless shift_labels
     # is given; mean over non-ignored targets, or sum / num_items_in_batch when the Trainer passes it (so
-    # gradient accumulation weighs every token equally).
+    # gradient accumulation weighs every token equally). Gemma's final-logit softcap, cap * tanh(logits / cap),
+    # is the loss's own `softcap`.
     ignore_index = named.get("ignore_index", -100)
     shift_labels = named.get("shift_labels")
     if shift_labels is None:
@@ -156,6 +158,7 @@ def _fused_loss_forward(self, named: dict, head):
             target=shift_labels.reshape(-1).to(hidden.device),
             reduction="mean" if num_items is None else "sum",
             ignore_index=ignore_index,
+            softcap=getattr(self.config, "final_logit_softcapping", None),
         ),
     )
     if num_items is not None:

@@ -2,7 +2,7 @@
 
     rms_norm, center_rms_norm   ops/norm.py           kernels/norm.py
     rope_cache, rope            ops/rope.py           kernels/rope.py
-    swiglu                      ops/swiglu.py         kernels/swiglu.py
+    swiglu, geglu               ops/swiglu.py         kernels/swiglu.py
     cross_entropy,              ops/cross_entropy.py  kernels/cross_entropy.py
     linear_cross_entropy
 
@@ -46,7 +46,7 @@ from ._dispatch import BACKENDS, FLOAT_DTYPES, backend, check_environment, using
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .norm import MAX_FUSED_NORM_DIM, center_rms_norm, rms_norm
 from .rope import rope, rope_cache
-from .swiglu import swiglu
+from .swiglu import geglu, swiglu
 
 __all__ = [
     "BACKENDS",
@@ -60,6 +60,7 @@ __all__ = [
     "rope_cache",
     "rope",
     "swiglu",
+    "geglu",
     "cross_entropy",
     "linear_cross_entropy",
 ]

@@ -28,6 +28,7 @@ from ._dispatch import (
     check_float_tensor,
     check_same_device,
     differentiable_backward,
+    is_real,
     math_dtype,
 )
 
@@ -42,12 +43,15 @@ def rms_norm(
     eps: float | None = None,
     *,
     out_dtype: torch.dtype | None = None,
+    weight_offset: float = 0.0,
 ) -> Tensor:
     """Drop-in for `torch.nn.functional.rms_norm`. The Triton kernel normalises over the last dim only; other
     shapes take the CPU implementation on CPU tensors and the reference elsewhere.
 
     `out_dtype` (default: the input's dtype) is the output's dtype, written straight from the float32 math: e.g.
     bf16 under autocast for a norm that feeds a linear layer, which would otherwise cast it in a kernel of its own.
+    weight_offset: the output is multiplied by (weight + weight_offset), formed in float32: 1.0 gives Gemma's
+    RMSNorm, x * rsqrt(mean(x**2) + eps) * (1 + weight). It needs a weight.
     """
     check_float_tensor("input", input)
     if isinstance(normalized_shape, int):
@@ -70,13 +74,15 @@ def rms_norm(
         eps = torch.finfo(input.dtype).eps
     check_eps(eps)
     _check_out_dtype(out_dtype)
+    weight_offset = _check_weight_offset(weight_offset, weight)
     implementation = backend(input, weight)
     fusable = len(normalized_shape) == 1 and normalized_shape[0] <= MAX_FUSED_NORM_DIM and input.numel() > 0
     if implementation == "triton" and fusable:
-        return _triton_norm(input, weight, None, None, eps, out_dtype)[0]
+        return _triton_norm(input, weight, None, None, eps, out_dtype, weight_offset)[0]
+    options = {"out_dtype": out_dtype, "weight_offset": weight_offset}
     if implementation == "cpu":
-        return cpu_rms_norm(input, normalized_shape, weight, eps, out_dtype=out_dtype)
-    return reference.rms_norm(input, normalized_shape, weight, eps, out_dtype=out_dtype)
+        return cpu_rms_norm(input, normalized_shape, weight, eps, **options)
+    return reference.rms_norm(input, normalized_shape, weight, eps, **options)
 
 
 def center_rms_norm(
@@ -87,10 +93,12 @@ def center_rms_norm(
     residual: Tensor | None = None,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
+    weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Fused (residual add) + centering + RMSNorm over the last dim. Returns (normed, hidden).
 
-    hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * weight.
+    hidden = input (+ residual) (- center); normed = hidden * rsqrt(mean(hidden**2, -1) + eps) * (weight +
+    weight_offset), weight_offset as in `rms_norm` (default 0).
     `center` broadcasts to `input`: a [D] vector or a per-token tensor. `hidden` is in input's dtype, `normed` in
     `out_dtype` (default: input's dtype; e.g. bf16 under autocast when it feeds a linear layer, with a float32
     residual stream); residual, center and weight may be any float dtype (read and computed in float32).
@@ -118,17 +126,33 @@ def center_rms_norm(
     check_same_device(input=input, weight=weight, center=center, residual=residual)
     check_eps(eps)
     _check_out_dtype(out_dtype)
+    weight_offset = _check_weight_offset(weight_offset, weight)
     implementation = backend(input, weight, center, residual)
     if implementation == "triton" and D <= MAX_FUSED_NORM_DIM and input.numel() > 0:
-        return _triton_norm(input, weight, center, residual, eps, out_dtype)
+        return _triton_norm(input, weight, center, residual, eps, out_dtype, weight_offset)
+    options = {
+        "center": center,
+        "residual": residual,
+        "eps": eps,
+        "out_dtype": out_dtype,
+        "weight_offset": weight_offset,
+    }
     if implementation == "cpu":
-        return cpu_center_rms_norm(input, weight, center=center, residual=residual, eps=eps, out_dtype=out_dtype)
-    return reference.center_rms_norm(input, weight, center=center, residual=residual, eps=eps, out_dtype=out_dtype)
+        return cpu_center_rms_norm(input, weight, **options)
+    return reference.center_rms_norm(input, weight, **options)
 
 
 def _check_out_dtype(out_dtype) -> None:
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {out_dtype!r}")
+
+
+def _check_weight_offset(weight_offset, weight) -> float:
+    if not is_real(weight_offset) or not math.isfinite(weight_offset):
+        raise ValueError(f"weight_offset must be a finite float, got {weight_offset!r}")
+    if weight_offset != 0 and weight is None:
+        raise ValueError("weight_offset multiplies by (weight + weight_offset) and needs a weight, got weight=None")
+    return float(weight_offset)
 
 
 def _check_norm_weight(weight, width: int) -> None:
@@ -151,6 +175,7 @@ def _norm_fwd_impl(
     residual: Optional[Tensor],
     eps: float,
     out_dtype: Optional[torch.dtype],
+    weight_offset: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x, residual: [..., D] of one shape; center: a [D] vector or a tensor that broadcasts to x. Returns (normed in
     out_dtype or x's dtype, hidden, both contiguous in x's shape; rstd [rows]).
@@ -164,7 +189,7 @@ def _norm_fwd_impl(
     if center is not None and center.dim() > 1:  # per token or broadcast: a stride-0 view where it can be
         center = center.expand(x.shape).reshape(-1, D)
     r2d = None if residual is None else as_rows(residual, D)
-    normed, hidden, rstd = norm.norm_forward(as_rows(x, D), weight, center, r2d, eps, out_dtype)
+    normed, hidden, rstd = norm.norm_forward(as_rows(x, D), weight, center, r2d, eps, out_dtype, weight_offset)
     return normed.view(x.shape), hidden.view(x.shape) if hidden.numel() else hidden, rstd
 
 
@@ -176,6 +201,7 @@ def _norm_bwd_impl(
     rstd: Tensor,
     center_is_vector: bool,
     residual_grad_dtype: Optional[torch.dtype],
+    weight_offset: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """grad_normed, grad_hidden, hidden: [..., D] of one shape. Returns (grad of hidden in total, grad of weight,
     float32 grad of a [D] centre = -column sums, and, when residual_grad_dtype is given, the residual's gradient:
@@ -188,7 +214,14 @@ def _norm_bwd_impl(
     D, shape = hidden.shape[-1], hidden.shape
     grad_hidden = None if grad_hidden is None else as_rows(grad_hidden, D)
     grad_h, grad_weight, grad_center, grad_residual = norm.norm_backward(
-        as_rows(grad_normed, D), grad_hidden, as_rows(hidden, D), weight, rstd, center_is_vector, residual_grad_dtype
+        as_rows(grad_normed, D),
+        grad_hidden,
+        as_rows(hidden, D),
+        weight,
+        rstd,
+        center_is_vector,
+        residual_grad_dtype,
+        weight_offset,
     )
     grad_residual = grad_residual if residual_grad_dtype is None else grad_residual.view(shape)
     return grad_h.view(shape), grad_weight, grad_center, grad_residual
@@ -198,7 +231,7 @@ _norm_bwd = TritonBackwardOp("fastcenter::norm_bwd", _norm_bwd_impl)
 
 
 @_norm_bwd.register_fake
-def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual_grad_dtype):
+def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual_grad_dtype, weight_offset):
     D = hidden.shape[-1]
     grad_weight = hidden.new_empty(0) if weight is None else torch.empty_like(weight)
     grad_center = hidden.new_empty(D if center_is_vector else 0, dtype=torch.float32)
@@ -210,11 +243,11 @@ def _(grad_normed, grad_hidden, hidden, weight, rstd, center_is_vector, residual
 
 
 def _triton_setup_context(ctx, inputs, output):
-    x, weight, center, residual, eps, out_dtype = inputs
+    x, weight, center, residual, eps, out_dtype, weight_offset = inputs
     normed, hidden, rstd = output
     stored = hidden if hidden.numel() > 0 else x  # without residual/centre, hidden is x itself
     ctx.save_for_backward(stored, weight, rstd)
-    ctx.eps, ctx.out_dtype = eps, out_dtype
+    ctx.eps, ctx.out_dtype, ctx.weight_offset = eps, out_dtype, weight_offset
     ctx.center_is_vector = center is not None and center.dim() == 1
     ctx.center_dtype = None if center is None else center.dtype
     ctx.center_shape = None if center is None else center.shape
@@ -235,7 +268,9 @@ def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
     if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate again
         # `hidden` is this op's own output where one was stored, so terms through it come back here as grad_hidden.
         grad_h, grad_weight = differentiable_backward(
-            lambda h, w: reference.center_rms_norm(h, w, eps=ctx.eps, out_dtype=ctx.out_dtype),
+            lambda h, w: reference.center_rms_norm(
+                h, w, eps=ctx.eps, out_dtype=ctx.out_dtype, weight_offset=ctx.weight_offset
+            ),
             [hidden, weight],
             [grad_normed, grad_hidden],
         )
@@ -246,7 +281,7 @@ def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
             grad_normed = torch.zeros_like(hidden)
         residual_grad_dtype = ctx.residual_dtype if own_residual_grad else None
         grad_h, grad_weight, grad_center_vec, grad_residual = _norm_bwd(
-            grad_normed, grad_hidden, hidden, weight, rstd, ctx.center_is_vector, residual_grad_dtype
+            grad_normed, grad_hidden, hidden, weight, rstd, ctx.center_is_vector, residual_grad_dtype, ctx.weight_offset
         )
         if not own_residual_grad:
             grad_residual = grad_h
@@ -258,7 +293,7 @@ def _triton_backward(ctx, grad_normed, grad_hidden, grad_rstd):
         grad_residual = None
     if weight is None:
         grad_weight = None
-    return grad_h, grad_weight, grad_center, grad_residual, None, None
+    return grad_h, grad_weight, grad_center, grad_residual, None, None, None
 
 
 _norm_fwd = TritonOp(
@@ -267,18 +302,20 @@ _norm_fwd = TritonOp(
 
 
 @_norm_fwd.register_fake
-def _(x, weight, center, residual, eps, out_dtype):
+def _(x, weight, center, residual, eps, out_dtype, weight_offset):
     store_hidden = center is not None or residual is not None
     hidden = x.new_empty(x.shape) if store_hidden else x.new_empty(0)
     return x.new_empty(x.shape, dtype=out_dtype), hidden, x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
 
 
-def _triton_norm(input: Tensor, weight, center, residual, eps: float, out_dtype) -> tuple[Tensor, Tensor]:
+def _triton_norm(
+    input: Tensor, weight, center, residual, eps: float, out_dtype, weight_offset: float
+) -> tuple[Tensor, Tensor]:
     """Run the custom op. Returns (normed, hidden-or-input)."""
     D = input.shape[-1]
     if center is not None and center.dim() > 1 and center.shape[-1] == D and center.numel() == D:
         center = center.reshape(D)  # one [D] vector: the kernel reduces its gradient with the weight's
-    normed, hidden, _ = _norm_fwd(input, weight, center, residual, float(eps), out_dtype)
+    normed, hidden, _ = _norm_fwd(input, weight, center, residual, float(eps), out_dtype, weight_offset)
     return normed, input if hidden.numel() == 0 else hidden
 
 
@@ -294,11 +331,13 @@ def cpu_rms_norm(
     eps: float | None = None,
     *,
     out_dtype: torch.dtype | None = None,
+    weight_offset: float = 0.0,
 ) -> Tensor:
     """`torch.nn.functional.rms_norm` (see fastcenter.reference.rms_norm), over any trailing dims."""
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    weight = _offset_weight(weight, weight_offset, input)
     return _CPURMSNorm.apply(input, weight, dims, float(eps), out_dtype or input.dtype)
 
 
@@ -310,12 +349,22 @@ def cpu_center_rms_norm(
     residual: Tensor | None = None,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
+    weight_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """(normed, hidden), hidden = input (+ residual) (- center) (see fastcenter.reference.center_rms_norm)."""
     out_dtype = out_dtype or input.dtype
+    weight = _offset_weight(weight, weight_offset, input)
     if residual is None and center is None:  # hidden is the input itself: returned as it is (as the reference)
         return _CPURMSNorm.apply(input, weight, (-1,), float(eps), out_dtype), input
     return _CPUCenterRMSNorm.apply(input, weight, center, residual, float(eps), out_dtype)
+
+
+def _offset_weight(weight: Tensor | None, weight_offset: float, input: Tensor) -> Tensor | None:
+    """weight + weight_offset in the math dtype, through autograd (its gradient is the weight's): the CPU
+    implementation's functions then see an ordinary weight."""
+    if weight is None or weight_offset == 0:
+        return weight
+    return weight.to(math_dtype(input, weight)) + weight_offset
 
 
 def _rstd(h: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
