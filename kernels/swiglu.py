@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import cdiv, next_power_of_2
+from ._device import cdiv, max_registers, next_power_of_2
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
@@ -107,6 +107,9 @@ def _swiglu_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 TILE_ELEMENTS = 4096  # elements per program (see the module docstring)
+# Where columns are masked (H not a multiple of BLOCK_N) the backward states a register ceiling of two resident
+# programs per SM (see _device.max_registers): without one, ptxas aims at three and spills a register or two.
+MASKED_BACKWARD_PROGRAMS_PER_SM = 2
 MAX_BLOCK_N = 1024
 
 
@@ -165,6 +168,7 @@ def swiglu_backward(grad_out, gate, up, activation: str = "silu"):
         grad_out, gate, up, grad_gate, grad_up,
         n_rows, n_cols, grad_out.stride(0), gate.stride(0), up.stride(0), grad_gate.stride(0), grad_up.stride(0),
         ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        maxnreg=max_registers(num_warps, MASKED_BACKWARD_PROGRAMS_PER_SM) if n_cols % block_n else None,
     )  # fmt: skip
     if packed:
         return grad_packed, grad_packed.new_empty(0)
