@@ -1,4 +1,4 @@
-"""The reference model: size, fused == eager, loss == logits, causality and batch independence of every centering
+"""The model: size, fused == eager, loss == logits, causality and batch independence of every centering
 placement and mode, the attention facts behind the placements, the architecture options (nanoGPT's) against a
 plain float64 formulation, the default model's losses as they were, sampling and the sample CLI.
 
@@ -88,7 +88,7 @@ def test_seed_model_has_exactly_17062400_parameters():
     unique = {p.data_ptr(): p.numel() for p in model.parameters()}
     assert sum(unique.values()) == 17_062_400
     assert not any(p is model.tok_emb.weight for n, p in model.named_parameters() if not n.startswith("tok_emb"))
-    assert model.num_params(non_embedding=True) == 17_062_400 - 50257 * 256
+    assert model.num_params(non_embedding=True) == 17_062_400 - data.GPT2_VOCAB_SIZE * 256
     # Training FLOPs per token: 6 x (every weight of a matmul, the head once) + the attention term.
     matmul_weights = 17_062_400 - (2 * 4 + 1) * 256  # all but the norm gains
     assert model.flops_per_token(512) == 6 * matmul_weights + 12 * 4 * 256 * 512
@@ -669,7 +669,7 @@ def test_nanogpts_architecture_at_384_wide_has_30044544_parameters():
     """The claims' width with nanoGPT's 384-wide shape (6 layers, 6 heads, block 256) and GPT-2's vocabulary,
     counted by hand: the tied token embedding, the position embedding, per layer two LayerNorms (gain and bias),
     qkv, out, up and down with their biases, and the final LayerNorm."""
-    V, D, L, T = 50257, 384, 6, 256
+    V, D, L, T = data.GPT2_VOCAB_SIZE, 384, 6, 256
     model = GPT(GPTConfig(**NANOGPT, vocab_size=V, dim=D, n_layers=L, n_heads=6, max_seq_len=T))
     per_layer = 2 * 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * 4 * D + 4 * D) + (4 * D * D + D)
     expected = V * D + T * D + L * per_layer + 2 * D
@@ -800,7 +800,9 @@ def test_sample_cli_on_a_checkpoint_from_train_py(tmp_path, gpt2_encoding):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     for split, n in (("train", 3000), ("val", 1000)):
-        torch.randint(0, 50257, (n,), dtype=torch.int32).numpy().astype("<u2").tofile(data_dir / f"{split}.bin")
+        torch.randint(0, data.GPT2_VOCAB_SIZE, (n,), dtype=torch.int32).numpy().astype("<u2").tofile(
+            data_dir / f"{split}.bin"
+        )
     env = {**os.environ, "FASTCENTER_BACKEND": "reference"}
     trained = subprocess.run(
         [sys.executable, str(train_py), "--data", str(data_dir), "--out-dir", str(tmp_path / "run"), "--device", "cpu",

@@ -32,7 +32,7 @@ from fastcenter.training import Trainer
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "train.py"
 INJECT = pathlib.Path(__file__).resolve().parent / "inject"
-LN_V = math.log(50257)
+LN_V = math.log(data.GPT2_VOCAB_SIZE)
 
 
 def tiny_args(data_dir, out_dir, **overrides) -> list[str]:
