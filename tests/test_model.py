@@ -9,20 +9,19 @@ import copy
 import json
 import math
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEVICE, ON_GPU
+from helpers import train_script
+
 from fastcenter import checkpoint, data, reference
 from fastcenter import model as model_module
 from fastcenter.model import GPT, NANOGPT, PLACEMENTS, GPTConfig, parse_placements
 from fastcenter.nn import CENTERING_MODES, VectorCentering
-
 
 # The architectures the leak tests hold for: the default model's, and nanoGPT's (LayerNorm with biases, GELU MLP,
 # learned positions: the model's options).
@@ -794,37 +793,33 @@ def test_sample_loads_checkpoint_and_is_reproducible(tiny_checkpoint, capsys, gp
     assert "config" in capsys.readouterr().err
 
 
-def test_sample_cli_on_a_checkpoint_from_train_py(tmp_path, gpt2_encoding):
-    """End to end: train.py trains two steps and checkpoints; `python -m fastcenter.sample` continues a prompt."""
-    train_py = pathlib.Path(__file__).resolve().parents[1] / "train.py"
+def test_sample_cli_on_a_checkpoint_from_train_py(tmp_path, gpt2_encoding, capsys, monkeypatch):
+    """End to end: train.py trains two steps and checkpoints (its cli(), in this process); `python -m
+    fastcenter.sample`, as a user runs it, continues a prompt."""
+    from fastcenter import sample
+
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     for split, n in (("train", 3000), ("val", 1000)):
-        torch.randint(0, data.GPT2_VOCAB_SIZE, (n,), dtype=torch.int32).numpy().astype("<u2").tofile(
-            data_dir / f"{split}.bin"
-        )
-    env = {**os.environ, "FASTCENTER_BACKEND": "reference"}
-    trained = subprocess.run(
-        [sys.executable, str(train_py), "--data", str(data_dir), "--out-dir", str(tmp_path / "run"), "--device", "cpu",
-         "--max-iters", "2", "--batch-size", "2", "--grad-accum-steps", "1", "--seq-len", "16", "--max-seq-len", "16",
-         "--dim", "16", "--n-layers", "1", "--n-heads", "2", "--eval-iters", "1", "--eval-interval", "2",
-         "--warmup-iters", "1", "--center", "residual,v", "--centering-mode", "causal"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-2000:]
+        ids = torch.randint(0, data.GPT2_VOCAB_SIZE, (n,), dtype=torch.int32)
+        ids.numpy().astype("<u2").tofile(data_dir / f"{split}.bin")
+    monkeypatch.setenv("FASTCENTER_BACKEND", "reference")
+    flags = "--max-iters 2 --batch-size 2 --grad-accum-steps 1 --seq-len 16 --max-seq-len 16 --dim 16 --n-layers 1"
+    flags += (
+        " --n-heads 2 --eval-iters 1 --eval-interval 2 --warmup-iters 1 --center residual,v --centering-mode causal"
+    )
+    argv = ["--data", str(data_dir), "--out-dir", str(tmp_path / "run"), "--device", "cpu", *flags.split()]
+    assert train_script().cli(argv) == 0, capsys.readouterr()
     ckpt = tmp_path / "run" / "ckpt.pt"
-    sampled = subprocess.run(
-        [sys.executable, "-m", "fastcenter.sample", "--ckpt", str(ckpt), "--prompt", "Hello",
-         "--max-new-tokens", "4", "--top-k", "10", "--device", "cpu"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "fastcenter.sample", "--ckpt", str(ckpt), "--prompt", "Hello"]
+    command += ["--max-new-tokens", "4", "--top-k", "10", "--device", "cpu"]
+    sampled = subprocess.run(command, capture_output=True, text=True, timeout=120)  # FASTCENTER_BACKEND as set
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.startswith("Hello") and len(sampled.stdout.strip()) > len("Hello")
-    missing = subprocess.run(
-        [sys.executable, "-m", "fastcenter.sample", "--ckpt", str(tmp_path / "missing.pt"), "--prompt", "x"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
-    assert missing.returncode != 0 and "error" in missing.stderr
+    capsys.readouterr()
+    assert sample.main(["--ckpt", str(tmp_path / "missing.pt"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
 def test_sampling_a_checkpoint_with_nan_weights_is_one_line(tiny_checkpoint, capsys):

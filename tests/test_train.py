@@ -7,7 +7,6 @@ Tiny models on the synthetic corpus (tests/helpers.py): nothing here needs ../sh
 demo-corpus test, which skips without the GPT-2 BPE. The training core itself is tested in test_training.py.
 """
 
-import importlib.util
 import io
 import json
 import math
@@ -24,6 +23,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import train_script
 
 from fastcenter import checkpoint, data
 from fastcenter.config import TrainConfig
@@ -126,14 +126,7 @@ def wait_for_rows(proc, out_dir, n: int, timeout: float = 120) -> None:
 # train.py's cli() in this process (no start-up of its own): for errors and the runs tests only start from.
 
 
-def _train_module():
-    spec = importlib.util.spec_from_file_location("fastcenter_train_script", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN = _train_module()
+TRAIN = train_script()
 
 
 def cli(argv, capsys) -> tuple[int, str, str]:
