@@ -95,6 +95,12 @@ def start(argv, **extra_env) -> subprocess.Popen:
     )
 
 
+def finish(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Wait for a process from start() and return what train() would have."""
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def ok(result) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -401,8 +407,7 @@ def test_corrupt_data_is_refused_before_anything_is_written(token_corpus, tmp_pa
     proc = start(user_argv)
     for argv, pattern in cases.values():
         cli_error(argv, capsys, pattern)
-    stdout, stderr = proc.communicate(timeout=600)
-    one_line_error(subprocess.CompletedProcess(user_argv, proc.returncode, stdout, stderr), user_pattern)
+    one_line_error(finish(proc), user_pattern)
     for out in ("o1", "o2", "o3", "o4"):  # refused before the run directory is made
         assert not (tmp_path / out).exists(), out
 
@@ -433,9 +438,8 @@ def test_user_errors_are_one_line_with_exit_code_2(token_corpus, trained_run, tm
     procs = [start(argv) for argv, _ in as_a_user]  # at once: each fails within seconds
     for argv, pattern in in_process:
         cli_error(argv, capsys, pattern)
-    for proc, (argv, pattern) in zip(procs, as_a_user):
-        stdout, stderr = proc.communicate(timeout=600)
-        one_line_error(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), pattern)
+    for proc, (_, pattern) in zip(procs, as_a_user):
+        one_line_error(finish(proc), pattern)
     assert not (tmp_path / "x").exists()  # refused before the run directory is made
 
 
@@ -490,8 +494,7 @@ def test_a_file_size_limit_while_writing_the_checkpoint_or_a_metrics_line_is_one
         for name, (limit, args, _) in cases.items()
     }
     for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), cases[name][2])
+        one_line_error(finish(proc, timeout=300), cases[name][2])
         assert not list((tmp_path / name).glob("*.fastcenter-tmp")), name
 
 
