@@ -79,7 +79,7 @@ def test_the_residual_placement_is_its_inner_and_final_parts():
     assert GPTConfig(center="residual_final,v").center == ("residual_final", "v")
 
 
-def test_seed_model_has_exactly_17062400_parameters():
+def test_default_model_has_exactly_17062400_parameters():
     config = GPTConfig()
     model = GPT(config)
     assert model.num_params() == 17_062_400
