@@ -1,6 +1,6 @@
 """Train the fastcenter GPT on token files.
 
-    python train.py --fused                                  # seed config on the demo corpus (stdlib source)
+    python train.py --fused                                  # default model on the demo corpus (stdlib source)
     python train.py --data DIR --out-dir out --fused         # DIR holds train.bin and val.bin
     python train.py --out-dir out --resume                   # continue out/ exactly where it stopped
     torchrun --nproc_per_node=8 train.py --data DIR --fused  # data-parallel, same global batch

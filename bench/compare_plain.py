@@ -151,8 +151,8 @@ def read_rows(path: pathlib.Path) -> list[dict]:
 def run(cmd: list[str], timeout_s: float, log_path: pathlib.Path, env: dict, *, stop_when=None) -> dict:
     """Run `cmd` from the repository root, its output to `log_path`, for at most `timeout_s` (then SIGKILL to its
     process group, so whatever it started ends with it, as it does if this process is interrupted); `stop_when()`,
-    polled every second, sends SIGTERM once it holds. Returns rc, wall_s, timed_out, stopped and the child's own
-    CPU time and peak RSS (wait4's rusage)."""
+    polled with the exit five times a second, sends SIGTERM once it holds. Returns rc, wall_s, timed_out, stopped
+    and the child's own CPU time and peak RSS (wait4's rusage)."""
     started, stopped, timed_out = time.monotonic(), False, False
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(map(str, cmd)) + "\n")
@@ -170,7 +170,7 @@ def run(cmd: list[str], timeout_s: float, log_path: pathlib.Path, env: dict, *, 
                 elif stop_when is not None and not stopped and stop_when():
                     proc.send_signal(signal.SIGTERM)
                     stopped = True
-                time.sleep(0.2 if stop_when is None else 1.0)
+                time.sleep(0.2)
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -71,8 +71,17 @@ class Block(nn.Module):
 
 
 class PlainGPT(nn.Module):
-    def __init__(self, vocab_size=50257, dim=256, n_layers=4, n_heads=4, max_seq_len=512, hidden=None,
-                 rope_base=10000.0, eps=1e-6):  # fmt: skip
+    def __init__(
+        self,
+        vocab_size=50257,  # GPT-2's; fastcenter.data.GPT2_VOCAB_SIZE, but this file imports nothing of fastcenter
+        dim=256,
+        n_layers=4,
+        n_heads=4,
+        max_seq_len=512,
+        hidden=None,
+        rope_base=10000.0,
+        eps=1e-6,
+    ):
         super().__init__()
         self.tok_emb = nn.Embedding(vocab_size, dim)  # also the output head
         self.blocks = nn.ModuleList(Block(dim, n_heads, hidden or 4 * dim, eps) for _ in range(n_layers))
@@ -102,8 +111,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.plain_gpt", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="directory holding train.bin (raw uint16 token ids)")
     p.add_argument("--out", required=True, help="metrics.jsonl to write")
-    for name, default in (("batch-size", 16), ("seq-len", 512), ("max-iters", 3), ("dim", 256), ("n-layers", 4),
-                          ("n-heads", 4), ("vocab-size", 50257), ("seed", 1337)):  # fmt: skip
+    for name, default in (
+        ("batch-size", 16),
+        ("seq-len", 512),
+        ("max-iters", 3),
+        ("dim", 256),
+        ("n-layers", 4),
+        ("n-heads", 4),
+        ("vocab-size", 50257),
+        ("seed", 1337),
+    ):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args(argv)
@@ -112,8 +129,10 @@ def main(argv=None) -> None:
     tokens = np.memmap(pathlib.Path(args.data) / "train.bin", dtype=np.uint16, mode="r")
     model = PlainGPT(args.vocab_size, args.dim, args.n_layers, args.n_heads, args.seq_len)
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     rng = np.random.default_rng(args.seed)
     B, T = args.batch_size, args.seq_len

@@ -63,7 +63,7 @@ def flag(name: str) -> str:
 
 @dataclass
 class TrainConfig:
-    """Everything about a run except the model's shape (that is GPTConfig). Defaults = the seed."""
+    """Everything about a run except the model's shape (that is GPTConfig). Defaults = the default configuration."""
 
     data: str = opt("", "directory holding train.bin and val.bin; empty: the demo corpus (stdlib source)")
     out_dir: str = opt("out", "run directory: config.json, metrics.jsonl, ckpt.pt, loss.png")
@@ -165,7 +165,7 @@ class TrainConfig:
 
 
 MODEL_HELP = {
-    "vocab_size": "vocabulary size (GPT-2 BPE: 50257; a compacted corpus: its meta.json says)",
+    "vocab_size": f"vocabulary size (GPT-2 BPE: {data.GPT2_VOCAB_SIZE}; a compacted corpus: its meta.json says)",
     "dim": "model width",
     "n_layers": "transformer blocks",
     "n_heads": "attention heads (with RoPE, dim / n_heads must be even)",

@@ -499,7 +499,7 @@ def prepare(
 
     compact_vocab: renumber the token ids that occur in the corpus as 0..K-1 (in the order of the GPT-2 ids, so
     the mapping is monotone) and store the GPT-2 id of each in meta.json ("token_ids"): a model of this corpus
-    then needs only K output rows instead of 50257 (train.py reads K from meta.json; sampling maps back).
+    then needs only K output rows instead of GPT2_VOCAB_SIZE (train.py reads K from meta.json; sampling maps back).
     extra_meta: more fields for meta.json.
     """
     if not 0.0 <= val_fraction < 1.0:

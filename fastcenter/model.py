@@ -1,4 +1,4 @@
-"""The reference model: a small GPT with RoPE, SwiGLU, RMSNorm and optional vector centering.
+"""The model: a small GPT with RoPE, SwiGLU, RMSNorm and optional vector centering.
 
 Every module calls `fastcenter.ops` and owns its computation (nanoGPT style: `x = self.attn(self.norm(x))`);
 nothing is passed down but data. Which implementation the ops run is decided in one place,
@@ -53,7 +53,7 @@ block (token plus position embedding), `qk` centres right after the projection (
 come before; then a centre common to every key, as every mode but `causal` subtracts, is a per-query constant in
 the scores and changes nothing: only the query centring acts), `mlp` centres the GELU hidden activation.
 
-Parameter count of the seed config (vocab 50257, dim 256, 4 layers, MLP hidden 1024, embedding tied to the head):
+Parameter count of the default model (vocab 50257, dim 256, 4 layers, MLP hidden 1024, embedding tied to the head):
     embedding 50257 * 256 = 12,865,792;  per layer: qkv 3 * 256^2 + out 256^2 + gate|up 256 * 2048 + down 1024 * 256
     + two norm gains 2 * 256 = 1,049,088, times 4 = 4,196,352;  final norm 256;  total 17,062,400.
 nanoGPT's architecture at 384 wide (NANOGPT, 6 layers, 6 heads, max_seq_len 256, vocab 50257):
@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .data import GPT2_VOCAB_SIZE
 from .nn import CENTERING_MODES, RMSNorm, VectorCentering
 
 __all__ = [
@@ -135,9 +136,9 @@ def parse_placements(center) -> tuple[str, ...]:
 
 @dataclass
 class GPTConfig:
-    """Model shape and options; the defaults are the seed model (17,062,400 parameters)."""
+    """Model shape and options; the defaults give the default model (17,062,400 parameters)."""
 
-    vocab_size: int = 50257
+    vocab_size: int = GPT2_VOCAB_SIZE
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -344,7 +345,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The reference GPT; `forward(idx, targets)` -> mean loss, `forward(idx)` -> logits [B, T, vocab_size]."""
+    """The GPT; `forward(idx, targets)` -> mean loss, `forward(idx)` -> logits [B, T, vocab_size]."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()

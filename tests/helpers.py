@@ -1,4 +1,8 @@
-"""Shared test utilities: per-dtype tolerances, comparisons against a float64 truth, a synthetic corpus."""
+"""Shared test utilities: per-dtype tolerances, comparisons against a float64 truth, a synthetic corpus, train.py
+as a module."""
+
+import importlib.util
+import pathlib
 
 import torch
 
@@ -72,7 +76,6 @@ def write_synthetic_corpus(out_dir, *, train_tokens: int = 60_000, val_tokens: i
     then by the end-of-text id 50256: there is a unigram distribution to learn first, then context. The same
     seed gives the same files.
     """
-    import pathlib
 
     import numpy as np
 
@@ -96,3 +99,13 @@ def write_synthetic_corpus(out_dir, *, train_tokens: int = 60_000, val_tokens: i
     data.write_tokens(out_dir / "train.bin", stream(train_tokens))
     data.write_tokens(out_dir / "val.bin", stream(val_tokens))
     return out_dir
+
+
+def train_script():
+    """The repository's train.py loaded as a module, so that a test runs its cli() in this process (no start-up of a
+    fresh interpreter, torch and torch.optim's compiler stack: seconds a run)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "train.py"
+    spec = importlib.util.spec_from_file_location("fastcenter_train_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

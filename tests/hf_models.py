@@ -57,10 +57,17 @@ GATED_OP = {"gemma2": "geglu", "gemma3_text": "geglu"}
 
 def tiny_config(model_type: str, *, tied: bool = False, **overrides):
     options = dict(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=256,
-        tie_word_embeddings=tied, rms_norm_eps=1e-5,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5,
+    )
     options.update(FAMILY_CONFIG.get(model_type, {}))
     options.update(overrides)
     return AutoConfig.for_model(model_type, **options)

@@ -1,5 +1,6 @@
-"""VectorCentering: each mode's training/eval behaviour, buffer updates and gradients, as SPEC.md tabulates them,
-and the attention facts that decide where centering can go."""
+"""VectorCentering: each mode's training/eval behaviour, buffer updates and gradients, as README.md's "Vector
+centering" table states them (fastcenter/nn.py holds the math), and the attention facts that decide where centering
+can go."""
 
 import pytest
 import torch
@@ -220,7 +221,8 @@ def test_bad_arguments():
         VectorCentering(D)(torch.randn(2, 3, D + 1))
 
 
-# ---- Attention facts (SPEC "Vector centering"): why keys are centred before RoPE, and what value centering does.
+# ---- Attention facts (fastcenter/model.py's docstring, its centering placements): why keys are centred before
+# RoPE, and what value centering does.
 
 
 def _attention(q, k, v):

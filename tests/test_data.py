@@ -58,7 +58,11 @@ def test_prepare_round_trips_small_files(tmp_path, enc):
     train = data.open_tokens(tmp_path / "out" / "train.bin")
     val = data.open_tokens(tmp_path / "out" / "val.bin")
     assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
-    assert meta["encoding"] == "r50k_base" and meta["vocab_size"] == 50257 and meta["eot_token"] == 50256
+    assert (
+        meta["encoding"] == "r50k_base"
+        and meta["vocab_size"] == enc.n_vocab == data.GPT2_VOCAB_SIZE
+        and meta["eot_token"] == enc.eot_token
+    )
     assert sorted(meta["train_documents"] + meta["val_documents"]) == sorted(texts)
     assert meta["train_documents"] and meta["val_documents"]
     # Each split is its documents, in order, each followed by EOT; "<|endoftext|>" in text is plain text.
@@ -158,7 +162,7 @@ def test_compact_vocabulary_renumbers_the_ids_that_occur_and_maps_back(tmp_path,
     full = data.prepare([src], tmp_path / "full", val_fraction=0.3, log=lambda s: None)
     meta = data.prepare([src], tmp_path / "compact", val_fraction=0.3, compact_vocab=True, log=lambda s: None)
     ids = data.token_ids(tmp_path / "compact")
-    assert data.token_ids(tmp_path / "full") is None and full["vocab_size"] == 50257
+    assert data.token_ids(tmp_path / "full") is None and full["vocab_size"] == data.GPT2_VOCAB_SIZE
     assert meta["vocab_size"] == len(ids) < 30 and list(ids) == sorted(set(ids.tolist()))  # monotone renumbering
     assert ids[meta["eot_token"]] == data.EOT_TOKEN
     for split in ("train", "val"):
@@ -173,7 +177,7 @@ def test_compact_vocabulary_renumbers_the_ids_that_occur_and_maps_back(tmp_path,
 
 
 def test_nanogpt_and_llmc_formats_read_the_same(tmp_path):
-    ids = np.random.default_rng().integers(0, 50257, size=1237).astype(np.uint16)
+    ids = np.random.default_rng().integers(0, data.GPT2_VOCAB_SIZE, size=1237).astype(np.uint16)
     data.write_tokens(tmp_path / "nano.bin", ids, fmt="nanogpt")
     data.write_tokens(tmp_path / "llmc.bin", ids, fmt="llmc")
     assert (tmp_path / "nano.bin").stat().st_size == 2 * len(ids)
@@ -185,7 +189,7 @@ def test_nanogpt_and_llmc_formats_read_the_same(tmp_path):
     for name in ("nano.bin", "llmc.bin"):
         tokens = data.open_tokens(tmp_path / name)
         assert np.array_equal(np.asarray(tokens), ids)
-        data.check_tokens(tokens, name, vocab_size=50257, min_tokens=17)
+        data.check_tokens(tokens, name, vocab_size=data.GPT2_VOCAB_SIZE, min_tokens=17)
 
 
 def test_llmc_version2_uint32(tmp_path):
@@ -200,7 +204,7 @@ def test_llmc_version2_uint32(tmp_path):
 def test_load_split_reads_a_prepared_directory(tmp_path, enc):
     src = _write_texts(tmp_path / "src", {"a.txt": "one two three " * 50, "b.txt": "four five six " * 50})
     data.prepare([src], tmp_path / "d", val_fraction=0.5, log=lambda s: None)
-    train = data.load_split(tmp_path / "d", "train", vocab_size=50257, seq_len=16)
+    train = data.load_split(tmp_path / "d", "train", vocab_size=data.GPT2_VOCAB_SIZE, seq_len=16)
     assert len(train) > 17
 
 
@@ -209,7 +213,7 @@ def test_load_split_reads_a_prepared_directory(tmp_path, enc):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check(path, vocab_size=50257, seq_len=8):
+def _check(path, vocab_size=data.GPT2_VOCAB_SIZE, seq_len=8):
     tokens = data.open_tokens(path)
     data.check_tokens(tokens, path, vocab_size=vocab_size, min_tokens=seq_len + 1)
 
@@ -235,7 +239,7 @@ def test_id_out_of_vocab_refused_with_position(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=expected):
         _check(path, vocab_size=1000)
     _check(path, vocab_size=int(ids.max()) + 1)  # the same file is fine for a larger vocabulary
-    # A nanoGPT file holding a GPT-2-invalid id (>= 50257) is refused against the default vocabulary.
+    # A nanoGPT file holding a GPT-2-invalid id (>= GPT2_VOCAB_SIZE) is refused against the default vocabulary.
     data.write_tokens(path, np.array([1, 2, 3, 65535] * 10, dtype=np.uint16))
     with pytest.raises(DataError, match="token id 65535 at position 3"):
         _check(path)
@@ -254,7 +258,7 @@ def test_empty_and_missing_refused(tmp_path):
     with pytest.raises(DataError, match="empty"):
         _check(tmp_path / "empty.bin")
     with pytest.raises(DataError, match="not found"):
-        data.load_split(tmp_path, "train", vocab_size=50257, seq_len=8)
+        data.load_split(tmp_path, "train", vocab_size=data.GPT2_VOCAB_SIZE, seq_len=8)
 
 
 def test_bad_llmc_headers_refused(tmp_path):
@@ -338,7 +342,7 @@ def test_default_demo_dir_honours_cache_env(monkeypatch, tmp_path):
 
 
 def _token_stream(n):
-    return np.random.default_rng().integers(0, 50257, size=n).astype(np.uint16)
+    return np.random.default_rng().integers(0, data.GPT2_VOCAB_SIZE, size=n).astype(np.uint16)
 
 
 def test_windows_are_slices_of_the_file():

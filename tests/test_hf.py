@@ -56,7 +56,8 @@ def op_calls(monkeypatch):
 
 # kernels: the Triton kernels (interpreted here); cpu: fastcenter's CPU implementation, what a CPU-only user runs;
 # reference: fastcenter.reference. The CPU implementation is tested against the reference op by op
-# (tests/test_cpu.py), so here it runs once per family.
+# (the cpu_* tests of tests/test_norm.py, test_rope.py, test_swiglu.py and test_cross_entropy.py), so here it
+# runs once per family.
 BACKENDS = [("kernels", False), ("kernels", True), ("reference", False), ("reference", True), ("cpu", False)]
 
 

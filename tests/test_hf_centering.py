@@ -144,8 +144,11 @@ def test_every_placement_of_the_new_families_is_what_flows_on(model_type):
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()
     last = len(model.model.layers) - 1
-    names = {"embeddings": "model.embed_tokens.fastcenter_bias", "mlp": f"model.layers.{last}.mlp.fastcenter_bias",
-             "values": f"model.layers.{last}.self_attn.v_proj.fastcenter_bias"}  # fmt: skip
+    names = {
+        "embeddings": "model.embed_tokens.fastcenter_bias",
+        "mlp": f"model.layers.{last}.mlp.fastcenter_bias",
+        "values": f"model.layers.{last}.self_attn.v_proj.fastcenter_bias",
+    }
     for placement, name in names.items():
         if placement not in hf.families.family(model_type).placements:
             assert name not in seen
@@ -162,18 +165,29 @@ def test_every_placement_of_the_new_families_is_what_flows_on(model_type):
 
 # (model type, first patch, second patch that must be refused, the error)
 REFUSALS = {
-    "other_mode": ("llama", dict(center=("values",)), dict(center=("embeddings", "values"), centering_mode="causal"),
-                   (ValueError, "already centred")),
-    "ops_then_other_mode": ("llama", dict(rms_norm=False, rope=False, swiglu=False, linear_cross_entropy=False,
-                                          center=("embeddings",)),
-                            dict(center=("mlp",), centering_mode="causal"), (ValueError, "already centred")),
+    "other_mode": (
+        "llama",
+        dict(center=("values",)),
+        dict(center=("embeddings", "values"), centering_mode="causal"),
+        (ValueError, "already centred"),
+    ),
+    "ops_then_other_mode": (
+        "llama",
+        dict(rms_norm=False, rope=False, swiglu=False, linear_cross_entropy=False, center=("embeddings",)),
+        dict(center=("mlp",), centering_mode="causal"),
+        (ValueError, "already centred"),
+    ),
     "unknown_placement": ("qwen2", None, dict(center=("embeddings", "residual")), (ValueError, "center placements")),
     "malformed_center": ("qwen2", None, dict(center=[("embeddings",)]), (TypeError, "center must")),
     "mode_without_center": ("qwen2", None, dict(centering_mode="causal"), (ValueError, "without center")),
     "phi3_values": ("phi3", None, dict(center=("embeddings", "values")), (ValueError, "packs q, k and v")),
-    "experts_mlp": ("qwen3_moe", dict(center=("embeddings",)), dict(center=("values", "mlp")),
-                    (ValueError, "routed to it")),
-}  # fmt: skip
+    "experts_mlp": (
+        "qwen3_moe",
+        dict(center=("embeddings",)),
+        dict(center=("values", "mlp")),
+        (ValueError, "routed to it"),
+    ),
+}
 
 
 @pytest.mark.parametrize("case", REFUSALS)

@@ -28,12 +28,25 @@ class _Rows(torch.utils.data.Dataset):
 
 def _arguments(out_dir, **overrides):
     return transformers.TrainingArguments(
-        output_dir=str(out_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
-        learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-        report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0,
-        disable_tqdm=True, seed=0, data_seed=0,
+        output_dir=str(out_dir),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
         **overrides,
-    )  # fmt: skip
+    )
 
 
 def _train_one_step(model, rows, out_dir):
@@ -95,10 +108,21 @@ def _sft_losses(model, out_dir, rows, **config):
     # float32 (SFTConfig defaults to bf16 autocast) and no checkpointing unless asked
     config = dict(dict(bf16=False, gradient_checkpointing=False), **config)
     args = trl.SFTConfig(
-        output_dir=str(out_dir), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
-        lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-        disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0, **config,
-    )  # fmt: skip
+        output_dir=str(out_dir),
+        per_device_train_batch_size=2,
+        max_steps=3,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        **config,
+    )
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=_word_tokenizer())
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -1,4 +1,4 @@
-"""The reference model: size, fused == eager, loss == logits, causality and batch independence of every centering
+"""The model: size, fused == eager, loss == logits, causality and batch independence of every centering
 placement and mode, the attention facts behind the placements, the architecture options (nanoGPT's) against a
 plain float64 formulation, the default model's losses as they were, sampling and the sample CLI.
 
@@ -9,20 +9,19 @@ import copy
 import json
 import math
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEVICE, ON_GPU
+from helpers import train_script
+
 from fastcenter import checkpoint, data, reference
 from fastcenter import model as model_module
 from fastcenter.model import GPT, NANOGPT, PLACEMENTS, GPTConfig, parse_placements
 from fastcenter.nn import CENTERING_MODES, VectorCentering
-
 
 # The architectures the leak tests hold for: the default model's, and nanoGPT's (LayerNorm with biases, GELU MLP,
 # learned positions: the model's options).
@@ -80,7 +79,7 @@ def test_the_residual_placement_is_its_inner_and_final_parts():
     assert GPTConfig(center="residual_final,v").center == ("residual_final", "v")
 
 
-def test_seed_model_has_exactly_17062400_parameters():
+def test_default_model_has_exactly_17062400_parameters():
     config = GPTConfig()
     model = GPT(config)
     assert model.num_params() == 17_062_400
@@ -88,7 +87,7 @@ def test_seed_model_has_exactly_17062400_parameters():
     unique = {p.data_ptr(): p.numel() for p in model.parameters()}
     assert sum(unique.values()) == 17_062_400
     assert not any(p is model.tok_emb.weight for n, p in model.named_parameters() if not n.startswith("tok_emb"))
-    assert model.num_params(non_embedding=True) == 17_062_400 - 50257 * 256
+    assert model.num_params(non_embedding=True) == 17_062_400 - data.GPT2_VOCAB_SIZE * 256
     # Training FLOPs per token: 6 x (every weight of a matmul, the head once) + the attention term.
     matmul_weights = 17_062_400 - (2 * 4 + 1) * 256  # all but the norm gains
     assert model.flops_per_token(512) == 6 * matmul_weights + 12 * 4 * 256 * 512
@@ -669,7 +668,7 @@ def test_nanogpts_architecture_at_384_wide_has_30044544_parameters():
     """The claims' width with nanoGPT's 384-wide shape (6 layers, 6 heads, block 256) and GPT-2's vocabulary,
     counted by hand: the tied token embedding, the position embedding, per layer two LayerNorms (gain and bias),
     qkv, out, up and down with their biases, and the final LayerNorm."""
-    V, D, L, T = 50257, 384, 6, 256
+    V, D, L, T = data.GPT2_VOCAB_SIZE, 384, 6, 256
     model = GPT(GPTConfig(**NANOGPT, vocab_size=V, dim=D, n_layers=L, n_heads=6, max_seq_len=T))
     per_layer = 2 * 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * 4 * D + 4 * D) + (4 * D * D + D)
     expected = V * D + T * D + L * per_layer + 2 * D
@@ -794,35 +793,33 @@ def test_sample_loads_checkpoint_and_is_reproducible(tiny_checkpoint, capsys, gp
     assert "config" in capsys.readouterr().err
 
 
-def test_sample_cli_on_a_checkpoint_from_train_py(tmp_path, gpt2_encoding):
-    """End to end: train.py trains two steps and checkpoints; `python -m fastcenter.sample` continues a prompt."""
-    train_py = pathlib.Path(__file__).resolve().parents[1] / "train.py"
+def test_sample_cli_on_a_checkpoint_from_train_py(tmp_path, gpt2_encoding, capsys, monkeypatch):
+    """End to end: train.py trains two steps and checkpoints (its cli(), in this process); `python -m
+    fastcenter.sample`, as a user runs it, continues a prompt."""
+    from fastcenter import sample
+
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     for split, n in (("train", 3000), ("val", 1000)):
-        torch.randint(0, 50257, (n,), dtype=torch.int32).numpy().astype("<u2").tofile(data_dir / f"{split}.bin")
-    env = {**os.environ, "FASTCENTER_BACKEND": "reference"}
-    trained = subprocess.run(
-        [sys.executable, str(train_py), "--data", str(data_dir), "--out-dir", str(tmp_path / "run"), "--device", "cpu",
-         "--max-iters", "2", "--batch-size", "2", "--grad-accum-steps", "1", "--seq-len", "16", "--max-seq-len", "16",
-         "--dim", "16", "--n-layers", "1", "--n-heads", "2", "--eval-iters", "1", "--eval-interval", "2",
-         "--warmup-iters", "1", "--center", "residual,v", "--centering-mode", "causal"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-2000:]
+        ids = torch.randint(0, data.GPT2_VOCAB_SIZE, (n,), dtype=torch.int32)
+        ids.numpy().astype("<u2").tofile(data_dir / f"{split}.bin")
+    monkeypatch.setenv("FASTCENTER_BACKEND", "reference")
+    flags = "--max-iters 2 --batch-size 2 --grad-accum-steps 1 --seq-len 16 --max-seq-len 16 --dim 16 --n-layers 1"
+    flags += (
+        " --n-heads 2 --eval-iters 1 --eval-interval 2 --warmup-iters 1 --center residual,v --centering-mode causal"
+    )
+    argv = ["--data", str(data_dir), "--out-dir", str(tmp_path / "run"), "--device", "cpu", *flags.split()]
+    assert train_script().cli(argv) == 0, capsys.readouterr()
     ckpt = tmp_path / "run" / "ckpt.pt"
-    sampled = subprocess.run(
-        [sys.executable, "-m", "fastcenter.sample", "--ckpt", str(ckpt), "--prompt", "Hello",
-         "--max-new-tokens", "4", "--top-k", "10", "--device", "cpu"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "fastcenter.sample", "--ckpt", str(ckpt), "--prompt", "Hello"]
+    command += ["--max-new-tokens", "4", "--top-k", "10", "--device", "cpu"]
+    sampled = subprocess.run(command, capture_output=True, text=True, timeout=120)  # FASTCENTER_BACKEND as set
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.startswith("Hello") and len(sampled.stdout.strip()) > len("Hello")
-    missing = subprocess.run(
-        [sys.executable, "-m", "fastcenter.sample", "--ckpt", str(tmp_path / "missing.pt"), "--prompt", "x"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
-    assert missing.returncode != 0 and "error" in missing.stderr
+    capsys.readouterr()
+    assert sample.main(["--ckpt", str(tmp_path / "missing.pt"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
 def test_sampling_a_checkpoint_with_nan_weights_is_one_line(tiny_checkpoint, capsys):

@@ -23,8 +23,14 @@ def run_at_root(code: str, tmp_path, with_other: bool) -> subprocess.CompletedPr
     # have PyPI's "kernels" installed (transformers 5 may pull it in) must not decide the outcome.
     isolated = not code.startswith("import fastcenter")
     env = {k: v for k, v in os.environ.items() if not (isolated and k == "PYTHONPATH")}
-    return subprocess.run([sys.executable, *(["-S"] if isolated else []), "-c", prelude + code], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *(["-S"] if isolated else []), "-c", prelude + code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_the_repository_folder_steps_aside_for_an_installed_kernels_package(tmp_path):
@@ -35,10 +41,12 @@ def test_the_repository_folder_steps_aside_for_an_installed_kernels_package(tmp_
 def test_without_one_import_kernels_gives_an_empty_namespace_that_transformers_reads_as_absent(tmp_path):
     # transformers' probe: find_spec("kernels"), then (no distribution metadata) import it and call a module
     # without __file__ and __version__ a namespace package, i.e. not installed. It must neither raise nor see code.
-    code = ("import importlib, importlib.util; assert importlib.util.find_spec('kernels') is not None; "
-            "m = importlib.import_module('kernels'); "
-            "print(getattr(m, '__file__', None), getattr(m, '__version__', None), list(m.__path__), dir(m)); "
-            "import kernels.norm")  # fmt: skip
+    code = (
+        "import importlib, importlib.util; assert importlib.util.find_spec('kernels') is not None; "
+        "m = importlib.import_module('kernels'); "
+        "print(getattr(m, '__file__', None), getattr(m, '__version__', None), list(m.__path__), dir(m)); "
+        "import kernels.norm"
+    )
     result = run_at_root(code, tmp_path, with_other=False)
     assert "ModuleNotFoundError: No module named 'kernels.norm'" in result.stderr, result.stderr
     file, version, path, names = result.stdout.split(" ", 3)

@@ -53,11 +53,14 @@ def test_every_train_command_parses_with_the_real_flags():
         config.build_parser().parse_args(args)  # a UsageError (unknown flag, bad value) fails the test
 
 
-@pytest.mark.parametrize("module, parser", [
-    ("fastcenter.sample", sample.build_parser),
-    ("fastcenter.data", data.build_parser),
-    ("fastcenter.experiments", experiments_cli.build_parser),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "module, parser",
+    [
+        ("fastcenter.sample", sample.build_parser),
+        ("fastcenter.data", data.build_parser),
+        ("fastcenter.experiments", experiments_cli.build_parser),
+    ],
+)
 def test_every_module_command_parses_with_the_real_flags(module, parser):
     found = [argv[argv.index(module) + 1 :] for argv in ALL if argv[:2] == ["python", "-m"] and argv[2] == module]
     assert found, f"the README runs no {module} command"

@@ -7,7 +7,6 @@ Tiny models on the synthetic corpus (tests/helpers.py): nothing here needs ../sh
 demo-corpus test, which skips without the GPT-2 BPE. The training core itself is tested in test_training.py.
 """
 
-import importlib.util
 import io
 import json
 import math
@@ -24,6 +23,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import train_script
 
 from fastcenter import checkpoint, data
 from fastcenter.config import TrainConfig
@@ -32,7 +32,7 @@ from fastcenter.training import Trainer
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "train.py"
 INJECT = pathlib.Path(__file__).resolve().parent / "inject"
-LN_V = math.log(50257)
+LN_V = math.log(data.GPT2_VOCAB_SIZE)
 
 
 def tiny_args(data_dir, out_dir, **overrides) -> list[str]:
@@ -95,6 +95,12 @@ def start(argv, **extra_env) -> subprocess.Popen:
     )
 
 
+def finish(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Wait for a process from start() and return what train() would have."""
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def ok(result) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -121,6 +127,40 @@ def wait_for_rows(proc, out_dir, n: int, timeout: float = 120) -> None:
         time.sleep(0.1)
     assert proc.poll() is None, proc.communicate()
     raise AssertionError(f"no {n} metrics rows within {timeout} s")
+
+
+# train.py's cli() in this process (no start-up of its own): for errors and the runs tests only start from.
+
+
+TRAIN = train_script()
+
+
+def cli(argv, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of train.py's command line, run in this process."""
+    code = TRAIN.cli([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def cli_error(argv, capsys, pattern: str) -> str:
+    code, out, err = cli(argv, capsys)
+    one_line_error(subprocess.CompletedProcess(argv, code, out, err), pattern)
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained_run(token_corpus, tmp_path_factory):
+    """A finished two-step run (in-process), centering on: its directory is copied, never changed."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    torch.set_num_threads(1)
+    assert TRAIN.cli(tiny_args(token_corpus, out, max_iters=2, center="residual")) == 0
+    return out
+
+
+def _copy_run(run, tmp_path) -> pathlib.Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,17 +247,21 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_bit_for_bit(token_cor
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_busy_directory_is_refused_and_a_killed_run_does_not_block_resume(token_corpus, tmp_path):
+def test_busy_directory_is_refused_and_a_killed_run_does_not_block_resume(token_corpus, tmp_path, capsys):
+    # The second runs are this process (cli()): another process than the running one, as a second user's would be.
     out = tmp_path / "run"
     first = start(tiny_args(token_corpus, out, max_iters=100_000, eval_interval=100_000, warmup_iters=10))
     try:
         wait_for_rows(first, out, 3)
         listing = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "metrics.jsonl"}
-        second = train(tiny_args(token_corpus, out, max_iters=5))
-        one_line_error(second, rf"{out} is in use by a running training run \(pid {first.pid} ")
+        cli_error(
+            tiny_args(token_corpus, out, max_iters=5),
+            capsys,
+            rf"{out} is in use by a running training run \(pid {first.pid} ",
+        )
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "metrics.jsonl"} == listing
         (out / "run.lock").unlink()  # the lock holds without its file: the directory itself is locked
-        one_line_error(train(tiny_args(token_corpus, out, max_iters=5)), f"{out} is in use by a running training run")
+        cli_error(tiny_args(token_corpus, out, max_iters=5), capsys, f"{out} is in use by a running training run")
         del listing["run.lock"]
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "metrics.jsonl"} == listing
         first.send_signal(signal.SIGTERM)
@@ -235,8 +279,8 @@ def test_busy_directory_is_refused_and_a_killed_run_does_not_block_resume(token_
     wait_for_rows(killed, out, len(read_metrics(out)) + 2)
     killed.kill()
     killed.communicate(timeout=60)
-    result = ok(train(["--out-dir", str(out), "--resume", "--max-iters", str(ckpt["step"] + 2)]))
-    assert f"done: {ckpt['step'] + 2} steps" in result.stdout
+    code, stdout, stderr = cli(["--out-dir", out, "--resume", "--max-iters", ckpt["step"] + 2], capsys)
+    assert code == 0 and f"done: {ckpt['step'] + 2} steps" in stdout, stdout + stderr
 
 
 def test_two_process_gloo_run_matches_single_process(token_corpus, tmp_path):
@@ -338,7 +382,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
     assert checkpoint.load(out / "ckpt.pt")["step"] == 5 and not list(out.glob("*.tmp"))
 
 
-def test_corrupt_data_is_refused_before_anything_is_written(token_corpus, tmp_path):
+def test_corrupt_data_is_refused_before_anything_is_written(token_corpus, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "val.bin").write_bytes((token_corpus / "val.bin").read_bytes())
@@ -358,38 +402,44 @@ def test_corrupt_data_is_refused_before_anything_is_written(token_corpus, tmp_pa
             "too short for one training window",
         ),
     }
-    procs = {name: start(argv) for name, (argv, _) in cases.items()}  # at once: each fails within seconds
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), cases[name][1])
+    # The first as a user runs it (a process of its own), the others through the same cli() in this process.
+    user_argv, user_pattern = cases.pop("id")
+    proc = start(user_argv)
+    for argv, pattern in cases.values():
+        cli_error(argv, capsys, pattern)
+    one_line_error(finish(proc), user_pattern)
     for out in ("o1", "o2", "o3", "o4"):  # refused before the run directory is made
         assert not (tmp_path / out).exists(), out
 
 
-def test_user_errors_are_one_line_with_exit_code_2(token_corpus, tmp_path):
-    done = tmp_path / "done"
-    ok(train(tiny_args(token_corpus, done, max_iters=2)))
+def test_user_errors_are_one_line_with_exit_code_2(token_corpus, trained_run, tmp_path, capsys):
+    done = _copy_run(trained_run, tmp_path)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "ckpt.pt").write_bytes(b"")
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "ckpt.pt").write_bytes((done / "ckpt.pt").read_bytes()[:1000])
     (tmp_path / "a_file").write_text("not a directory")
-    # Each kind of mistake once (every flag's invalid values are covered in-process by test_training.py).
-    cases = [
+    # Each kind of mistake once (every flag's invalid values are covered in-process by test_training.py). Two run
+    # as a user runs them, in a process of their own: a bad flag value (argparse) and a checkpoint that cannot be
+    # read; the rest go through the same cli() in this process (no start-up of their own).
+    as_a_user = [
+        (tiny_args(token_corpus, tmp_path / "x", batch_size="many"), "--batch-size.*invalid int value"),
+        (["--out-dir", str(tmp_path / "empty"), "--resume"], "--resume: .*ckpt.pt is empty"),
+    ]
+    in_process = [
         (tiny_args(token_corpus, tmp_path / "x", beta1=1.5), r"--beta1 must be a number in \[0, 1\), got 1.5"),
         (tiny_args(token_corpus, tmp_path / "x", norm_eps=-1), "--norm-eps must be a finite number >= 0"),
         (tiny_args(token_corpus, tmp_path / "x", grad_clip="nan"), "--grad-clip must be a finite number"),
-        (tiny_args(token_corpus, tmp_path / "x", batch_size="many"), "--batch-size.*invalid int value"),
         (tiny_args(token_corpus, tmp_path / "a_file"), "is a file, not a directory"),
         (tiny_args(token_corpus, done, max_iters=4), "ckpt.pt exists: pass --resume"),
         (["--out-dir", str(done), "--resume", "--dim", "64"], r"cannot change model field.*dim"),
-        (["--out-dir", str(tmp_path / "empty"), "--resume"], "--resume: .*ckpt.pt is empty"),
         (["--out-dir", str(tmp_path / "corrupt"), "--resume"], "--resume: .*not a readable checkpoint"),
     ]
-    procs = [start(argv) for argv, _ in cases]  # at once: each fails within seconds
-    for proc, (argv, pattern) in zip(procs, cases):
-        stdout, stderr = proc.communicate(timeout=600)
-        one_line_error(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), pattern)
+    procs = [start(argv) for argv, _ in as_a_user]  # at once: each fails within seconds
+    for argv, pattern in in_process:
+        cli_error(argv, capsys, pattern)
+    for proc, (_, pattern) in zip(procs, as_a_user):
+        one_line_error(finish(proc), pattern)
     assert not (tmp_path / "x").exists()  # refused before the run directory is made
 
 
@@ -444,52 +494,13 @@ def test_a_file_size_limit_while_writing_the_checkpoint_or_a_metrics_line_is_one
         for name, (limit, args, _) in cases.items()
     }
     for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), cases[name][2])
+        one_line_error(finish(proc, timeout=300), cases[name][2])
         assert not list((tmp_path / name).glob("*.fastcenter-tmp")), name
 
 
 # ---------------------------------------------------------------------------------------------------------
 # In-process: train.py's cli() on damaged checkpoints, other corpora and other user errors (fast: no start-up)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("fastcenter_train_script", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN = _train_module()
-
-
-def cli(argv, capsys) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of train.py's command line, run in this process."""
-    code = TRAIN.cli([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def cli_error(argv, capsys, pattern: str) -> str:
-    code, out, err = cli(argv, capsys)
-    one_line_error(subprocess.CompletedProcess(argv, code, out, err), pattern)
-    return err
-
-
-@pytest.fixture(scope="module")
-def trained_run(token_corpus, tmp_path_factory):
-    """A finished two-step run (in-process), centering on: its directory is copied, never changed."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    torch.set_num_threads(1)
-    assert TRAIN.cli(tiny_args(token_corpus, out, max_iters=2, center="residual")) == 0
-    return out
-
-
-def _copy_run(run, tmp_path) -> pathlib.Path:
-    out = tmp_path / "run"
-    shutil.copytree(run, out)
-    return out
 
 
 def _resave(path, mutate) -> None:

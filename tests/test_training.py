@@ -26,7 +26,7 @@ from fastcenter.training import NonFiniteLossError, Trainer, check_fits, gpu_pea
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(vocab_size=50257, dim=32, n_layers=2, n_heads=2, max_seq_len=16)
+TINY = dict(vocab_size=data.GPT2_VOCAB_SIZE, dim=32, n_layers=2, n_heads=2, max_seq_len=16)
 
 
 def make_trainer(corpus, *, seed=0, model=None, **train_overrides) -> Trainer:
@@ -44,8 +44,8 @@ def make_trainer(corpus, *, seed=0, model=None, **train_overrides) -> Trainer:
         device="cpu",
     )
     cfg = TrainConfig(**{**fields, **train_overrides})
-    tokens = data.load_split(corpus, "train", vocab_size=50257, seq_len=cfg.seq_len)
-    val = data.load_split(corpus, "val", vocab_size=50257, seq_len=cfg.seq_len)
+    tokens = data.load_split(corpus, "train", vocab_size=data.GPT2_VOCAB_SIZE, seq_len=cfg.seq_len)
+    val = data.load_split(corpus, "val", vocab_size=data.GPT2_VOCAB_SIZE, seq_len=cfg.seq_len)
     if model is None:
         torch.manual_seed(seed)
         model = GPT(GPTConfig(**TINY))
@@ -295,7 +295,7 @@ def cuda_trainer(corpus, **overrides) -> Trainer:
         batch_size=4, grad_accum_steps=2, seq_len=16, max_iters=8, lr=3e-3, warmup_iters=2, seed=11, device="cuda"
     )
     cfg = TrainConfig(**{**fields, **overrides})
-    tokens = data.load_split(corpus, "train", vocab_size=50257, seq_len=cfg.seq_len)
+    tokens = data.load_split(corpus, "train", vocab_size=data.GPT2_VOCAB_SIZE, seq_len=cfg.seq_len)
     torch.manual_seed(11)
     model = GPT(GPTConfig(**TINY, fused=True))
     return Trainer(model, cfg, train_tokens=tokens, val_tokens=tokens, device=torch.device("cuda"), say=lambda m: None)
@@ -373,7 +373,7 @@ def test_every_config_field_is_a_flag():
     assert model_cfg.max_seq_len == 1024 and any("max_seq_len" in n for n in notes)  # raised to fit seq_len
     assert cfg.grad_accum_steps == 8 and cfg.lr == 2e-4 and cfg.compile and cfg.dtype == "float16"
     assert ckpt is None
-    # Defaults are the seed's.
+    # The defaults are the default configuration.
     cfg, model_cfg, _, _ = resolve_configs([])
     assert (cfg.batch_size, cfg.grad_accum_steps, cfg.seq_len, cfg.max_iters) == (16, 4, 512, 50_000)
     assert (cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 0.1, 1.0)

@@ -18,7 +18,7 @@ The CPU implementation computes the same functions differently:
   so the gradients are finished in the forward (3 GEMMs, as the full-logits path has) and the backward only
   scales them by the scalar grad_output. The eager `F.linear` + `F.cross_entropy` instead allocates several
   fresh [N, V] tensors per step (logits, log-softmax, the gradients of both), which the kernel must map and zero
-  page by page, and runs the log-softmax kernels over them (`python -m bench.cpu` compares the whole training
+  page by page, and runs the log-softmax kernels over them (`python -m bench.compare_plain` compares the whole training
   step). reduction="none" has a per-token grad_output, unknown in the forward: the forward keeps lse only and the
   backward recomputes each chunk's logits (4 GEMMs).
 - **cross_entropy** (given logits) saves the logits and lse, and its backward recomputes the softmax chunk by
