@@ -310,8 +310,11 @@ def test_two_process_gloo_run_matches_single_process(token_corpus, tmp_path):
     )
     w_single = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["model"]
     w_ddp = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
+    # AdamW moves each weight by about lr per step whatever its gradient's size, so an element whose gradient is
+    # near zero (an embedding row few windows touch) can move a few 1e-5 further from rounding alone: atol is a
+    # thirtieth of one step (lr 3e-3), far below what a wrong gradient or a skipped all-reduce would do.
     for name in w_single:
-        torch.testing.assert_close(w_ddp[name], w_single[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w_ddp[name], w_single[name], rtol=1e-4, atol=1e-4)
 
 
 def test_under_ddp_every_process_evaluates_and_saves_the_same_centering_statistics(token_corpus, tmp_path):
