@@ -38,8 +38,10 @@ def gpt2_encoding():
 
     # tiktoken caches a download under sha1(url) in TIKTOKEN_CACHE_DIR (or DATA_GYM_CACHE_DIR, or a temp folder).
     url = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
-        tempfile.gettempdir(), "data-gym-cache"
+    cache_dir = (
+        os.environ.get("TIKTOKEN_CACHE_DIR")
+        or os.environ.get("DATA_GYM_CACHE_DIR")
+        or os.path.join(tempfile.gettempdir(), "data-gym-cache")
     )
     if not os.path.isfile(os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())):
         pytest.skip(
@@ -75,8 +77,10 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Fresh random data in every run, but reproducible from the seed printed on failure."""
-    seed = int.from_bytes(os.urandom(4), "little") if os.environ.get("FASTCENTER_TEST_SEED") is None else int(
-        os.environ["FASTCENTER_TEST_SEED"]
+    seed = (
+        int.from_bytes(os.urandom(4), "little")
+        if os.environ.get("FASTCENTER_TEST_SEED") is None
+        else int(os.environ["FASTCENTER_TEST_SEED"])
     )
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
