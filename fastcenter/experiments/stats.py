@@ -202,7 +202,7 @@ def _arms_and_modes(records: list[dict]) -> tuple[list[str], list[str]]:
     return arms, modes
 
 
-def contrasts(records: list[dict], seeds: list[int], reference_mode: str = "adaptive") -> list[dict]:
+def contrasts(records: list[dict], seeds: list[int], compared_mode: str = "adaptive") -> list[dict]:
     """The whole pre-specified family, Holm-adjusted, with simultaneous intervals (the leak control is not in it:
     see `leak_control`).
 
@@ -211,7 +211,7 @@ def contrasts(records: list[dict], seeds: list[int], reference_mode: str = "adap
            "embeddings is the most effective placement", tested against each rival named in advance; the
            claims' pairwise comparisons (v against qk); and residual against residual-inner (d = what centering
            the final stream adds to centering the inner blocks)
-    modes: the reference mode against every other mode run, per arm (d = reference - other), and pooled: per
+    modes: the compared mode (adaptive) against every other mode run, per arm (d = compared - other), and pooled: per
            seed the mean over the centered arms run in both (when there are two or more)
     """
     losses = final_losses(records)
@@ -242,24 +242,24 @@ def contrasts(records: list[dict], seeds: list[int], reference_mode: str = "adap
                         mode=mode,
                     )
                 )
-    if reference_mode in claim_modes:
+    if compared_mode in claim_modes:
         for other in claim_modes:
-            if other == reference_mode:
+            if other == compared_mode:
                 continue
             pooled_a, pooled_b, pooled_arms = {}, {}, []
             for arm in arms:
-                a, b = losses.get((arm, reference_mode)), losses.get((arm, other))
+                a, b = losses.get((arm, compared_mode)), losses.get((arm, other))
                 if a is None or b is None:
                     continue
                 family.append(
                     _contrast(
                         "modes",
-                        f"{arm}: {reference_mode} - {other}",
+                        f"{arm}: {compared_mode} - {other}",
                         a,
                         b,
                         seeds,
                         arm=arm,
-                        mode=reference_mode,
+                        mode=compared_mode,
                         other=other,
                     )
                 )
@@ -273,12 +273,12 @@ def contrasts(records: list[dict], seeds: list[int], reference_mode: str = "adap
                 family.append(
                     _contrast(
                         "modes",
-                        f"all arms: {reference_mode} - {other}",
+                        f"all arms: {compared_mode} - {other}",
                         {s: statistics.fmean(pooled_a[s]) for s in full},
                         {s: statistics.fmean(pooled_b[s]) for s in full},
                         seeds,
                         arm="(pooled)",
-                        mode=reference_mode,
+                        mode=compared_mode,
                         other=other,
                     )
                 )
