@@ -107,9 +107,6 @@ def _swiglu_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 TILE_ELEMENTS = 4096  # elements per program (see the module docstring)
-# Where columns are masked (H not a multiple of BLOCK_N) the backward states a register ceiling of two resident
-# programs per SM (see _device.max_registers): without one, ptxas aims at three and spills a register or two.
-MASKED_BACKWARD_PROGRAMS_PER_SM = 2
 MAX_BLOCK_N = 1024
 
 
@@ -163,12 +160,18 @@ def swiglu_backward(grad_out, gate, up, activation: str = "silu"):
         grad_gate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
         grad_up = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
     block_m, block_n, num_warps = _block_shape(n_rows, n_cols)
+    maxnreg = None
+    if n_cols % block_n:
+        # Masked columns cost each element its own predicate and address, and ptxas, aiming at the occupancy it
+        # sees fit, spilled on sm_80-sm_89 (`python -m bench.compile`): half the rows per program (8 elements a
+        # thread) and a register ceiling of three resident programs per SM (see _device.max_registers).
+        block_m = max(1, block_m // 2)
+        maxnreg = max_registers(num_warps, 3)
     grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
     _swiglu_bwd_kernel[grid](
         grad_out, gate, up, grad_gate, grad_up,
         n_rows, n_cols, grad_out.stride(0), gate.stride(0), up.stride(0), grad_gate.stride(0), grad_up.stride(0),
-        ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        maxnreg=max_registers(num_warps, MASKED_BACKWARD_PROGRAMS_PER_SM) if n_cols % block_n else None,
+        ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, maxnreg=maxnreg,
     )  # fmt: skip
     if packed:
         return grad_packed, grad_packed.new_empty(0)
