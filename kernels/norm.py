@@ -98,7 +98,7 @@ def _norm_bwd_dot_kernel(
     tl.store(DOT + row64, tl.sum(acc, axis=0) * tl.load(RSTD + row64) / n_cols)
 
 
-@triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
+@triton.jit(do_not_specialize=["n_rows"])
 def _norm_bwd_kernel(
     DY, DH_OUT, H, W, RSTD, DOT, DX, DR, DW_PARTIAL, DC_PARTIAL,
     n_rows, n_cols, rows_per_program,
