@@ -399,7 +399,12 @@ def test_a_gpu_run_filed_beside_the_cpu_and_compile_results_keeps_every_section(
     )
     for title in ("## On a CPU", "## Compile check"):  # the same text as before the GPU run
         assert before.split(title)[1].split("\n## ")[0] == after.split(title)[1].split("\n## ")[0]
-    assert "| 3.6.0 | sm_80, sm_86, sm_89, sm_90 | 668 | 0 | 0 | 0 |" in after
+    # ... and not empty: a row per committed compile-check file
+    compile_files = sorted((results_dir / "compile").glob("triton-*.json"))
+    assert compile_files
+    for path in compile_files:
+        version = json.loads(path.read_text())["versions"]["triton"]
+        assert f"| {version} | sm_80, sm_86, sm_89, sm_90 |" in after.split("## Compile check")[1]
 
 
 def test_report_merges_runs_and_keeps_runs_apart(tmp_path):
