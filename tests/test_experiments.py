@@ -544,7 +544,8 @@ def test_a_time_budget_leaves_runs_for_the_next_session_and_the_same_call_resume
     # The bundle is the study directory: unpacked elsewhere, it holds every record and rebuilds the same report.
     with tarfile.open(bundle) as tar:
         names = tar.getnames()
-        tar.extractall(tmp_path / "unpacked", filter="data")
+        # Extraction filters exist from Python 3.11.4 / 3.10.12 on; pyproject.toml allows older patch releases.
+        tar.extractall(tmp_path / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     assert "study/bundle.tar.gz" not in names and len([n for n in names if n.startswith("study/runs/")]) == 12
     rebuilt = experiments.build_results(tmp_path / "unpacked" / "study", log=lambda line: None, plots=False)
     assert rebuilt["contrasts"] == json.loads((copy / "results.json").read_text())["contrasts"]
