@@ -71,7 +71,13 @@ def main(argv=None) -> dict:
         if dist.master:
             run_dir.open()  # refuses a directory another run holds, before anything is written there
             refuse_to_overwrite(cfg, run_dir)  # again, now that no other run can be writing it
-        return train(cfg, model_cfg, ckpt, dist, device, run_dir, console, corpus)
+        status = train(cfg, model_cfg, ckpt, dist, device, run_dir, console, corpus)
+        if dist.enabled:
+            # The processes leave together, once the master has written its last checkpoint: torchrun stops
+            # every process when one exits badly, and with the CUDA builds of torch a process can abort in
+            # torch's own teardown at exit (seen on gloo, after the run was done; README: Tested versions).
+            torch.distributed.barrier()
+        return status
     finally:
         run_dir.close()
         if dist.enabled:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import math
 import os
 import time
@@ -419,10 +420,17 @@ class Trainer:
         self.eval_model = torch.compile(self.raw_model) if cfg.compile else self.raw_model  # evaluation needs no DDP
         self.model = self.eval_model
         if dist.enabled:
-            # broadcast_buffers=False: rank 0's statistics would overwrite the others' at every forward, discarding
-            # their micro-batches; they are averaged after each step instead (`_average_statistics`).
+            # No buffer sync at forward: rank 0's statistics would overwrite the others' at every forward, discarding
+            # their micro-batches; they are averaged after each step instead (`_average_statistics`). torch 2.13
+            # renamed the flag (and warns at the old name); both still sync once at construction, where every
+            # process holds the same statistics anyway (the same initialisation or checkpoint).
+            no_forward_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                else {"broadcast_buffers": False}
+            )
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.eval_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+                self.eval_model, device_ids=[device.index] if device.type == "cuda" else None, **no_forward_sync
             )
         self._statistics = [m.running_mean for m in model.modules() if isinstance(m, VectorCentering)]
         self._params = [p for p in model.parameters() if p.requires_grad]
