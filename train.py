@@ -29,6 +29,7 @@ the machine, a full disk or a file-size limit) are one line on stderr and exit c
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -74,13 +75,17 @@ def main(argv=None) -> dict:
         status = train(cfg, model_cfg, ckpt, dist, device, run_dir, console, corpus)
         if dist.enabled:
             # The processes leave together, once the master has written its last checkpoint: torchrun stops
-            # every process when one exits badly, and with the CUDA builds of torch a process can abort in
-            # torch's own teardown at exit (seen on gloo, after the run was done; README: Tested versions).
+            # every process when one exits badly, which must not cut the master's final save.
             torch.distributed.barrier()
         return status
     finally:
         run_dir.close()
         if dist.enabled:
+            # The DDP wrapper sits in reference cycles (its hooks) that hold the process group: collected only at
+            # interpreter exit, the group's gloo threads would still be releasing tensors then, and a thread that
+            # needs the GIL during finalisation aborts the process. Collected now, destroy_process_group ends the
+            # group while the interpreter is whole.
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 
