@@ -503,7 +503,7 @@ def _plot_contrasts(results: dict, out_dir: pathlib.Path, plt) -> None:
     ax.invert_yaxis()
     ax.set(
         xlabel="d = arm - baseline, final eval-mode val loss (nats; < 0 = better)",
-        title="Paired contrasts: 95% (thick) and simultaneous (thin) intervals; filled: significant after Holm",
+        title="Paired contrasts: 95% (thick) and simultaneous (thin) intervals\nfilled: significant after Holm",
     )
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
